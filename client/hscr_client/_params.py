@@ -1,0 +1,83 @@
+"""HSCR parameters: one validated model shared by the core, the CLI, the API and the SDK.
+
+Every choice that ``docs/method.md`` marks [choice] is a field here. Each field's description says
+its default and, where the paper gives one, the paper's setting.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+class HSCRParams(BaseModel):
+    """Parameters of hierarchical self-contrastive rewarding (Jiang et al., ACL 2025)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dropout_ratio: float = Field(
+        0.7, gt=0.0, le=1.0,
+        description="Fraction of visual tokens dropped. Paper: 0.7 (ablated 0.3-0.9).")
+    dropout_mode: Literal["remove", "zero"] = Field(
+        "zero",
+        description="[choice] 'remove' deletes the dropped visual tokens, 'zero' zeroes their embeddings "
+                    "(keeps positions; measured stronger on the fixture). Paper: token dropout, mode unstated.")
+    n_masks: int = Field(
+        4, ge=1, le=32,
+        description="[choice] Independent dropout masks whose dropped-image logits are averaged. Paper: 1.")
+    mask_seed: int = Field(0, ge=0, description="[choice] Seed of the dropout masks (per item: seed + item hash).")
+    contrast_beta: float = Field(
+        0.9, ge=0.0, le=10.0,
+        description="b in P_diff = softmax((1+b) logit_full - b logit_drop). Paper: 0.9.")
+    shift: Literal["logit", "logprob"] = Field(
+        "logprob",
+        description="[choice] Coupling score at a response position: raw-logit or log-prob difference "
+                    "between the full and the dropped image.")
+    n_coupled: int = Field(10, ge=1, le=64, description="Top-n modality-coupled tokens. Paper: 10.")
+    min_shift: float = Field(
+        0.5, ge=0.0,
+        description="[choice] A coupled token needs at least this shift; tokens the image does not move "
+                    "are never replaced. Paper: none (top-n only).")
+    top_k_candidates: int = Field(
+        10, ge=1, le=256,
+        description="[choice] Hallucinated candidates: the top-K tokens of the full-image distribution "
+                    "(minus the original); the lowest reward wins.")
+    candidate_pool: Literal["dropped", "full"] = Field(
+        "dropped",
+        description="[choice] Distribution whose top-K tokens are the hallucination candidates: the "
+                    "dropped-image one (what the model says when it sees poorly; default) or the full-image one.")
+    plausibility: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="[choice] Adaptive plausibility (as in Visual Contrastive Decoding): a candidate needs "
+                    "p(v) >= plausibility * max p in the candidate distribution.")
+    replace_mode: Literal["redecode", "splice"] = Field(
+        "redecode",
+        description="[choice] After a replacement, re-decode the rest under the full image (default) or "
+                    "keep the rest of the response (splice).")
+    n_levels: int = Field(3, ge=1, le=16, description="j: dispreferred levels kept after reranking. Paper: 3.")
+    min_similarity_gap: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="Minimum similarity gap between adjacent kept levels. Paper: 0.1.")
+    similarity: str = Field(
+        "lexical",
+        description="[choice] Similarity for reranking: 'lexical' (token F1, no model) or a "
+                    "sentence-transformers model name or local path.")
+    corrupt: Literal["own", "preferred"] = Field(
+        "own",
+        description="[choice] Which response is corrupted: the model's own greedy answer (default) or the "
+                    "preferred answer by teacher forcing.")
+    max_new_tokens: int = Field(64, ge=1, le=2048, description="Generation budget for every decode.")
+
+    @model_validator(mode="after")
+    def _check(self) -> HSCRParams:
+        if self.n_levels > self.n_coupled:
+            raise ValueError(f"n_levels ({self.n_levels}) cannot exceed n_coupled ({self.n_coupled}): "
+                             "each level replaces one more coupled token")
+        return self
+
+    @classmethod
+    def paper(cls, **overrides) -> HSCRParams:
+        """The paper's reading: one mask removing 70 % of the visual tokens, raw-logit shift, top-n only."""
+        setting = {"dropout_ratio": 0.7, "dropout_mode": "remove", "n_masks": 1, "shift": "logit",
+                   "min_shift": 0.0}
+        return cls(**{**setting, **overrides})

@@ -1,0 +1,65 @@
+"""The backend contract: what HSCR needs from a model server, and nothing more.
+
+A backend encodes images into post-projector visual tokens, generates greedily (optionally with a
+``ForcedDecoder`` per request), and scores a given response under given visual tokens. The HSCR
+pipeline (``hscr_worker.pipeline``) and the pure core never touch a model directly.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from hscr_worker.core.replace import ForcedDecoder
+
+
+@dataclass
+class GenerateRequest:
+    prompt_ids: list[int]  # holds exactly one image placeholder token
+    visual: torch.Tensor  # [n_visual, hidden]: the placeholder expands to these rows
+    max_new_tokens: int
+    forced: ForcedDecoder | None = None
+
+
+@dataclass
+class ScoreRequest:
+    prompt_ids: list[int]
+    visual: torch.Tensor
+    response_ids: list[int]
+
+
+class Backend(ABC):
+    """A Med-VLM as HSCR sees it. Implementations: ``transformers`` (reference), ``vllm``."""
+
+    name: str
+    model_path: str
+    eos_token_id: int
+    special_token_ids: frozenset[int]
+
+    @abstractmethod
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of the chat prompt for ``question`` with one image placeholder."""
+
+    @abstractmethod
+    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Post-projector visual tokens per image, each ``float[n_visual, hidden]`` on the CPU."""
+
+    @abstractmethod
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
+        """Greedy responses (without the end-of-sequence token), batched."""
+
+    @abstractmethod
+    def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
+        """Teacher-forced logits ``float[T, V]`` per request: row t predicts response token t."""
+
+    @abstractmethod
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a response text (no special tokens)."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of response token ids (special tokens skipped)."""

@@ -1,0 +1,149 @@
+"""The reference backend: any LLaVA-family checkpoint through transformers, on CPU or CUDA."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hscr_worker._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor  # noqa: E402
+
+from .base import Backend, GenerateRequest, ScoreRequest  # noqa: E402
+
+
+class _ForceTokens(LogitsProcessor):
+    """Adapter from transformers' generate loop to each request's ``ForcedDecoder``."""
+
+    def __init__(self, requests: Sequence[GenerateRequest]):
+        self.requests = requests
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        greedy = scores.argmax(-1).tolist()
+        for row, request in enumerate(self.requests):
+            if request.forced is None:
+                continue
+            token = request.forced.next_token(input_ids[row].tolist(), greedy[row])
+            if token is not None:
+                forced = torch.full_like(scores[row], float("-inf"))
+                forced[token] = 0.0
+                scores[row] = forced
+        return scores
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    def __init__(self, model_path: str, *, device: str | None = None, dtype: str | None = None,
+                 batch_size: int = 32):
+        self.model_path = str(model_path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = getattr(torch, dtype) if dtype else (
+            torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.tokenizer = self.processor.tokenizer
+        self.model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=torch_dtype)
+        self.model.to(self.device).eval()
+        self.batch_size = batch_size
+        config = self.model.config
+        self.image_token_id = int(config.image_token_id)
+        self.eos_token_id = int(self.tokenizer.eos_token_id)
+        self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                                else self.eos_token_id)
+        self.special_token_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids) | {self.image_token_id}
+        self._embed_tokens = self.model.get_input_embeddings()
+
+    # ---- text ----
+    def prompt_ids(self, question: str) -> list[int]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if ids.count(self.image_token_id) != 1:
+            raise ValueError("the chat prompt must hold exactly one image placeholder")
+        return list(ids)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    # ---- images ----
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        config = self.model.config
+        for start in range(0, len(images), self.batch_size):
+            chunk = [im.convert("RGB") for im in images[start:start + self.batch_size]]
+            pixels = self.processor.image_processor(chunk, return_tensors="pt")["pixel_values"]
+            features = self.model.get_image_features(
+                pixel_values=pixels.to(self.device, self.model.dtype),
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            ).pooler_output
+            out += [f.float().cpu() for f in features]
+        return out
+
+    def _embeds(self, ids: Sequence[int], visual: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the single image placeholder expanded into ``visual`` rows."""
+        at = list(ids).index(self.image_token_id)
+        text = self._embed_tokens(torch.tensor(list(ids), device=self.device))
+        return torch.cat([text[:at], visual.to(self.device, text.dtype), text[at + 1:]])
+
+    # ---- generation and scoring ----
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
+        out: list[list[int]] = []
+        for start in range(0, len(requests), self.batch_size):
+            out += self._generate_batch(requests[start:start + self.batch_size])
+        return out
+
+    def _generate_batch(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
+        embeds = [self._embeds(r.prompt_ids, r.visual) for r in requests]
+        length = max(e.shape[0] for e in embeds)
+        hidden = embeds[0].shape[1]
+        batch = torch.zeros(len(embeds), length, hidden, device=self.device, dtype=embeds[0].dtype)
+        mask = torch.zeros(len(embeds), length, device=self.device, dtype=torch.long)
+        for row, e in enumerate(embeds):  # left padding
+            batch[row, length - e.shape[0]:] = e
+            mask[row, length - e.shape[0]:] = 1
+        max_new = max(r.max_new_tokens for r in requests)
+        forcing = [_ForceTokens(requests)] if any(r.forced is not None for r in requests) else []
+        generated = self.model.generate(
+            inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+            num_beams=1, logits_processor=forcing, eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id, top_p=None, top_k=None, temperature=None,
+        )
+        responses = []
+        for row, r in enumerate(requests):
+            ids = generated[row].tolist()
+            if self.eos_token_id in ids:
+                ids = ids[: ids.index(self.eos_token_id)]
+            responses.append(ids[: r.max_new_tokens])
+        return responses
+
+    @torch.inference_mode()
+    def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for start in range(0, len(requests), self.batch_size):
+            out += self._score_batch(requests[start:start + self.batch_size])
+        return out
+
+    def _score_batch(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
+        prompts = [self._embeds(r.prompt_ids, r.visual) for r in requests]
+        responses = [self._embed_tokens(torch.tensor(r.response_ids, device=self.device, dtype=torch.long))
+                     for r in requests]
+        full = [torch.cat([p, a]) for p, a in zip(prompts, responses)]
+        length = max(e.shape[0] for e in full)
+        batch = torch.zeros(len(full), length, full[0].shape[1], device=self.device, dtype=full[0].dtype)
+        for row, e in enumerate(full):  # right padding: causal attention keeps pads out of real rows
+            batch[row, : e.shape[0]] = e
+        logits = self.model(inputs_embeds=batch).logits
+        out = []
+        for row, (p, r) in enumerate(zip(prompts, requests)):
+            n_prompt, n_resp = p.shape[0], len(r.response_ids)
+            out.append(logits[row, n_prompt - 1: n_prompt - 1 + n_resp].float().cpu())
+        return out

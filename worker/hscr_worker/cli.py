@@ -1,0 +1,119 @@
+"""Worker-side ``hscr`` commands: generate, fixture, quality."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from hscr_client import HSCRParams
+
+
+def _param_options(func):
+    """One ``--flag`` per HSCR parameter, its help text taken from the parameter's description."""
+    for name, field in reversed(list(HSCRParams.model_fields.items())):
+        flag = "--" + name.replace("_", "-")
+        func = click.option(flag, name, default=None, type=field.annotation if field.annotation in (int, float)
+                            else str, help=f"{field.description} [default: {field.default}]")(func)
+    return func
+
+
+def params_from_options(options: dict, paper: bool) -> HSCRParams:
+    given = {k: v for k, v in options.items() if v is not None and k in HSCRParams.model_fields}
+    return HSCRParams.paper(**given) if paper else HSCRParams(**given)
+
+
+@click.command()
+@click.option("--model", default=None, help="Model directory or hub id [default: the bundled fixture Med-VLM].")
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Items JSONL: custom_id, image (path, data: URI or s3:// URI), question, optional answer.")
+@click.option("--output", required=True, help="Output directory or s3://bucket/prefix.")
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
+@click.option("--device", default=None, help="torch device for the transformers backend [default: cuda if present].")
+@click.option("--batch-size", default=32, show_default=True, help="Items per chunk (one shard per chunk).")
+@click.option("--paper", is_flag=True, help="Start from the paper's setting (one mask removing 70 %, raw-logit "
+              "shift, no shift floor) instead of the shipped defaults.")
+@_param_options
+def generate(model, input_path, output, backend, device, batch_size, paper, **options):
+    """Generate an HSCR preference dataset from an items JSONL file."""
+    from tqdm import tqdm
+
+    from .generate import DEFAULT_MODEL, generate_dataset, load_backend, read_items
+
+    try:
+        params = params_from_options(options, paper)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    model = model or DEFAULT_MODEL
+    backend_options = {"device": device} if backend == "transformers" and device else {}
+    engine = load_backend(backend, model, **backend_options)
+    total = len(read_items(input_path)[0])
+    with tqdm(total=total, unit="item", desc="hscr generate") as bar:
+        manifest = generate_dataset(engine, input_path, output, params, chunk_size=batch_size, progress=bar.update)
+    counts = manifest["request_counts"]
+    click.echo(f"dataset: {output}")
+    click.echo(f"items: {counts['total']} total, {counts['completed']} completed, {counts['failed']} failed "
+               f"(errors.jsonl)")
+    click.echo(f"pairs: {manifest['configs']['pairs']['rows']} rows; ranked: {manifest['configs']['ranked']['rows']} rows")
+
+
+@click.group()
+def fixture():
+    """The fixture Med-VLM: synthetic items, training recipe."""
+
+
+@fixture.command("items")
+@click.option("--n", default=200, show_default=True)
+@click.option("--seed", default=7, show_default=True, help="Any seed but the training seed (1234).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path))
+def fixture_items(n, seed, out, images):
+    """Write held-out synthetic items with their ground truth."""
+    from .fixture.items import write_items
+
+    try:
+        rows = write_items(n, seed, out, images)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    click.echo(f"wrote {len(rows)} items to {out} (images in {images})")
+
+
+@fixture.command("train")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--steps", default=1500, show_default=True)
+def fixture_train(out_dir, steps):
+    """Retrain the fixture model with the seeded recipe (about 8-10 minutes on 2 cores)."""
+    from .fixture.train import train
+
+    click.echo(json.dumps(train(out_dir, steps=steps), indent=2))
+
+
+@fixture.command("evaluate")
+@click.option("--model", default=None, help="[default: the bundled fixture model]")
+@click.option("--n", default=600, show_default=True)
+@click.option("--seed", default=999, show_default=True)
+def fixture_evaluate(model, n, seed):
+    """Held-out accuracy of the fixture model with the image, a blank image and another item's image."""
+    from .fixture.evaluate import evaluate_model
+    from .generate import DEFAULT_MODEL
+
+    click.echo(json.dumps(evaluate_model(model or DEFAULT_MODEL, n=n, seed=seed), indent=2))
+
+
+@click.command()
+@click.option("--model", default=None, help="[default: the bundled fixture model]")
+@click.option("--n", default=200, show_default=True)
+@click.option("--seed", default=4242, show_default=True)
+@click.option("--paper", is_flag=True, help="Measure the paper's setting instead of the shipped defaults.")
+@_param_options
+def quality(model, n, seed, paper, **options):
+    """HSCR quality on held-out fixture items: R-precision of coupled tokens, level error rates."""
+    from .fixture.quality import measure
+    from .generate import DEFAULT_MODEL
+
+    params = params_from_options(options, paper)
+    click.echo(json.dumps(measure(model or DEFAULT_MODEL, params, n=n, seed=seed), indent=2))
+
+
+def commands() -> list[click.Command]:
+    return [generate, fixture, quality]

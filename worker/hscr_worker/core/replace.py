@@ -1,0 +1,115 @@
+"""Steps 5-6: hallucinated replacements, level plans and the forced-decoding decision.
+
+``ForcedDecoder.next_token`` is the one decision function both backends use: the transformers
+backend calls it from a ``LogitsProcessor``, the vLLM backend from its logits-processor adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+CandidatePool = Literal["dropped", "full"]
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """Replace the token at ``position`` (``original``) by the hallucinated ``token``."""
+
+    position: int
+    original: int
+    token: int
+    reward: float
+    shift: float
+
+
+def hallucinated_token(full_row: torch.Tensor, dropped_row: torch.Tensor, original: int, *, beta: float,
+                       top_k: int, pool: CandidatePool = "dropped", plausibility: float = 0.1,
+                       banned: Sequence[int] = ()) -> tuple[int, float] | None:
+    """Pick the hallucinated token for one position: ``(token, reward)`` or None if no candidate.
+
+    Candidates are the ``top_k`` tokens of the ``pool`` distribution (the dropped-image one by
+    default: what the model finds plausible when it sees the image poorly), minus ``original`` and
+    ``banned``, that pass the adaptive plausibility test ``p(v) >= plausibility * max p``. The winner
+    has the lowest contrastive reward: plausible, yet disfavoured by the image.
+    """
+    from .coupling import contrastive_reward
+
+    source = dropped_row if pool == "dropped" else full_row
+    probs = source.float().softmax(-1)
+    allowed = probs >= plausibility * probs.max()
+    allowed[original] = False
+    if banned:
+        allowed[list(banned)] = False
+    k = min(top_k, source.numel())
+    top = torch.topk(source.float(), k).indices
+    top = top[allowed[top]]
+    if top.numel() == 0:
+        return None
+    reward = contrastive_reward(full_row[top], dropped_row[top], beta)
+    best = int(torch.argmin(reward))
+    return int(top[best]), float(reward[best])
+
+
+def level_plans(replacements: Sequence[Replacement]) -> list[list[Replacement]]:
+    """Level m replaces the m highest-shift coupled positions (``replacements`` come sorted by shift).
+
+    Each plan is returned in response order, the order in which decoding meets it.
+    """
+    return [sorted(replacements[:m], key=lambda r: r.position) for m in range(1, len(replacements) + 1)]
+
+
+def splice(response: Sequence[int], plan: Sequence[Replacement]) -> list[int]:
+    """Splice mode: substitute the planned tokens in place and keep the rest of the response."""
+    out = list(response)
+    for r in plan:
+        out[r.position] = r.token
+    return out
+
+
+@dataclass
+class ForcedDecoder:
+    """Per-request state for re-decoding a response with planned replacements.
+
+    While the re-decoded prefix still follows ``original`` (except at replaced steps), a replacement
+    fires at exactly its planned step. Once the re-decode diverges (a replacement changed what
+    follows), the next pending replacement fires where the model next wants to emit its original
+    token. A replacement that never finds its token is left out and recorded as unfired.
+    """
+
+    original: Sequence[int]
+    plan: Sequence[Replacement]
+    fired: list[tuple[int, Replacement]] = field(default_factory=list)  # (step, replacement)
+    aligned: bool = True
+    _seen: int = 0
+
+    def _ingest(self, prefix: Sequence[int]) -> None:
+        fired_steps = {step for step, _ in self.fired}
+        for step in range(self._seen, len(prefix)):
+            expected = self.original[step] if step < len(self.original) else None
+            if step not in fired_steps and prefix[step] != expected:
+                self.aligned = False
+        self._seen = len(prefix)
+
+    def next_token(self, prefix: Sequence[int], greedy: int) -> int | None:
+        """The token to force at step ``len(prefix)``, or None to keep the model's choice.
+
+        ``prefix``: the tokens generated so far; ``greedy``: the model's own choice for this step.
+        """
+        self._ingest(prefix)
+        if len(self.fired) == len(self.plan):
+            return None
+        pending = self.plan[len(self.fired)]
+        step = len(prefix)
+        fire = step == pending.position if self.aligned else greedy == pending.original
+        if not fire:
+            return None
+        self.fired.append((step, pending))
+        return pending.token
+
+    @property
+    def unfired(self) -> list[Replacement]:
+        return list(self.plan[len(self.fired):])

@@ -1,0 +1,51 @@
+"""Step 7: similarity-aware reranking of the dispreferred candidates."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def token_f1(a: str, b: str) -> float:
+    """Lexical similarity: F1 of the bags of lower-cased whitespace tokens (1.0 for two empties)."""
+    ta, tb = Counter(a.lower().split()), Counter(b.lower().split())
+    if not ta and not tb:
+        return 1.0
+    common = sum((ta & tb).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / sum(ta.values()), common / sum(tb.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass(frozen=True)
+class Selection:
+    indices: list[int]  # into the candidate list, most similar (mildest) first
+    shortfall: bool  # True when fewer than j candidates met the gap: the widest-spread set was kept
+
+
+def select_levels(similarities: Sequence[float], j: int, min_gap: float) -> Selection:
+    """Keep ``j`` candidates, most similar first, whose adjacent similarities differ by >= ``min_gap``.
+
+    Greedy from the most similar candidate. When fewer than ``j`` meet the gap, keep the ``j``
+    candidates whose smallest adjacent gap is largest (ties: the larger total spread), and flag a
+    shortfall; with fewer than ``j`` candidates in all, keep them all.
+    """
+    order = sorted(range(len(similarities)), key=lambda i: (-similarities[i], i))
+    kept: list[int] = []
+    for i in order:
+        if not kept or similarities[kept[-1]] - similarities[i] >= min_gap - 1e-9:
+            kept.append(i)
+        if len(kept) == j:
+            return Selection(kept, shortfall=False)
+    if len(order) <= j:
+        return Selection(order, shortfall=len(order) < j)
+
+    def spread(combo: tuple[int, ...]) -> tuple[float, float]:
+        gaps = [similarities[a] - similarities[b] for a, b in itertools.pairwise(combo)]
+        return min(gaps), similarities[combo[0]] - similarities[combo[-1]]
+
+    best = max(itertools.combinations(order, j), key=spread)
+    return Selection(list(best), shortfall=True)

@@ -1,0 +1,116 @@
+"""``hscr generate``: items JSONL -> HSCR preference dataset (local directory or S3)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hscr_client import HSCRParams
+from hscr_client.storage import open_location
+
+from .backends.base import Backend
+from .dataset import finalize, iter_chunks, model_digest, write_chunk
+from .images import ImageError, ImageLimits, load_image
+from .pipeline import PreparedItem, run_hscr
+from .similarity import get_similarity
+
+DEFAULT_MODEL = str(Path(__file__).parent / "fixture" / "model")
+MAX_QUESTION_CHARS = 4000
+
+
+@dataclass
+class ItemError:
+    custom_id: str
+    error: str
+
+    def as_dict(self) -> dict:
+        return {"custom_id": self.custom_id, "error": self.error}
+
+
+def read_items(path: str) -> tuple[list[dict], list[ItemError]]:
+    """Parse an items JSONL file; a malformed line becomes an error of its own, never fatal."""
+    items, errors = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                if not isinstance(item, dict):
+                    raise ValueError("each line must be a JSON object")
+            except ValueError as exc:
+                errors.append(ItemError(f"line-{number}", f"malformed JSON on line {number}: {exc}"))
+                continue
+            item.setdefault("custom_id", f"line-{number}")
+            items.append(item)
+    return items, errors
+
+
+def prepare(item: dict, *, base_dir: str | None, limits: ImageLimits) -> PreparedItem:
+    """Validate one item and load its image; raises ValueError/ImageError with a user-facing reason."""
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id.strip():
+        raise ValueError("custom_id must be a non-empty string")
+    question = item.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question is empty: every item needs a question")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"question has {len(question)} characters; the limit is {MAX_QUESTION_CHARS}")
+    answer = item.get("answer")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        raise ValueError("answer, when given, must be a non-empty string")
+    image = load_image(item.get("image"), base_dir=base_dir, limits=limits)
+    return PreparedItem(custom_id=custom_id, question=question.strip(), image=image,
+                        preferred=answer.strip() if answer else None)
+
+
+def prepare_all(items: Sequence[dict], *, base_dir: str | None,
+                limits: ImageLimits = ImageLimits()) -> tuple[list[PreparedItem], list[ItemError]]:
+    prepared, errors, seen = [], [], set()
+    for item in items:
+        custom_id = str(item.get("custom_id"))
+        try:
+            if custom_id in seen:
+                raise ValueError(f"duplicate custom_id {custom_id!r}")
+            prepared.append(prepare(item, base_dir=base_dir, limits=limits))
+            seen.add(custom_id)
+        except (ValueError, ImageError) as exc:
+            errors.append(ItemError(custom_id, str(exc)))
+    return prepared, errors
+
+
+def load_backend(name: str, model: str, **options) -> Backend:
+    if name == "transformers":
+        from .backends.transformers import TransformersBackend
+
+        return TransformersBackend(model, **options)
+    if name == "vllm":
+        from .backends.vllm import VLLMBackend
+
+        return VLLMBackend(model, **options)
+    raise ValueError(f"unknown backend {name!r}; use 'transformers' or 'vllm'")
+
+
+def generate_dataset(backend: Backend, items_path: str, output: str, params: HSCRParams, *,
+                     chunk_size: int = 32, progress: Callable[[int], None] | None = None) -> dict:
+    """Run HSCR over every item of ``items_path`` and write the dataset to ``output``."""
+    raw, parse_errors = read_items(items_path)
+    base_dir = os.path.dirname(os.path.abspath(items_path))
+    location = open_location(output)
+    similarity = get_similarity(params.similarity)
+    pending_errors = [e.as_dict() for e in parse_errors]
+    for chunk, batch in iter_chunks(raw, chunk_size):
+        prepared, errors = prepare_all(batch, base_dir=base_dir)
+        results = run_hscr(backend, prepared, params, similarity)
+        write_chunk(location, chunk, results, pending_errors + [e.as_dict() for e in errors])
+        pending_errors = []
+        if progress:
+            progress(len(batch))
+    if pending_errors:  # every line was malformed: still record them
+        write_chunk(location, 0, [], pending_errors)
+    model = {"path": backend.model_path, "backend": backend.name, "sha256": model_digest(backend.model_path)}
+    return finalize(location, params=params.model_dump(), model=model,
+                    extra={"input": os.path.basename(items_path)})

@@ -1,0 +1,166 @@
+"""HSCR over a batch of items, on any backend.
+
+``run_hscr`` follows method.md step by step:
+
+1. encode each image once into post-projector visual tokens (``backend.encode_images``);
+2. greedy-generate the model's own answer under the full image;
+3. pick the response to corrupt (own answer, or the preferred answer by teacher forcing);
+4. score it under the full image and under ``n_masks`` seeded dropout masks (logits averaged);
+5. shift per position -> the top-n modality-coupled positions (``core.coupling``);
+6. one hallucinated token per coupled position, lowest contrastive reward (``core.replace``);
+7. level m replaces the m highest-shift positions: re-decode under the full image with the
+   replacements forced (or splice them in place);
+8. rerank candidates by similarity to the preferred answer; keep j levels with the gap
+   (``core.rerank``).
+
+Everything is batched across items; no I/O happens here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from hscr_client import HSCRParams
+from PIL import Image
+
+from .backends.base import Backend, GenerateRequest, ScoreRequest
+from .core.coupling import coupled_positions, token_shift
+from .core.dropout import apply_dropout, keep_masks, mask_generator
+from .core.replace import ForcedDecoder, Replacement, hallucinated_token, level_plans, splice
+from .core.rerank import select_levels
+
+Similarity = Callable[[Sequence[str], str], list[float]]
+
+
+@dataclass
+class PreparedItem:
+    custom_id: str
+    question: str
+    image: Image.Image
+    preferred: str | None = None
+
+
+@dataclass
+class Level:
+    level: int  # 1 = mildest (most similar to the preferred answer)
+    text: str
+    n_replacements: int
+    replacements: list[dict]  # position, original, replacement, reward, shift
+    similarity: float
+    unfired: int = 0  # planned replacements that never found their token in the re-decode
+
+
+@dataclass
+class ItemResult:
+    custom_id: str
+    question: str
+    image: Image.Image
+    chosen: str
+    own_answer: str
+    corrupted: str
+    coupled: list[dict]  # position, token, shift; largest shift first
+    levels: list[Level] = field(default_factory=list)
+    n_candidates: int = 0
+    shortfall: bool = False
+    error: str | None = None
+
+
+def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams,
+             similarity: Similarity) -> list[ItemResult]:
+    """Run HSCR on ``items``; each result carries its levels or an ``error`` for that item alone."""
+    if not items:
+        return []
+    visual = backend.encode_images([it.image for it in items])
+    prompts = [backend.prompt_ids(it.question) for it in items]
+    own = backend.generate([GenerateRequest(p, v, params.max_new_tokens) for p, v in zip(prompts, visual)])
+    corrupted = [
+        backend.encode_text(it.preferred) if params.corrupt == "preferred" and it.preferred else ids
+        for it, ids in zip(items, own)
+    ]
+
+    # Step 4: the full image and n_masks dropped variants, scored in one batched call.
+    dropped_visual = []
+    for it, v in zip(items, visual):
+        masks = keep_masks(v.shape[0], params.dropout_ratio, params.n_masks,
+                           mask_generator(params.mask_seed, it.custom_id))
+        dropped_visual.append([apply_dropout(v, keep, params.dropout_mode) for keep in masks])
+    requests = [ScoreRequest(p, v, r) for p, v, r in zip(prompts, visual, corrupted) if r]
+    requests += [ScoreRequest(p, dv, r) for p, dvs, r in zip(prompts, dropped_visual, corrupted) if r for dv in dvs]
+    scores = iter(backend.score(requests))
+    full_logits = {i: next(scores) for i, r in enumerate(corrupted) if r}
+    dropped_logits = {i: torch.stack([next(scores) for _ in range(params.n_masks)]).mean(0)
+                      for i, r in enumerate(corrupted) if r}
+
+    results: list[ItemResult] = []
+    plans_by_item: list[list[list[Replacement]]] = []
+    for i, it in enumerate(items):
+        own_text = backend.decode(own[i])
+        result = ItemResult(custom_id=it.custom_id, question=it.question, image=it.image,
+                            chosen=it.preferred or own_text, own_answer=own_text,
+                            corrupted=backend.decode(corrupted[i]), coupled=[])
+        results.append(result)
+        plans_by_item.append([])
+        if not corrupted[i]:
+            result.error = "the model gave an empty answer: nothing to corrupt"
+            continue
+        response = torch.tensor(corrupted[i])
+        full, dropped = full_logits[i], dropped_logits[i]
+        shift = token_shift(full, dropped, response, params.shift)
+        eligible = torch.tensor([t not in backend.special_token_ids for t in corrupted[i]])
+        positions = coupled_positions(shift, params.n_coupled, min_shift=params.min_shift, eligible=eligible)
+        result.coupled = [{"position": p, "token": backend.decode([corrupted[i][p]]), "shift": float(shift[p])}
+                          for p in positions]
+        replacements = []
+        for p in positions:
+            choice = hallucinated_token(full[p], dropped[p], corrupted[i][p], beta=params.contrast_beta,
+                                        top_k=params.top_k_candidates, pool=params.candidate_pool,
+                                        plausibility=params.plausibility, banned=sorted(backend.special_token_ids))
+            if choice is not None:
+                replacements.append(Replacement(p, corrupted[i][p], choice[0], choice[1], float(shift[p])))
+        if not replacements:
+            result.error = "no modality-coupled token found: the answer does not depend on the image"
+            continue
+        plans_by_item[i] = level_plans(replacements)
+
+    # Step 7: every level of every item in one batched decode (or spliced in place).
+    jobs = [(i, plan) for i, plans in enumerate(plans_by_item) for plan in plans]
+    if params.replace_mode == "redecode":
+        decoders = [ForcedDecoder(corrupted[i], plan) for i, plan in jobs]
+        texts_ids = backend.generate([
+            GenerateRequest(prompts[i], visual[i], params.max_new_tokens, forced=d)
+            for (i, _), d in zip(jobs, decoders)])
+        fired = [[(step, r) for step, r in d.fired] for d in decoders]
+    else:
+        texts_ids = [splice(corrupted[i], plan) for i, plan in jobs]
+        fired = [[(r.position, r) for r in plan] for _, plan in jobs]
+
+    candidates: dict[int, list[tuple[str, list[tuple[int, Replacement]], int]]] = {}
+    for (i, plan), ids, done in zip(jobs, texts_ids, fired):
+        candidates.setdefault(i, []).append((backend.decode(ids), done, len(plan) - len(done)))
+
+    # Step 8: rerank by similarity to the preferred answer.
+    for i, result in enumerate(results):
+        if result.error:
+            continue
+        seen, unique = {result.chosen, result.own_answer}, []
+        for text, done, unfired in candidates.get(i, []):
+            if text not in seen and done:
+                seen.add(text)
+                unique.append((text, done, unfired))
+        result.n_candidates = len(unique)
+        if not unique:
+            result.error = "every replacement reproduced the preferred answer: no dispreferred response"
+            continue
+        sims = similarity([text for text, _, _ in unique], result.chosen)
+        selection = select_levels(sims, params.n_levels, params.min_similarity_gap)
+        result.shortfall = selection.shortfall
+        for level, k in enumerate(selection.indices, start=1):
+            text, done, unfired = unique[k]
+            result.levels.append(Level(
+                level=level, text=text, n_replacements=len(done), similarity=float(sims[k]), unfired=unfired,
+                replacements=[{"position": step, "original": backend.decode([r.original]),
+                               "replacement": backend.decode([r.token]), "reward": r.reward, "shift": r.shift}
+                              for step, r in done]))
+    return results
