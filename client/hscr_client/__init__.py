@@ -1,5 +1,22 @@
 """hscr-client: the public contract (wire models, dataset schema) and the SDK of the HSCR service."""
 
+from ._client import AsyncClient, Client
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    HSCRError,
+    InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    UnprocessableEntityError,
+    WaitTimeoutError,
+)
 from ._models import (
     TERMINAL_STATUSES,
     ChunkCounts,
@@ -19,23 +36,42 @@ from ._models import (
     ShardInfo,
 )
 from ._params import HSCRParams
+from ._types import NOT_GIVEN, NotGiven
 
 __all__ = [
+    "NOT_GIVEN",
     "TERMINAL_STATUSES",
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
     "ChunkCounts",
+    "Client",
+    "ConflictError",
     "DatasetInfo",
     "ErrorDetail",
     "ErrorResponse",
     "Event",
     "FileList",
     "FileObject",
+    "HSCRError",
     "HSCRParams",
+    "InternalServerError",
     "ItemInput",
     "Job",
     "JobCreate",
     "JobError",
     "JobList",
     "JobStatus",
+    "NotFoundError",
+    "NotGiven",
+    "PermissionDeniedError",
+    "RateLimitError",
     "RequestCounts",
     "ShardInfo",
+    "UnprocessableEntityError",
+    "WaitTimeoutError",
 ]
