@@ -116,4 +116,6 @@ def quality(model, n, seed, paper, **options):
 
 
 def commands() -> list[click.Command]:
-    return [generate, fixture, quality]
+    from .rq_worker import worker
+
+    return [generate, fixture, quality, worker]

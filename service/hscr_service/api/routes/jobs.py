@@ -1,0 +1,72 @@
+"""Jobs: create (inline items or an uploaded items file), get, list, cancel, progress events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from sse_starlette import EventSourceResponse
+
+from hscr_client import Event, Job, JobCreate, JobList
+
+from ...core import jobs
+from ...core.errors import NotFound
+from ...core.events import stream_events
+from ..deps import QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from ..errors import ERROR_RESPONSES
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+
+
+@router.post("", response_model=Job, status_code=201,
+             responses={200: {"model": Job, "description": "The job an earlier request with this "
+                                                           "Idempotency-Key created."},
+                        409: {"description": "The Idempotency-Key was used with a different body."},
+                        413: {"description": "Too many items."}})
+def create_job(tenant: TenantDep, store: StoreDep, storage: StorageDep, queue: QueueDep, settings: SettingsDep,
+               body: JobCreate, response: Response,
+               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=256,
+                                                             description="Retrying with the same key never makes "
+                                                                         "a second job.")] = None):
+    """Create a job; its chunks are queued at once. Per-item problems go to the error file, not a 4xx."""
+    job, created = jobs.create_job(tenant=tenant, request=body, idempotency_key=idempotency_key, store=store,
+                                   storage=storage, queue=queue, settings=settings)
+    if not created:
+        response.status_code = 200
+    return job
+
+
+@router.get("", response_model=JobList)
+def list_jobs(tenant: TenantDep, store: StoreDep,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              after: Annotated[str | None, Query(max_length=128, description="Last id of the previous page.")] = None):
+    """The tenant's jobs, newest first."""
+    return store.list_jobs(tenant, limit=limit, after=after)
+
+
+@router.get("/{job_id}", response_model=Job)
+def get_job(tenant: TenantDep, store: StoreDep, job_id: str):
+    job = store.get_job(tenant, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+@router.post("/{job_id}/cancel", response_model=Job, responses={409: {"description": "The job already ended."}})
+def cancel_job(tenant: TenantDep, store: StoreDep, job_id: str):
+    """Stop the job: finished shards are kept and finalized; the job ends ``cancelled``."""
+    return jobs.cancel_job(tenant=tenant, job_id=job_id, store=store)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
+            responses={200: {"content": {"text/event-stream": {"schema": Event.model_json_schema()}},
+                             "description": "Server-sent events; each data line is an Event. The stream ends "
+                                            "after a terminal status."}})
+def job_events(tenant: TenantDep, store: StoreDep, settings: SettingsDep, request: Request, job_id: str,
+               last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None):
+    """Progress as server-sent events: ``job.status``, ``job.progress``, ``job.shard`` (a shard is readable)."""
+    if store.get_job(tenant, job_id) is None:
+        raise NotFound(f"no job {job_id!r}")
+    events = stream_events(request.app.state.async_redis, store, tenant=tenant, job_id=job_id,
+                           last_event_id=last_event_id, is_disconnected=request.is_disconnected)
+    return EventSourceResponse(events, ping=int(settings.event_keepalive_seconds))

@@ -1,0 +1,211 @@
+"""Real parts for the service tests: a private redis-server (AOF on), a SeaweedFS S3 server, the API under
+uvicorn and `hscr worker` processes with the fixture model, all on 127.0.0.1 and free ports."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from hscr_service.core.security import hash_key
+
+S3_KEY, S3_SECRET, BUCKET = "hscr-test-key", "hscr-test-secret", "hscr-test"
+KEYS = {"alice": "key-alice-" + uuid.uuid4().hex, "bob": "key-bob-" + uuid.uuid4().hex}
+CHUNK_SIZE = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"gave up waiting for {what} after {timeout} s")
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    """Signal a process started with start_new_session (its whole group: the RQ scheduler child too)."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+class RedisServer:
+    def __init__(self, directory: Path):
+        self.directory, self.port = directory, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, start_new_session=True)
+        import redis
+
+        wait_until(lambda: redis.Redis(port=self.port).ping(), 10, "redis-server")
+
+    def stop(self) -> None:
+        stop(self.process)
+
+
+class SeaweedS3:
+    def __init__(self, directory: Path):
+        self.directory, self.port = directory, free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.log = open(directory / "weed.log", "ab")
+
+    def start(self) -> None:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "S3_BUCKET": BUCKET}
+        # Every port explicit: the defaults (9333, 8080, 8888, gRPC = port + 10000) collide with other stacks.
+        ports = {f"-{name}": free_port() for name in (
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+            "s3.port.grpc", "admin.port", "admin.port.grpc")}
+        self.process = subprocess.Popen(
+            [weed, "mini", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             "-master.telemetry=false", "-admin.ui=false", "-webdav=false", f"-s3.port={self.port}",
+             "-s3.port.iceberg=0", "-s3.port.lance=0", *(f"{k}={v}" for k, v in ports.items())],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: httpx.get(f"{self.endpoint}/{BUCKET}", timeout=2).status_code in (200, 403), 60, "weed S3")
+
+    def stop(self) -> None:
+        stop(self.process)
+
+
+@pytest.fixture(scope="session")
+def stack_env(tmp_path_factory):
+    """The environment every process of the stack shares (also set in this process, to read S3)."""
+    root = tmp_path_factory.mktemp("stack")
+    redis_server = RedisServer(root / "redis")
+    (root / "redis").mkdir()
+    redis_server.start()
+    (root / "s3").mkdir()
+    s3 = SeaweedS3(root / "s3")
+    s3.start()
+    env = {
+        "HSCR_REDIS_URL": redis_server.url, "HSCR_STORAGE_URI": f"s3://{BUCKET}/run-{uuid.uuid4().hex[:8]}",
+        "HSCR_S3_ENDPOINT": s3.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_REGION": "us-east-1", "HSCR_API_KEYS": ",".join(f"{t}:{hash_key(k)}" for t, k in KEYS.items()),
+        "HSCR_CHUNK_SIZE": str(CHUNK_SIZE), "HSCR_CHUNK_RETRIES": "10", "HSCR_RETRY_INTERVALS": "1,2,4,8",
+        "HSCR_MAX_ITEMS_PER_JOB": "200", "HSCR_QUEUE": "hscr-test",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield {"env": env, "redis": redis_server, "s3": s3, "root": root}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    s3.stop()
+    redis_server.stop()
+
+
+@pytest.fixture(scope="session")
+def api(stack_env):
+    """The API under uvicorn in its own process; yields its base URL."""
+    port = free_port()
+    log = open(stack_env["root"] / "api.log", "ab")
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "hscr_service.main:app", "--host", "127.0.0.1",
+                                "--port", str(port), "--log-level", "warning"],
+                               env={**os.environ}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 30, "the API")
+    yield url
+    stop(process)
+
+
+class Workers:
+    """`hscr worker` processes for one test; every one is stopped when the test ends."""
+
+    def __init__(self, root: Path):
+        self.root, self.processes = root, []
+
+    def start(self) -> subprocess.Popen:
+        log = open(self.root / f"worker-{len(self.processes)}-{uuid.uuid4().hex[:6]}.log", "ab")
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from hscr_client._cli import main; main()", "worker", "--queue", "hscr-test",
+             "--worker-ttl", "10", "--maintenance-interval", "3", "--heartbeat-interval", "1", "--micro-batch", "2"],
+            env={**os.environ}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            stop(process)
+
+
+@pytest.fixture
+def workers(stack_env):
+    manager = Workers(stack_env["root"])
+    yield manager
+    manager.stop_all()
+
+
+@pytest.fixture
+def alice(api):
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def bob(api):
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {KEYS['bob']}"}, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def fixture_items(tmp_path_factory):
+    """40 held-out fixture items (seed 77, not the training seed) with their PNG images."""
+    from hscr_worker.fixture.items import write_items
+
+    root = tmp_path_factory.mktemp("items")
+    write_items(40, 77, root / "items.jsonl", root / "img")
+    return root
+
+
+def inline_items(root: Path, n: int, prefix: str = "") -> list[dict]:
+    """The first n fixture items, images inline as data URIs."""
+    import json
+
+    rows = [json.loads(line) for line in (root / "items.jsonl").read_text().splitlines()[:n]]
+    return [{"custom_id": prefix + r["custom_id"], "question": r["question"], "answer": r["answer"],
+             "image": "data:image/png;base64," + base64.b64encode((root / r["image"]).read_bytes()).decode()}
+            for r in rows]
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
+    def finished():
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in ("completed", "failed", "cancelled", "expired") else None
+
+    return wait_until(finished, timeout, f"job {job_id}", interval=0.5)
