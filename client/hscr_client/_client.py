@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import httpx
 
-from ._base_client import BaseClient, ModelT, RequestOptions
+from ._base_client import DEFAULT_MAX_RETRIES, BaseClient, ModelT, RequestOptions
 from ._exceptions import APIConnectionError, map_httpx_exceptions
 from ._resources import AsyncDatasets, AsyncFiles, AsyncJobs, Datasets, Files, Jobs
 from ._types import NOT_GIVEN, NotGiven, Timeout
@@ -40,7 +40,7 @@ class Client(BaseClient):
         api_key: str | None = None,
         base_url: str | httpx.URL | None = None,
         timeout: Timeout | NotGiven = NOT_GIVEN,
-        max_retries: int = 2,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         retry_backoff: float = 0.5,
         default_headers: dict[str, str] | None = None,
         http_client: httpx.Client | None = None,
@@ -150,7 +150,7 @@ class AsyncClient(BaseClient):
         api_key: str | None = None,
         base_url: str | httpx.URL | None = None,
         timeout: Timeout | NotGiven = NOT_GIVEN,
-        max_retries: int = 2,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         retry_backoff: float = 0.5,
         default_headers: dict[str, str] | None = None,
         http_client: httpx.AsyncClient | None = None,

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 from urllib.request import url2pathname
 
 import anyio
@@ -114,7 +114,7 @@ def _cache_dir(job_id: str, cache_dir: str | os.PathLike | NotGiven) -> Path:
     if isinstance(cache_dir, (str, os.PathLike)):
         return Path(cache_dir)
     root = os.environ.get("HSCR_CACHE_DIR") or Path.home() / ".cache" / "hscr"
-    return Path(root) / "datasets" / job_id
+    return Path(root) / "datasets" / quote(job_id, safe="")
 
 
 def _load(directory: Path, info: DatasetInfo, config: Config) -> datasets.Dataset:

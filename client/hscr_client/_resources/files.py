@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import anyio
+
 from .._base_client import RequestOptions
 from .._models import FileList, FileObject, FilePurpose
 from .._types import NOT_GIVEN, NotGiven, Timeout, strip_not_given
@@ -18,6 +20,9 @@ __all__ = ["AsyncFiles", "FileContent", "Files", "ItemsUpload", "plan_items_uplo
 
 # A path, raw bytes, an open binary file, or (filename, bytes).
 FileContent = str | os.PathLike | bytes | IO[bytes] | tuple[str, bytes]
+
+# Image uploads the async client keeps in flight at once (the sync client uploads one by one).
+UPLOAD_CONCURRENCY = 8
 
 # DICOM has no entry in Python's mimetypes table.
 _EXTRA_TYPES = {".dcm": "application/dicom", ".dicom": "application/dicom", ".jsonl": "application/jsonl"}
@@ -144,8 +149,16 @@ class AsyncFiles(AsyncAPIResource):
     async def upload_items(self, path: str | os.PathLike, *, timeout: Timeout | NotGiven = NOT_GIVEN
                            ) -> FileObject:
         plan = plan_items_upload(path)
-        ids = {ref: (await self.upload(local, purpose="image", timeout=timeout)).id
-               for ref, local in plan.images.items()}
+        ids: dict[str, str] = {}
+        limit = anyio.Semaphore(UPLOAD_CONCURRENCY)
+
+        async def upload_image(ref: str, local: Path) -> None:
+            async with limit:
+                ids[ref] = (await self.upload(local, purpose="image", timeout=timeout)).id
+
+        async with anyio.create_task_group() as group:
+            for ref, local in plan.images.items():
+                group.start_soon(upload_image, ref, local)
         return await self.upload((plan.source.name, plan.render(ids)), purpose="items", timeout=timeout)
 
     async def retrieve(self, file_id: str, *, timeout: Timeout | NotGiven = NOT_GIVEN) -> FileObject:

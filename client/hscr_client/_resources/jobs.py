@@ -25,6 +25,7 @@ __all__ = ["AsyncJobs", "Jobs"]
 # the connection is dead, and the stream reconnects from the last event it saw.
 _STREAM_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 DEFAULT_MAX_RECONNECTS = 5
+_HEALTHY_STREAM_SECONDS = 30.0
 
 
 def _create_options(*, input_file_id: str | NotGiven, items: Iterable[ItemInput | Mapping[str, Any]] | NotGiven,
@@ -145,6 +146,7 @@ class Jobs(SyncAPIResource):
         last_id = last_event_id if isinstance(last_event_id, str) else None
         failures = 0
         while True:
+            opened = time.monotonic()
             try:
                 with self._client._stream(_events_options(job_id, last_id)) as response:
                     with map_httpx_exceptions(response.request):
@@ -158,7 +160,10 @@ class Jobs(SyncAPIResource):
                                 return
             except APIConnectionError:
                 pass
-            # The stream ended or broke before a terminal status: pick it up where it stopped.
+            # The stream ended or broke before a terminal status: pick it up where it stopped. A stream
+            # that lived a while (a proxy closing idle connections) is no failure in a row.
+            if time.monotonic() - opened > _HEALTHY_STREAM_SECONDS:
+                failures = 0
             if failures >= max_reconnects:
                 raise APIConnectionError(request=httpx.Request("GET", str(self._client.base_url)),
                                          message=f"event stream of {job_id} broke {failures + 1} times in a row")
@@ -221,6 +226,7 @@ class AsyncJobs(AsyncAPIResource):
         last_id = last_event_id if isinstance(last_event_id, str) else None
         failures = 0
         while True:
+            opened = time.monotonic()
             try:
                 async with self._client._stream(_events_options(job_id, last_id)) as response:
                     with map_httpx_exceptions(response.request):
@@ -234,6 +240,8 @@ class AsyncJobs(AsyncAPIResource):
                                 return
             except APIConnectionError:
                 pass
+            if time.monotonic() - opened > _HEALTHY_STREAM_SECONDS:
+                failures = 0
             if failures >= max_reconnects:
                 raise APIConnectionError(request=httpx.Request("GET", str(self._client.base_url)),
                                          message=f"event stream of {job_id} broke {failures + 1} times in a row")
