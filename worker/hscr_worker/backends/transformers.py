@@ -38,8 +38,11 @@ class TransformersBackend(Backend):
     name = "transformers"
 
     def __init__(self, model_path: str, *, device: str | None = None, dtype: str | None = None,
-                 batch_size: int = 32):
+                 batch_size: int = 32, ignore_eos: bool = False):
         self.model_path = str(model_path)
+        # Benchmarks only: random weights would stop at a random EOS; this decodes every response
+        # to exactly max_new_tokens. Off by default, so responses end at EOS as usual.
+        self.ignore_eos = ignore_eos
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = getattr(torch, dtype) if dtype else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -116,6 +119,7 @@ class TransformersBackend(Backend):
             inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
             num_beams=1, logits_processor=forcing, eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id, top_p=None, top_k=None, temperature=None,
+            min_new_tokens=max_new if self.ignore_eos else None,
         )
         responses = []
         for row, r in enumerate(requests):

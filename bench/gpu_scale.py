@@ -1,0 +1,253 @@
+"""HSCR at LLaVA-1.5-7B scale: what a preference row costs on a GPU (issue #7).
+
+Builds a LLaVA-1.5-7B-architecture model (CLIP ViT-L/14-336 + Vicuna/Llama-2-7B) from its config
+with random bf16 weights (nothing is downloaded: the compute is measured, not the answers), a
+word-level tokenizer built in code (32,000 words, ``<image>`` = 32000, vocab padded to 32,064 as in
+llava-hf), synthetic 336x336 images and ~50-token questions. Then, per batch size, plain greedy
+generation and HSCR generation (``run_hscr``, 3 levels) of the same items run side by side on the
+same GPU, every response forced to ``--max-new-tokens`` (random weights would stop at a random EOS).
+
+Prints tokens/s, rows/s, GPU-seconds per 1,000 rows (a row = one item with its levels), the ratio
+HSCR / plain and peak GPU memory, per backend: transformers always, vLLM where
+``hscr_worker.backends.vllm`` imports and CUDA is present. ``--tiny`` runs a tiny config on the CPU
+(what CI tests).
+
+    python bench/gpu_scale.py --out gpu_scale.json            # on a GPU machine
+    python bench/gpu_scale.py --tiny --batch-sizes 1 2 --out /tmp/gpu_scale.json
+"""
+
+from __future__ import annotations  # noqa: I001  (the torchvision shim must import first)
+
+import argparse
+import gc
+import inspect
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hscr_worker.backends.transformers import TransformersBackend  # first: makes torchvision importable
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import env_block, measure, rows_for, write_json  # noqa: E402
+from hscr_client import HSCRParams  # noqa: E402
+from PIL import Image  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from hscr_worker.fixture.model import make_portable  # noqa: E402
+from hscr_worker.pipeline import PreparedItem  # noqa: E402
+from hscr_worker.similarity import get_similarity  # noqa: E402
+
+UNK, BOS, EOS = 0, 1, 2  # Llama's special ids
+PROFILE = "llava-1.5"  # the prompt format of the architecture measured
+CHAT_TEMPLATE = (  # llava-1.5: "USER: <image>\n{question} ASSISTANT:"
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def model_config(tiny: bool) -> LlavaConfig:
+    """llava-hf/llava-1.5-7b-hf's architecture, or a tiny one of the same shape for the CPU."""
+    if tiny:
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=56, patch_size=14, projection_dim=32, hidden_act="quick_gelu")
+        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, vocab_size=576, max_position_embeddings=512)
+        image_token = 512
+    else:
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
+                                  hidden_act="quick_gelu", layer_norm_eps=1e-5)
+        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+                           rms_norm_eps=1e-5)
+        image_token = 32000
+    for config in (text,):
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS, EOS, image_token + 1
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       projector_hidden_act="gelu", bos_token_id=BOS, eos_token_id=EOS, pad_token_id=image_token + 1,
+                       image_seq_length=(vision.image_size // vision.patch_size) ** 2, tie_word_embeddings=False)
+
+
+def build_processor(config: LlavaConfig) -> LlavaProcessor:
+    """A word-level tokenizer over the whole vocabulary (words ``w<id>``) and a CLIP image processor,
+    built in code: the real backend's prompt, text and image paths run with nothing downloaded."""
+    image_token, pad_token = config.image_token_index, config.image_token_index + 1
+    specials = {UNK: "<unk>", BOS: "<s>", EOS: "</s>", image_token: "<image>", pad_token: "<pad>"}
+    vocab = {specials.get(i, f"w{i}"): i for i in range(config.text_config.vocab_size)}
+    vocab["USER:"], vocab["ASSISTANT:"] = 3, 4  # the chat template's words (ids stay unique)
+    del vocab["w3"], vocab["w4"]
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    size = config.vision_config.image_size
+    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=config.vision_config.patch_size,
+                          vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE)
+
+
+def write_random_checkpoint(config: LlavaConfig, processor: LlavaProcessor, directory: Path, *,
+                            device: torch.device, dtype: torch.dtype, seed: int = 0) -> int:
+    """Save a random-weights checkpoint that both backends load like any other; returns its parameter count.
+
+    Built where it runs (seconds for 7B on a GPU), saved in one file and made portable (CLIP keys
+    as vLLM wants them) with the fixture's own ``make_portable``.
+    """
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    n_parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(directory, max_shard_size="1000GB")
+    del model
+    processor.save_pretrained(directory)
+    make_portable(directory)
+    return n_parameters
+
+
+def _accepted(cls: type, options: dict) -> dict:
+    """The options ``cls`` names in its signature (the vLLM backend is written in parallel: never assume
+    it; options it does not name would fall into its ``**engine_options`` and break ``vllm.LLM``)."""
+    parameters = inspect.signature(cls).parameters
+    return {k: v for k, v in options.items()
+            if k in parameters and parameters[k].kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def synthetic_items(n: int, config: LlavaConfig, question_words: int, seed: int) -> list[PreparedItem]:
+    """Random-noise images at the vision tower's size and questions of random vocabulary words."""
+    rng = np.random.default_rng(seed)
+    size, vocab = config.vision_config.image_size, config.image_token_index
+    items = []
+    for index in range(n):
+        pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        words = " ".join(f"w{i}" for i in rng.integers(5, vocab, size=question_words))
+        items.append(PreparedItem(custom_id=f"gpu-scale-{index:05d}", question=words,
+                                  image=Image.fromarray(pixels, "RGB")))
+    return items
+
+
+def vllm_backend(model_dir: Path, batch_size: int, device: torch.device) -> tuple[object | None, str | None]:
+    """The vLLM backend on the same checkpoint, or None and the reason it cannot run here."""
+    # In-process engine: its allocations (weights, the preallocated KV cache) then show in the peak.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if device.type == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    try:
+        from hscr_worker.backends.vllm import VLLMBackend
+    except Exception as exc:  # another component, possibly absent or broken: never fatal here
+        return None, f"hscr_worker.backends.vllm does not import: {type(exc).__name__}: {exc}"
+    dtype = "float32" if device.type == "cpu" else "bfloat16"
+    options = _accepted(VLLMBackend, {"dtype": dtype, "ignore_eos": True, "profile": PROFILE, "batch_size": batch_size})
+    try:
+        backend = VLLMBackend(str(model_dir), **options)
+    except Exception as exc:
+        return None, f"VLLMBackend failed to start: {type(exc).__name__}: {exc}"
+    if "ignore_eos" not in options:
+        return backend, "VLLMBackend takes no ignore_eos: responses may stop early (see generated_tokens)"
+    return backend, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU in float32 (for CI)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--min-rows", type=int, default=None,
+                        help="rows timed per batch size, in whole batches (default: the largest batch size)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--question-words", type=int, default=50)
+    parser.add_argument("--backends", nargs="+", choices=["transformers", "vllm"], default=None,
+                        help="default: transformers, plus vllm on CUDA (on the CPU vllm runs only when named here)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--workdir", default=None, help="where the random checkpoint is saved (default: a temp dir)")
+    parser.add_argument("--out", default=None, help="write the JSON results here (rewritten after each backend)")
+    args = parser.parse_args(argv)
+    if min(args.batch_sizes) < 1 or args.max_new_tokens < 1 or args.question_words < 1:
+        parser.error("batch sizes, --max-new-tokens and --question-words must be positive")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not args.tiny and device.type != "cuda":
+        parser.error("the 7B configuration needs a CUDA GPU; use --tiny on the CPU")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    min_rows = args.min_rows or max(args.batch_sizes)
+    backend_batch = max(args.batch_sizes)
+    backends = args.backends or (["transformers", "vllm"] if device.type == "cuda" else ["transformers"])
+
+    # Random weights give no image dependence: min_shift 0 lets every response position be coupled.
+    params = HSCRParams(max_new_tokens=args.max_new_tokens, min_shift=0.0)
+    similarity = get_similarity(params.similarity)
+    config = model_config(args.tiny)
+    processor = build_processor(config)
+    items = synthetic_items(max(rows_for(b, min_rows) for b in args.batch_sizes), config, args.question_words, 0)
+    report: dict = {"benchmark": "gpu_scale", "env": env_block(device), "tiny": args.tiny, "dtype": str(dtype),
+                    "max_new_tokens": args.max_new_tokens, "question_words": args.question_words,
+                    "visual_tokens": config.image_seq_length, "profile": PROFILE, "params": params.model_dump(),
+                    "backends": {}}
+
+    def save() -> None:
+        if args.out:
+            write_json(args.out, report)
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        model_dir = Path(workdir) / "random-llava"
+        began = time.perf_counter()
+        report["parameters"] = write_random_checkpoint(config, processor, model_dir, device=device, dtype=dtype)
+        report["checkpoint_seconds"] = time.perf_counter() - began
+        print(f"gpu_scale: random {'tiny' if args.tiny else 'LLaVA-1.5-7B'} checkpoint, "
+              f"{report['parameters'] / 1e6:,.1f} M params, {dtype}, saved in {report['checkpoint_seconds']:.1f} s; "
+              f"{device}; batch sizes {args.batch_sizes}, {args.max_new_tokens} new tokens", flush=True)
+
+        if "transformers" in backends:
+            began = time.perf_counter()
+            backend = TransformersBackend(str(model_dir), device=str(device), batch_size=backend_batch,
+                                          **_accepted(TransformersBackend, {"ignore_eos": True, "profile": PROFILE}))
+            entry: dict = {"init_seconds": time.perf_counter() - began, "backend_batch_size": backend_batch}
+            entry["results"] = measure(backend, items, args.batch_sizes, params, similarity, device,
+                                       min_rows=min_rows)
+            report["backends"]["transformers"] = entry
+            save()
+            del backend
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # vLLM sizes its KV cache from the free memory
+
+        if "vllm" in backends:
+            began = time.perf_counter()
+            backend, note = vllm_backend(model_dir, backend_batch, device)
+            entry = {"skipped": note} if backend is None else {"init_seconds": time.perf_counter() - began}
+            if backend is not None:
+                if note:
+                    entry["note"] = note
+                try:
+                    entry["results"] = measure(backend, items, args.batch_sizes, params, similarity, device,
+                                               min_rows=min_rows)
+                except Exception as exc:  # keep the transformers figures and say what broke
+                    entry["failed"] = f"{type(exc).__name__}: {exc}"
+                    print(f"        vllm failed: {entry['failed']}", flush=True)
+            report["backends"]["vllm"] = entry
+            if backend is None:
+                print(f"        vllm skipped: {note}", flush=True)
+        else:
+            report["backends"]["vllm"] = {"skipped": "not requested (on the CPU the vLLM backend's own tests cover it)"}
+    save()
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
