@@ -12,21 +12,26 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor  # noqa: E402
 
+from ._vision import encode_images  # noqa: E402
 from .base import Backend, GenerateRequest, ScoreRequest  # noqa: E402
+from .profiles import resolve_profile  # noqa: E402
 
 
 class _ForceTokens(LogitsProcessor):
     """Adapter from transformers' generate loop to each request's ``ForcedDecoder``."""
 
-    def __init__(self, requests: Sequence[GenerateRequest]):
+    def __init__(self, requests: Sequence[GenerateRequest], eos_token_id: int):
         self.requests = requests
+        self.eos_token_id = eos_token_id
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         greedy = scores.argmax(-1).tolist()
         for row, request in enumerate(self.requests):
-            if request.forced is None:
+            prefix = input_ids[row].tolist()
+            # A finished row keeps being padded while others decode: its decoder must not fire there.
+            if request.forced is None or self.eos_token_id in prefix:
                 continue
-            token = request.forced.next_token(input_ids[row].tolist(), greedy[row])
+            token = request.forced.next_token(prefix, greedy[row])
             if token is not None:
                 forced = torch.full_like(scores[row], float("-inf"))
                 forced[token] = 0.0
@@ -38,7 +43,7 @@ class TransformersBackend(Backend):
     name = "transformers"
 
     def __init__(self, model_path: str, *, device: str | None = None, dtype: str | None = None,
-                 batch_size: int = 32, ignore_eos: bool = False):
+                 batch_size: int = 32, ignore_eos: bool = False, profile: str | None = None):
         self.model_path = str(model_path)
         # Benchmarks only: random weights would stop at a random EOS; this decodes every response
         # to exactly max_new_tokens. Off by default, so responses end at EOS as usual.
@@ -48,6 +53,7 @@ class TransformersBackend(Backend):
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.processor = AutoProcessor.from_pretrained(self.model_path)
         self.tokenizer = self.processor.tokenizer
+        self.profile = resolve_profile(profile, self.model_path, self.processor)
         self.model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=torch_dtype)
         self.model.to(self.device).eval()
         self.batch_size = batch_size
@@ -61,12 +67,7 @@ class TransformersBackend(Backend):
 
     # ---- text ----
     def prompt_ids(self, question: str) -> list[int]:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if ids.count(self.image_token_id) != 1:
-            raise ValueError("the chat prompt must hold exactly one image placeholder")
-        return list(ids)
+        return self.profile.prompt_ids(self.processor, question, self.image_token_id)
 
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -75,20 +76,9 @@ class TransformersBackend(Backend):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
     # ---- images ----
-    @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
-        config = self.model.config
-        for start in range(0, len(images), self.batch_size):
-            chunk = [im.convert("RGB") for im in images[start:start + self.batch_size]]
-            pixels = self.processor.image_processor(chunk, return_tensors="pt")["pixel_values"]
-            features = self.model.get_image_features(
-                pixel_values=pixels.to(self.device, self.model.dtype),
-                vision_feature_layer=config.vision_feature_layer,
-                vision_feature_select_strategy=config.vision_feature_select_strategy,
-            ).pooler_output
-            out += [f.float().cpu() for f in features]
-        return out
+        return encode_images(self.model, self.processor, self.profile, images, device=self.device,
+                             batch_size=self.batch_size)
 
     def _embeds(self, ids: Sequence[int], visual: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the single image placeholder expanded into ``visual`` rows."""
@@ -114,7 +104,7 @@ class TransformersBackend(Backend):
             batch[row, length - e.shape[0]:] = e
             mask[row, length - e.shape[0]:] = 1
         max_new = max(r.max_new_tokens for r in requests)
-        forcing = [_ForceTokens(requests)] if any(r.forced is not None for r in requests) else []
+        forcing = [_ForceTokens(requests, self.eos_token_id)] if any(r.forced is not None for r in requests) else []
         generated = self.model.generate(
             inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
             num_beams=1, logits_processor=forcing, eos_token_id=self.eos_token_id,

@@ -1,0 +1,223 @@
+"""The vLLM backend: the language model in a vLLM engine, the vision side in the worker.
+
+- ``encode_images``: the checkpoint's own vision tower and projector, loaded once with
+  transformers (its language model is dropped after loading), so the worker applies visual-token
+  dropout itself and hands vLLM ``image_embeds`` of shape ``(1, n, hidden)`` (``enable_mm_embeds``).
+  The prompt carries exactly one image placeholder; vLLM expands it to ``n`` positions. Each
+  visual tensor gets a content-hash ``multi_modal_uuids`` entry, so the prefix cache never mixes
+  the full image with a dropped one.
+- ``generate``: greedy. A request with a ``ForcedDecoder`` travels with ``force_args(decoder)``
+  in ``SamplingParams.extra_args``; the engine-side hook (``vllm_hook``) forces the replacements
+  with the same decision function. The engine returns the pre-processor top-1 token of every step
+  (``logprobs=1`` with ``logprobs_mode="raw_logits"``), and the backend replays the caller's
+  decoder over the output with those greedy choices: the caller's ``decoder.fired`` ends up
+  exactly as the engine decided, and any disagreement raises.
+- ``score``: ``prompt_logprobs`` over prompt + response, raw logits. Rows are dense ``[T, V]``
+  logits over the whole vocabulary when ``score_top_k`` is None (the default for vocabularies up
+  to ``FULL_VOCAB_LIMIT`` tokens, e.g. the fixture). For large vocabularies set ``score_top_k=k``
+  (the default there is 20): each row holds the raw logits of the top-k tokens plus the response
+  token and -inf elsewhere. What that limits: hallucination candidates come from the top-k of
+  each distribution (keep ``top_k_candidates <= k``); the ``logit`` shift and the contrastive
+  reward stay exact; the ``logprob`` shift normalises over the known tokens only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+
+from hscr_worker._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+from ._vision import encode_images  # noqa: E402
+from .base import Backend, GenerateRequest, ScoreRequest  # noqa: E402
+from .profiles import resolve_profile  # noqa: E402
+
+FULL_VOCAB_LIMIT = 4096  # dense score rows up to this vocabulary size; top-k rows above
+DEFAULT_SCORE_TOP_K = 20  # vLLM's default max_logprobs
+
+
+class VLLMBackend(Backend):
+    name = "vllm"
+
+    def __init__(self, model_path: str, *, profile: str | None = None, dtype: str | None = None,
+                 vision_device: str | None = None, score_top_k: int | None = None, batch_size: int = 32,
+                 enforce_eager: bool | None = None, seed: int = 0, **engine_options):
+        """``engine_options`` go to ``vllm.LLM`` as they are (e.g. ``gpu_memory_utilization``,
+        ``max_model_len``, ``tensor_parallel_size``)."""
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        _shim_registry_subprocess()
+        self.model_path = str(model_path)
+        on_cpu = current_platform.is_cpu()
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.tokenizer = self.processor.tokenizer
+        self.profile = resolve_profile(profile, self.model_path, self.processor)
+        self.batch_size = batch_size
+
+        # The vision side, in the worker: the full transformers model, then its language model is
+        # dropped (get_image_features only needs the vision tower and the projector).
+        self.vision_device = torch.device(vision_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        vision_dtype = torch.float32 if self.vision_device.type == "cpu" else torch.bfloat16
+        vision = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=vision_dtype)
+        vision.model.language_model = torch.nn.Identity()
+        vision.lm_head = torch.nn.Identity()
+        self.vision = vision.to(self.vision_device).eval()
+
+        config = vision.config
+        self.image_token_id = int(config.image_token_id)
+        self.vocab_size = int(config.text_config.vocab_size)
+        self.eos_token_id = int(self.tokenizer.eos_token_id)
+        self.special_token_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids) | {self.image_token_id}
+        if score_top_k is None and self.vocab_size > FULL_VOCAB_LIMIT:
+            score_top_k = DEFAULT_SCORE_TOP_K
+        if score_top_k is not None and score_top_k < 1:
+            raise ValueError(f"score_top_k must be >= 1 (or None for full-vocabulary rows), got {score_top_k}")
+        self.score_top_k = score_top_k
+
+        options = dict(
+            model=self.model_path, tokenizer=self.model_path, seed=seed,
+            dtype=dtype or ("float32" if on_cpu else "auto"),
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            enable_mm_embeds=True, limit_mm_per_prompt={"image": 1},
+            logprobs_mode="raw_logits",  # scores and the returned greedy choices are raw, pre-processor logits
+            max_logprobs=-1 if score_top_k is None else max(score_top_k, DEFAULT_SCORE_TOP_K),
+        )
+        options.update(engine_options)
+        options["logits_processors"] = [_forcing_processor(options)]
+        self.llm = LLM(**options)
+
+    # ---- text ----
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.profile.prompt_ids(self.processor, question, self.image_token_id)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    # ---- images ----
+    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        return encode_images(self.vision, self.processor, self.profile, images, device=self.vision_device,
+                             batch_size=self.batch_size)
+
+    def _prompt(self, ids: Sequence[int], visual: torch.Tensor) -> dict:
+        if list(ids).count(self.image_token_id) != 1:
+            raise ValueError("a vLLM prompt must hold exactly one image placeholder (pass unexpanded ids)")
+        visual = visual.detach().to("cpu", torch.float32).contiguous()
+        uuid = hashlib.blake2b(visual.numpy().tobytes(), digest_size=16).hexdigest()
+        uuid += f"-{tuple(visual.shape)}"
+        return {"prompt_token_ids": list(ids), "multi_modal_data": {"image": visual.unsqueeze(0)},
+                "multi_modal_uuids": {"image": [uuid]}}
+
+    # ---- generation and scoring ----
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        from .vllm_hook import force_args
+
+        if not requests:
+            return []
+        prompts, params = [], []
+        for r in requests:
+            extra = None
+            if r.forced is not None:
+                if any(rep.token >= self.vocab_size for rep in r.forced.plan):
+                    raise ValueError("a forced replacement token is outside the model's vocabulary")
+                extra = force_args(r.forced)
+            prompts.append(self._prompt(r.prompt_ids, r.visual))
+            params.append(SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens, detokenize=False,
+                                         logprobs=1 if r.forced is not None else None, extra_args=extra))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        responses = []
+        for r, out in zip(requests, outputs, strict=True):
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            if r.forced is not None:
+                _replay(r, ids, completion.logprobs)
+            if self.eos_token_id in ids:
+                ids = ids[: ids.index(self.eos_token_id)]
+            responses.append(ids[: r.max_new_tokens])
+        return responses
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
+        from vllm import SamplingParams
+
+        if not requests:
+            return []
+        k = -1 if self.score_top_k is None else self.score_top_k
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=k, detokenize=False)
+        prompts = []
+        for r in requests:
+            if not r.response_ids:
+                raise ValueError("cannot score an empty response")
+            prompts.append(self._prompt(list(r.prompt_ids) + list(r.response_ids), r.visual))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        rows = []
+        for r, out in zip(requests, outputs, strict=True):
+            n = len(r.response_ids)
+            # prompt_logprobs follows the expanded prompt (image placeholder -> n_visual positions):
+            # the response is its last n positions, entry j scoring token j given everything before it.
+            expanded = out.prompt_token_ids
+            if list(expanded[-n:]) != list(r.response_ids):
+                raise RuntimeError("vLLM's expanded prompt does not end with the scored response")
+            entries = out.prompt_logprobs[-n:]
+            logits = torch.full((n, self.vocab_size), float("-inf"))
+            for t, entry in enumerate(entries):
+                ids = torch.tensor(list(entry.keys()), dtype=torch.long)
+                logits[t, ids] = torch.tensor([lp.logprob for lp in entry.values()], dtype=torch.float32)
+            rows.append(logits)
+        return rows
+
+
+def _replay(request: GenerateRequest, ids: Sequence[int], logprobs) -> None:
+    """Re-run the caller's decoder over the engine's output with the engine's greedy choices.
+
+    ``logprobs[step]`` holds the sampled token and the rank-1 token of the raw (pre-processor)
+    logits: the model's own greedy choice, which is what the engine-side decision saw.
+    """
+    decoder = request.forced
+    for step, token in enumerate(ids):
+        entry = logprobs[step]
+        greedy = next((t for t, lp in entry.items() if lp.rank == 1), token)
+        expected = decoder.next_token(ids[:step], greedy)
+        if token != (greedy if expected is None else expected):
+            raise RuntimeError(f"the vLLM forcing hook disagreed with the decision function at step {step}: "
+                               f"engine emitted {token}, expected {greedy if expected is None else expected}")
+
+
+def _shim_registry_subprocess() -> None:
+    """Give vLLM's model-inspection subprocess the torchvision shim too.
+
+    vLLM inspects model classes in a fresh ``python -m vllm.model_executor.models.registry``, which
+    imports torchvision (through transformers) before any plugin could run; vLLM documents
+    ``_SUBPROCESS_COMMAND`` as the knob to alter that command.
+    """
+    import sys
+
+    from vllm.model_executor.models import registry
+
+    shim = ("from hscr_worker._compat import ensure_torchvision_importable; ensure_torchvision_importable(); "
+            "import runpy; runpy.run_module('vllm.model_executor.models.registry', run_name='__main__')")
+    registry._SUBPROCESS_COMMAND = [sys.executable, "-c", shim]
+
+
+def _forcing_processor(options: dict) -> str:
+    """The hook adapter for the model runner this engine configuration will use."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from .vllm_hook import processor_for
+
+    env_choice = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if env_choice is not None:
+        return processor_for(env_choice.strip().lower() in ("1", "true"))
+    args = {k: v for k, v in options.items() if k != "logits_processors"}
+    return processor_for(EngineArgs(**args).create_engine_config().use_v2_model_runner)
