@@ -1,0 +1,60 @@
+"""Trainer-side ``hscr`` commands: ``train`` and ``evaluate``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                 "help_option_names": []}, add_help_option=False)
+@click.pass_context
+def train(ctx: click.Context) -> None:
+    """Train on an HSCR dataset (multi-level preference optimization). `hscr train --help` lists every flag."""
+    from .train import main
+
+    main(list(ctx.args))
+
+
+@click.group()
+def evaluate() -> None:
+    """Evaluate a model: the fixture's held-out items, or a Med-VQA benchmark (LLaVA-Med protocol)."""
+
+
+@evaluate.command("fixture")
+@click.option("--model", default=None, help="Model directory [default: the bundled fixture model].")
+@click.option("--n", default=500, show_default=True, help="Held-out items.")
+@click.option("--seed", default=999, show_default=True, help="Item seed (never the training seed 1234).")
+def evaluate_fixture(model, n, seed):
+    """Accuracy per attribute and exact, and the hallucination rate, on held-out fixture items."""
+    from hscr_worker.generate import DEFAULT_MODEL
+
+    from .evaluation import evaluate_fixture as run
+
+    try:
+        click.echo(json.dumps(run(model or DEFAULT_MODEL, n=n, seed=seed), indent=2))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@evaluate.command("medvqa")
+@click.option("--model", required=True, help="Model directory or hub id (LLaVA family).")
+@click.option("--layout", type=click.Choice(["vqa-rad", "slake", "pathvqa", "llava-med"]), required=True)
+@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset folder.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first N items.")
+@click.option("--predictions", type=click.Path(dir_okay=False), default=None, help="Also write answers (JSONL).")
+def evaluate_medvqa(model, layout, root, split, limit, predictions):
+    """Closed accuracy and open recall in the LLaVA-Med protocol."""
+    from .medvqa import evaluate as run
+
+    try:
+        result = run(model, layout, root, split=split, limit=limit, predictions_path=predictions)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(result, indent=2))
+
+
+def commands() -> list[click.Command]:
+    return [train, evaluate]

@@ -1,0 +1,62 @@
+"""Fixture evaluation: held-out accuracy (per attribute and exact) and the hallucination rate.
+
+A *hallucinated finding* is a lesion the answer asserts that the image does not contain: an
+abnormality or a lesion count above the truth, or an asserted lesion (its location, kind and size,
+whichever the answer states) that matches no lesion in the image. Wrong modality or a missed lesion
+is an error, not a hallucination. Malformed answers are counted apart (they assert nothing).
+"""
+
+from __future__ import annotations
+
+import re
+
+from hscr_worker.fixture import synthetic
+from hscr_worker.fixture.evaluate import answers_for, score_answers
+from hscr_worker.fixture.train import TRAIN_SEED
+
+_LESION_SLOT = re.compile(r"^(side|level|kind|size)(\d)$")
+_LESION_ATTRIBUTES = ("side", "level", "kind", "size")
+
+
+def hallucinated_findings(text: str, qtype: str, attrs: dict) -> int | None:
+    """Number of findings ``text`` asserts that the image (``attrs``) lacks; None when malformed."""
+    got = synthetic.parse(text, qtype)
+    if got is None:
+        return None
+    truth = attrs["lesions"]
+    count = 0
+    if got.get("present") in ("yes", "a") and not truth:
+        count += 1
+    if "count" in got and synthetic.COUNTS.index(got["count"]) > len(truth):
+        count += 1
+    asserted: dict[str, dict[str, str]] = {}
+    for slot, word in got.items():
+        match = _LESION_SLOT.match(slot)
+        if match:
+            asserted.setdefault(match.group(2), {})[match.group(1)] = word
+    for lesion in asserted.values():
+        if not any(all(real[k] == v for k, v in lesion.items()) for real in truth):
+            count += 1
+    return count
+
+
+def score_fixture_answers(answers: list[str], examples: list[synthetic.Example]) -> dict:
+    """Exact and per-attribute accuracy (``hscr_worker``'s scorer) plus the hallucination rate."""
+    scores = score_answers(answers, examples, [e.attrs for e in examples])
+    counts = [hallucinated_findings(a, e.qtype, e.attrs) for a, e in zip(answers, examples, strict=True)]
+    scores["hallucination"] = round(sum(1 for c in counts if c) / len(counts), 4)
+    scores["hallucinated_findings_per_item"] = round(sum(c or 0 for c in counts) / len(counts), 4)
+    scores["items"] = len(answers)
+    return scores
+
+
+def evaluate_fixture(model: str, *, n: int = 500, seed: int = 999, batch_size: int = 64) -> dict:
+    """Greedy answers of ``model`` on ``n`` held-out fixture items from ``seed``, scored."""
+    if seed == TRAIN_SEED:
+        raise ValueError(f"seed {TRAIN_SEED} is the fixture's training seed; evaluate on another seed")
+    from hscr_worker.backends.transformers import TransformersBackend
+
+    backend = TransformersBackend(model, batch_size=batch_size)
+    examples = synthetic.make_examples(n, seed)
+    answers = answers_for(backend, examples, [e.image for e in examples])
+    return {"seed": seed, **score_fixture_answers(answers, examples)}

@@ -1,0 +1,183 @@
+"""The HSCR trainer: ``transformers.Trainer`` with the multi-level preference loss.
+
+``compute_loss`` follows TRL's DPOTrainer: one forward pass over every response of the batch, the
+log-ratios against the frozen reference computed once, then a loop over ``(loss_type, weight)``
+calling the pure functions of :mod:`hscr_trainer.losses`. Checkpointing, resuming, gradient
+accumulation, bf16 and the progress bar are the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections import defaultdict
+
+from hscr_worker._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+import torch  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer  # noqa: E402
+
+from .data import PreferenceCollator, PreferenceStream  # noqa: E402
+from .hscr_config import HSCRConfig  # noqa: E402
+from .losses import LOSSES, pair_statistics  # noqa: E402
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "pixel_values")
+
+
+def load_model(name_or_path: str, args: HSCRConfig):
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.model_dtype)
+    if dtype is None:  # auto
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
+
+
+def language_model_lora_targets(model) -> str | list[str]:
+    """A peft ``target_modules`` regex for every linear layer of the language model (not the vision tower)."""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and ".language_model." in f".{name}."})
+    if not leaves:
+        return "all-linear"
+    return rf".*language_model.*\.({'|'.join(leaves)})"
+
+
+def apply_peft(model, args: HSCRConfig):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=args.lora_target_modules or language_model_lora_targets(model),
+                        bias="none")
+    return get_peft_model(model, config)
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each sequence's response tokens ``(N,)`` and the response lengths ``(N,)``."""
+    logits = model(**{k: batch[k] for k in SEQUENCE_KEYS if k in batch}, use_cache=False).logits[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:]
+    token_logps = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1).float() \
+        - torch.logsumexp(logits.float(), dim=-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def level_grid(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scatter per-sequence ``values (N,)`` into the ``(B, K+1)`` level grid (zeros where no level)."""
+    grid = values.new_zeros(batch["level_mask"].shape)
+    return grid.index_put((batch["item_index"], batch["level_index"]), values)
+
+
+class HSCRTrainer(Trainer):
+    """Multi-level preference optimization on an HSCR dataset (method.md section 2).
+
+    Args:
+        model: a model directory or hub id (loaded with ``AutoModelForImageTextToText``), or a model.
+        args: :class:`HSCRConfig`.
+        train_dataset: a :class:`PreferenceStream`, or a dataset URI (directory or ``s3://``) to stream.
+        processing_class: the processor (default: loaded from ``model`` when it is a path).
+    """
+
+    def __init__(self, model, args: HSCRConfig, train_dataset, processing_class=None, callbacks=None,
+                 ref_logps: dict[str, float] | None = None):
+        if isinstance(model, str):
+            processing_class = processing_class or AutoProcessor.from_pretrained(model)
+            model = load_model(model, args)
+        if processing_class is None:
+            raise ValueError("pass processing_class (the processor) when model is not a path")
+        if isinstance(train_dataset, str):
+            train_dataset = PreferenceStream(train_dataset, args.dataset_config, seed=args.seed,
+                                             shuffle_buffer=args.shuffle_buffer, max_levels=args.max_levels)
+        self.ref_model = None
+        if args.use_peft:
+            model = apply_peft(model, args)
+        else:
+            if args.freeze_vision_tower:
+                for name, parameter in model.named_parameters():
+                    if "vision_tower" in name:
+                        parameter.requires_grad_(False)
+            # The reference is the frozen starting model (with LoRA: the same model, adapters off).
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         data_collator=PreferenceCollator(processing_class), callbacks=callbacks)
+        # compute_loss returns a per-batch mean, so the Trainer must scale it for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+        if self.ref_model is not None:
+            self.ref_model.to(self.args.device)
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.ref_logps = ref_logps  # sequence key -> reference log-prob (precomputed or passed in)
+
+    @torch.no_grad()
+    def compute_ref_logps(self) -> dict[str, float]:
+        """Reference log-probs of every response of the dataset (one pass, no gradient)."""
+        from tqdm import tqdm
+
+        model = self.ref_model or self.model
+        loader = torch.utils.data.DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
+                                             collate_fn=self.data_collator)
+        table: dict[str, float] = {}
+        was_training = model.training
+        model.eval()
+        with self._reference_context(self.model):
+            for batch in tqdm(loader, desc="reference log-probs", disable=self.args.disable_tqdm):
+                batch = self._prepare_inputs(batch)
+                logps, _ = sequence_logps(model, batch)
+                table.update(zip(batch["sequence_keys"], logps.tolist(), strict=True))
+        model.train(was_training)
+        return table
+
+    def train(self, *args, **kwargs):
+        if self.ref_logps is None and self.args.precompute_ref_log_probs:
+            self.ref_logps = self.compute_ref_logps()
+        return super().train(*args, **kwargs)
+
+    def _reference_logps(self, model, inputs) -> torch.Tensor:
+        if self.ref_logps is not None:
+            return torch.tensor([self.ref_logps[k] for k in inputs["sequence_keys"]],
+                                device=inputs["input_ids"].device)
+        with torch.no_grad(), self._reference_context(model):
+            return sequence_logps(self.ref_model or model, inputs)[0]
+
+    def _reference_context(self, model):
+        if self.ref_model is None:
+            return self.accelerator.unwrap_model(model).disable_adapter()
+        return contextlib.nullcontext()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        policy_logps, lengths = sequence_logps(model, inputs)
+        ref_logps = self._reference_logps(model, inputs)
+        logratios = level_grid(policy_logps - ref_logps, inputs)
+        level_mask = inputs["level_mask"]
+        chosen = inputs["level_index"] == 0
+        extras = {"chosen_logps": policy_logps[chosen], "chosen_lengths": lengths[chosen]}
+        args: HSCRConfig = self.args
+        loss = logratios.new_zeros(())
+        for loss_type, weight in zip(args.loss_type, args.loss_weights, strict=True):
+            term = LOSSES[loss_type](logratios, level_mask, args.gamma, **extras).mean()
+            loss = loss + weight * term
+            self._metrics[f"loss/{loss_type}"].append(term.item())
+        for key, value in pair_statistics(logratios, level_mask, args.gamma).items():
+            self._metrics[key].append(value.item())
+        self._metrics["logps/chosen"].append(policy_logps[chosen].mean().item())
+        return (loss, {"logratios": logratios}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:
+            logs.update({key: round(sum(v) / len(v), 6) for key, v in self._metrics.items()})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def save_final(self, output_dir: str) -> str:
+        """Save a standalone model (LoRA merged) and its processor, loadable by the generation backends."""
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.save_pretrained(output_dir)
+        self.processing_class.save_pretrained(output_dir)
+        return output_dir
+
+
+def steps_for(n_items: int, args: HSCRConfig) -> int:
+    """Optimizer steps for ``num_train_epochs`` passes over ``n_items`` (one process)."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    return max(1, math.ceil(n_items * args.num_train_epochs / per_step))

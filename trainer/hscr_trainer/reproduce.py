@@ -1,0 +1,219 @@
+"""Rebuild the reproduction table on the fixture: base vs DPO on random negatives vs HSCR's losses.
+
+``python bench/reproduce.py`` (or ``python -m hscr_trainer.reproduce``) runs, in ``--workdir``:
+
+1. held-out training items from ``--data-seed`` (never the fixture's training seed, never an eval seed);
+2. ``hscr generate`` with the shipped defaults -> the HSCR dataset (``ranked`` + ``pairs``);
+3. a control dataset with the same items and the same number of levels per item, whose level m
+   replaces m random words of the same answer with random vocabulary words (random-token negatives);
+4. for each seed: train ``dpo-random`` (explicit loss on the control), ``explicit``, ``implicit`` and
+   ``explicit+implicit`` on the HSCR data, all with identical hyper-parameters;
+5. evaluates base and every trained model on held-out items from that seed's eval seed, and writes
+   ``results.json`` and ``table.md`` (mean +- sample std over seeds; paired difference to base).
+
+Finished steps are reused when the command is run again (delete the workdir to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from hscr_worker.fixture import synthetic
+from hscr_worker.fixture.train import TRAIN_SEED
+from hscr_worker.generate import DEFAULT_MODEL
+
+EVAL_SEED_BASE = 7000  # eval items for seed s come from EVAL_SEED_BASE + s
+METHODS = {  # name -> (dataset, loss_type)
+    "dpo-random": ("random", "explicit"),
+    "explicit": ("hscr", "explicit"),
+    "implicit": ("hscr", "implicit"),
+    "explicit+implicit": ("hscr", "explicit,implicit"),
+}
+METRICS = ("exact", "hallucination", "malformed")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def build_hscr_dataset(workdir: Path, n_items: int, data_seed: int) -> Path:
+    from hscr_client import HSCRParams
+    from hscr_worker.fixture.items import write_items
+    from hscr_worker.generate import generate_dataset, load_backend
+
+    out = workdir / "hscr"
+    if (out / "manifest.json").exists():
+        return out
+    items = workdir / "items" / "items.jsonl"
+    if not items.exists():
+        write_items(n_items, data_seed, items, workdir / "items" / "images")
+    log(f"generating HSCR data for {n_items} items (seed {data_seed})")
+    manifest = generate_dataset(load_backend("transformers", DEFAULT_MODEL), str(items), str(out), HSCRParams())
+    log(f"HSCR data: {manifest['request_counts']}")
+    return out
+
+
+def random_token_levels(text: str, n_levels: int, rng: random.Random, vocabulary: list[str]) -> list[dict]:
+    """Level m replaces m random words of ``text`` with random vocabulary words (m = 1..n_levels)."""
+    words = text.split()
+    order = rng.sample(range(len(words)), len(words))
+    levels = []
+    for level in range(1, min(n_levels, len(words)) + 1):
+        corrupted, replacements = list(words), []
+        for position in sorted(order[:level]):
+            replacement = rng.choice([w for w in vocabulary if w != words[position]])
+            corrupted[position] = replacement
+            replacements.append({"position": position, "original": words[position], "replacement": replacement,
+                                 "reward": 0.0, "shift": 0.0})
+        levels.append({"level": level, "text": " ".join(corrupted), "n_replacements": level, "similarity": None,
+                       "unfired": 0, "replacements": replacements})
+    return levels
+
+
+def build_random_dataset(hscr: Path, workdir: Path, seed: int) -> Path:
+    """The control: HSCR's items and level counts, negatives made by random token replacement."""
+    from hscr_client import schema
+    from hscr_client.storage import open_location
+    from hscr_worker.dataset import parquet_bytes, read_rows
+
+    out = workdir / "random"
+    if (out / "manifest.json").exists():
+        return out
+    rng = random.Random(seed)
+    vocabulary = [w for w in synthetic.vocabulary() if w not in ("user", "assistant", ":")]
+    rows = []
+    for row in read_rows(str(hscr), schema.RANKED):
+        row = dict(row, levels=random_token_levels(row["corrupted"], len(row["levels"]), rng, vocabulary))
+        rows.append(row)
+    location = open_location(str(out))
+    location.write_bytes("ranked/part-00000.parquet", parquet_bytes(rows, schema.RANKED))
+    pairs = [p for row in rows for p in schema.pair_rows(row)]
+    location.write_bytes("pairs/part-00000.parquet", parquet_bytes(pairs, schema.PAIRS))
+    location.write_bytes("manifest.json", json.dumps({"configs": {"ranked": {"rows": len(rows)}},
+                                                      "source": str(hscr), "seed": seed}).encode())
+    return out
+
+
+def train_one(dataset: Path, loss_type: str, seed: int, run_dir: Path, hyper: dict,
+              ref_cache: Path) -> Path:
+    """Train one model; the reference log-probs of ``dataset`` are computed once and reused by every run."""
+    from .hscr_config import HSCRConfig
+    from .hscr_trainer import HSCRTrainer
+
+    final = run_dir / "final"
+    if (final / "config.json").exists():
+        return final
+    config = HSCRConfig(output_dir=str(run_dir), loss_type=loss_type, seed=seed, data_seed=seed, use_peft=False,
+                        use_cpu=True, save_strategy="no", logging_steps=10, disable_tqdm=True, **hyper)
+    ref_logps = json.loads(ref_cache.read_text()) if ref_cache.exists() else None
+    trainer = HSCRTrainer(DEFAULT_MODEL, config, str(dataset), ref_logps=ref_logps)
+    if ref_logps is None:
+        trainer.ref_logps = trainer.compute_ref_logps()
+        ref_cache.write_text(json.dumps(trainer.ref_logps))
+    trainer.train()
+    trainer.save_state()
+    trainer.save_final(str(final))
+    return final
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(results: dict) -> str:
+    """Markdown table: mean +- std over seeds, and the paired difference to base."""
+    seeds = sorted(results["runs"]["base"])
+    header = ("| method | exact | hallucination | malformed | exact - base | hallucination - base |\n"
+              "|---|---|---|---|---|---|")
+    lines = [header]
+    for method in ["base", *METHODS]:
+        runs = results["runs"].get(method, {})
+        done = [s for s in seeds if s in runs]
+        if not done:
+            lines.append(f"| {method} | (not run) | | | | |")
+            continue
+        cells = []
+        for metric in METRICS:
+            m, s = mean_std([100 * runs[x][metric] for x in done])
+            cells.append(f"{m:.1f} ± {s:.1f}")
+        for metric in ("exact", "hallucination"):
+            if method == "base":
+                cells.append("")
+                continue
+            m, s = mean_std([100 * (runs[x][metric] - results["runs"]["base"][x][metric]) for x in done])
+            cells.append(f"{m:+.1f} ± {s:.1f}")
+        seeds_note = "" if len(done) == len(seeds) else f" ({len(done)}/{len(seeds)} seeds)"
+        lines.append(f"| {method}{seeds_note} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/hscr-repro"))
+    parser.add_argument("--items", type=int, default=2000, help="training items given to hscr generate")
+    parser.add_argument("--data-seed", type=int, default=2025)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--eval-items", type=int, default=300)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--gamma", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args(argv)
+    eval_seeds = {s: EVAL_SEED_BASE + s for s in args.seeds}
+    if args.data_seed == TRAIN_SEED or args.data_seed in eval_seeds.values():
+        raise SystemExit(f"--data-seed {args.data_seed} collides with the training or an eval seed")
+
+    import torch
+
+    from .evaluation import evaluate_fixture
+
+    torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results_path = args.workdir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+    hyper = {"num_train_epochs": args.epochs, "per_device_train_batch_size": args.batch_size,
+             "learning_rate": args.lr, "gamma": args.gamma, "lr_scheduler_type": "cosine", "warmup_steps": 0.1}
+    results["settings"] = {**vars(args), "workdir": str(args.workdir), "eval_seeds": eval_seeds, **hyper}
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (args.workdir / "table.md").write_text(summarize(results))
+
+    hscr = build_hscr_dataset(args.workdir, args.items, args.data_seed)
+    control = build_random_dataset(hscr, args.workdir, args.data_seed)
+    results["data"] = {"hscr": json.loads((hscr / "manifest.json").read_text())["request_counts"]}
+    datasets = {"hscr": hscr, "random": control}
+    for seed in args.seeds:
+        key = str(seed)
+        base = results["runs"].setdefault("base", {})
+        if key not in base:
+            base[key] = evaluate_fixture(DEFAULT_MODEL, n=args.eval_items, seed=eval_seeds[seed])
+            save()
+            log(f"base seed {seed}: exact {base[key]['exact']} hallucination {base[key]['hallucination']}")
+        for method in args.methods:
+            runs = results["runs"].setdefault(method, {})
+            if key in runs:
+                continue
+            dataset, loss_type = METHODS[method]
+            started = time.time()
+            final = train_one(datasets[dataset], loss_type, seed, args.workdir / "runs" / f"{method}-{seed}", hyper,
+                              args.workdir / f"ref-logps-{dataset}.json")
+            runs[key] = {**evaluate_fixture(str(final), n=args.eval_items, seed=eval_seeds[seed]),
+                         "seconds": round(time.time() - started, 1)}
+            save()
+            log(f"{method} seed {seed}: exact {runs[key]['exact']} hallucination {runs[key]['hallucination']} "
+                f"({runs[key]['seconds']} s)")
+    save()
+    print(summarize(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
