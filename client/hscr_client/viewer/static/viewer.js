@@ -41,7 +41,10 @@
     }
     async summary() { return config.summary; }
     rowsOf(k) {
-      if (!this.rowChunks.has(k)) this.rowChunks.set(k, JSON.parse($("hscr-rows-" + k).textContent));
+      if (!this.rowChunks.has(k)) {
+        this.rowChunks.set(k, JSON.parse($("hscr-rows-" + k).textContent));
+        document.body.dataset.rowChunksParsed = String(this.rowChunks.size);  // for tests: parsing is lazy
+      }
       return this.rowChunks.get(k);
     }
     imagesOf(k) {
@@ -49,6 +52,8 @@
         if (this.imageChunks.size >= 4) this.imageChunks.delete(this.imageChunks.keys().next().value);
         const node = $("hscr-img-" + k);
         this.imageChunks.set(k, node ? JSON.parse(node.textContent) : []);
+        this.imageParses = (this.imageParses || 0) + 1;
+        document.body.dataset.imageChunksParsed = String(this.imageParses);
       }
       return this.imageChunks.get(k);
     }
@@ -354,6 +359,9 @@
     document.addEventListener(on, (e) => { const t = e.target.closest && e.target.closest("[data-tip]"); if (t) showTip(t); });
     document.addEventListener(off, (e) => { const t = e.target.closest && e.target.closest("[data-tip]"); if (t) hideTip(t); });
   }
+
+  // A link or an edited address with another fragment (#q=...&page=3) re-runs the query.
+  window.addEventListener("hashchange", () => { if (summary) { readHash(); syncControls(); refresh(); } });
 
   async function start() {
     try {
