@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from hscr_service.core.security import hash_key
 
 S3_KEY, S3_SECRET, BUCKET = "hscr-test-key", "hscr-test-secret", "hscr-test"

@@ -24,6 +24,7 @@ def upload_items_file(client, root, n: int, prefix: str) -> str:
 
 def test_job_end_to_end_dataset_in_s3_loads_with_datasets(alice, workers, fixture_items, stack_env):
     from datasets import load_dataset
+
     from hscr_client import DatasetInfo, Job, schema
 
     workers.start()

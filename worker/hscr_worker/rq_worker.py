@@ -20,7 +20,6 @@ import json
 import logging
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 
 import click
@@ -122,6 +121,13 @@ class HSCRWorker(SimpleWorker):
 
     def kill_horse(self, sig: signal.Signals = signal.SIGKILL):
         runtime().stop.set()
+
+    def handle_warm_shutdown_request(self):
+        _shutdown.set()  # SIGTERM/SIGINT: the restart loop in `hscr worker` must end too
+        super().handle_warm_shutdown_request()
+
+
+_shutdown = threading.Event()
 
 
 # --- job functions (module level: RQ imports them by dotted path) ---------------------------------
@@ -296,7 +302,7 @@ def worker(redis_url, queue, model, model_name, backend, device, micro_batch, wi
     load_runtime(model=model or DEFAULT_MODEL, model_name=model_name, backend=backend, device=device,
                  micro_batch=micro_batch, redis_url=redis_url, queue=queue)
     HSCRWorker.heartbeat_interval = heartbeat_interval
-    while True:
+    while not _shutdown.is_set():
         connection = connect(redis_url)
         rq_worker = HSCRWorker([queue], connection=connection, worker_ttl=worker_ttl,
                                maintenance_interval=maintenance_interval)
@@ -304,7 +310,9 @@ def worker(redis_url, queue, model, model_name, backend, device, micro_batch, wi
             rq_worker.work(burst=burst, with_scheduler=with_scheduler, logging_level="INFO")
         except Exception as exc:  # Redis unreachable while registering: wait and start again
             log.warning("worker stopped on %s; restarting in 2 s", exc)
-        if burst or rq_worker._stop_requested:
+        if burst or _shutdown.is_set():
             return
         log.warning("worker loop ended (Redis unreachable?); restarting in 2 s")
-        time.sleep(2)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: _shutdown.set())
+        _shutdown.wait(2)

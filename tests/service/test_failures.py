@@ -1,0 +1,85 @@
+"""Failure semantics: a SIGKILLed worker, a Redis restart and an S3 outage mid-job lose nothing and duplicate
+nothing (chunks are the unit of retry; a retried chunk overwrites its own shard)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+from conftest import inline_items, stop, wait_for_job, wait_until
+
+
+def all_ids_exactly_once(client, job: dict, expected: set[str]) -> None:
+    from hscr_worker.dataset import read_rows
+
+    ranked = [row["custom_id"] for row in read_rows(job["dataset_uri"], "ranked")]
+    errors = [json.loads(line)["custom_id"] for line in client.get(f"/v1/jobs/{job['id']}/errors").text.splitlines()]
+    assert len(ranked) == len(set(ranked)), "an item was written twice"
+    assert not set(ranked) & set(errors), "an item is both written and failed"
+    assert set(ranked) | set(errors) == expected, "an item was lost"
+    assert len(ranked) == job["request_counts"]["completed"] and len(errors) == job["request_counts"]["failed"]
+
+
+def start_job(client, root, n: int, prefix: str) -> tuple[str, set[str]]:
+    items = inline_items(root, n, prefix=prefix)
+    response = client.post("/v1/jobs", json={"items": items, "params": {"n_masks": 1, "max_new_tokens": 16}})
+    assert response.status_code == 201, response.text
+    return response.json()["id"], {i["custom_id"] for i in items}
+
+
+def chunks_done(client, job_id: str) -> int:
+    return client.get(f"/v1/jobs/{job_id}").json()["chunk_counts"]["done"]
+
+
+def test_sigkill_worker_mid_job_then_another_completes_it(alice, workers, fixture_items):
+    job_id, expected = start_job(alice, fixture_items, 16, "kill-")
+    first = workers.start()
+    wait_until(lambda: chunks_done(alice, job_id) >= 1, 180, "the first shard")
+    stop(first, signal.SIGKILL)  # whole process group, mid-chunk: no cleanup runs
+    assert chunks_done(alice, job_id) < 4
+    workers.start()
+    job = wait_for_job(alice, job_id)
+    assert job["status"] == "completed"
+    all_ids_exactly_once(alice, job, expected)
+
+
+def test_redis_restart_mid_job_loses_nothing(alice, workers, fixture_items, stack_env):
+    job_id, expected = start_job(alice, fixture_items, 12, "redis-")
+    workers.start()
+    wait_until(lambda: chunks_done(alice, job_id) >= 1, 180, "the first shard")
+    redis_server = stack_env["redis"]
+    redis_server.stop()  # SIGTERM: AOF (appendfsync always) keeps every acknowledged write
+    time.sleep(3)
+    redis_server.start()
+    job = wait_for_job(alice, job_id)
+    assert job["status"] == "completed"
+    all_ids_exactly_once(alice, job, expected)
+
+
+def test_s3_unreachable_for_20_seconds_mid_job_loses_nothing(alice, workers, fixture_items, stack_env):
+    job_id, expected = start_job(alice, fixture_items, 12, "s3-")
+    workers.start()
+    wait_until(lambda: chunks_done(alice, job_id) >= 1, 180, "the first shard")
+    s3 = stack_env["s3"]
+    s3.stop()
+    time.sleep(20)
+    s3.start()
+    job = wait_for_job(alice, job_id)
+    assert job["status"] == "completed"
+    all_ids_exactly_once(alice, job, expected)
+
+
+def test_cancel_keeps_finished_shards(alice, workers, fixture_items):
+    job_id, _ = start_job(alice, fixture_items, 24, "cancel-")
+    workers.start()
+    wait_until(lambda: chunks_done(alice, job_id) >= 1, 180, "the first shard")
+    cancelled = alice.post(f"/v1/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] in ("cancelling", "cancelled")
+    job = wait_for_job(alice, job_id)
+    assert job["status"] == "cancelled" and job["cancelled_at"]
+    info = alice.get(f"/v1/jobs/{job_id}/dataset").json()
+    assert info["complete"] and info["shards"], "finished shards are kept"
+    assert info["manifest"]["request_counts"]["completed"] == job["request_counts"]["completed"] > 0
+    assert job["request_counts"]["completed"] < 24
+    assert alice.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
