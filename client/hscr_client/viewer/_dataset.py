@@ -275,6 +275,8 @@ def _read_errors(location: Location, manifest: dict | None) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
                 record = {"custom_id": f"{posixpath.basename(path)}:{line_number}", "error": f"unreadable line: {line}"}
             errors.append({"id": str(record.get("custom_id", "")), "error": str(record.get("error", ""))})
     return errors
