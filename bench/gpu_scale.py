@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question-words", type=int, default=50)
     parser.add_argument("--backends", nargs="+", choices=["transformers", "vllm"], default=None,
                         help="default: transformers, plus vllm on CUDA (on the CPU vllm runs only when named here)")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="one untimed plain + HSCR pass first (CUDA kernels, allocator)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--workdir", default=None, help="where the random checkpoint is saved (default: a temp dir)")
     parser.add_argument("--out", default=None, help="write the JSON results here (rewritten after each backend)")
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                                           **_accepted(TransformersBackend, {"ignore_eos": True, "profile": PROFILE}))
             entry: dict = {"init_seconds": time.perf_counter() - began, "backend_batch_size": backend_batch}
             entry["results"] = measure(backend, items, args.batch_sizes, params, similarity, device,
-                                       min_rows=min_rows)
+                                       min_rows=min_rows, warmup=args.warmup)
             report["backends"]["transformers"] = entry
             save()
             del backend
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                     entry["note"] = note
                 try:
                     entry["results"] = measure(backend, items, args.batch_sizes, params, similarity, device,
-                                               min_rows=min_rows)
+                                               min_rows=min_rows, warmup=args.warmup)
                 except Exception as exc:  # keep the transformers figures and say what broke
                     entry["failed"] = f"{type(exc).__name__}: {exc}"
                     print(f"        vllm failed: {entry['failed']}", flush=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from hscr_worker.backends.transformers import TransformersBackend  # first: makes torchvision importable
 
 import torch  # noqa: E402
-from common import compare_to_baseline, env_block, measure, rows_for, write_json  # noqa: E402
+from common import compare_to_baseline, env_block, measure, ratio_key, rows_for, write_json  # noqa: E402
 from hscr_client import HSCRParams  # noqa: E402
 
 from hscr_worker.fixture.items import write_items  # noqa: E402
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-rows", type=int, default=32, help="rows timed per batch size (whole batches)")
     parser.add_argument("--params", choices=["default", "paper"], default="default",
                         help="HSCRParams() (the service defaults) or HSCRParams.paper()")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="one untimed plain + HSCR pass first")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="write the JSON results here")
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hscr_overhead: {args.model} on {backend.device}, {torch.get_num_threads()} threads, "
           f"batch sizes {args.batch_sizes}, {args.params} params", flush=True)
     results = measure(backend, items, args.batch_sizes, params, get_similarity(params.similarity), backend.device,
-                      min_rows=args.min_rows)
+                      min_rows=args.min_rows, warmup=args.warmup)
     report = {"benchmark": "hscr_overhead", "env": env_block(backend.device),
               "model": str(args.model), "backend": backend.name, "backend_batch_size": backend.batch_size,
               "params_preset": args.params, "params": params.model_dump(), "results": results}
@@ -70,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out, report)
         print(f"wrote {args.out}")
     if args.baseline:
-        problems = compare_to_baseline(results, json.loads(Path(args.baseline).read_text()), args.tolerance)
+        key = ratio_key(backend.device.type)
+        problems = compare_to_baseline(results, json.loads(Path(args.baseline).read_text()), args.tolerance, key=key)
         for problem in problems:
             print(f"REGRESSION {problem}", file=sys.stderr)
         if problems:
             return 1
-        print(f"within {args.tolerance:.0%} of the baseline {args.baseline}")
+        print(f"{key} within {args.tolerance:.0%} of the baseline {args.baseline}")
     return 0
 
 

@@ -6,14 +6,14 @@ import math
 import gpu_scale
 
 MAX_NEW_TOKENS = 6
-FIGURES = ("rows", "seconds", "rows_per_s", "generated_tokens", "tokens_per_s", "device_seconds_per_1000_rows",
-           "peak_memory_bytes")
+FIGURES = ("rows", "seconds", "cpu_seconds", "rows_per_s", "generated_tokens", "tokens_per_s",
+           "device_seconds_per_1000_rows", "peak_memory_bytes")
 
 
 def test_tiny_run_reports_every_figure(tmp_path):
     out = tmp_path / "gpu_scale.json"
-    assert gpu_scale.main(["--tiny", "--batch-sizes", "1", "2", "--min-rows", "2", "--max-new-tokens",
-                           str(MAX_NEW_TOKENS), "--question-words", "12", "--out", str(out)]) == 0
+    assert gpu_scale.main(["--tiny", "--batch-sizes", "1", "2", "--min-rows", "1", "--max-new-tokens",
+                           str(MAX_NEW_TOKENS), "--question-words", "12", "--no-warmup", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
 
     assert report["env"]["device"] == "cpu" and report["env"]["versions"]["torch"]
@@ -23,7 +23,8 @@ def test_tiny_run_reports_every_figure(tmp_path):
     results = report["backends"]["transformers"]["results"]
     assert [r["batch_size"] for r in results] == [1, 2]
     for r in results:
-        assert r["plain"]["rows"] == r["hscr"]["rows"] == 2
+        rows = r["batch_size"]  # one whole batch each
+        assert r["plain"]["rows"] == r["hscr"]["rows"] == rows
         for mode in ("plain", "hscr"):
             for name in FIGURES:
                 value = r[mode][name]
@@ -31,7 +32,7 @@ def test_tiny_run_reports_every_figure(tmp_path):
         ratio = r["hscr_over_plain_time"]
         assert math.isfinite(ratio) and ratio > 0
         # ignore_eos: random weights still decode exactly max_new_tokens per plain response
-        assert r["plain"]["generated_tokens"] == 2 * MAX_NEW_TOKENS
+        assert r["plain"]["generated_tokens"] == rows * MAX_NEW_TOKENS
         # HSCR re-decodes every level on top of the own answer, so it generates more than plain
         assert r["hscr"]["generated_tokens"] > r["plain"]["generated_tokens"]
         assert r["hscr"]["mean_levels_per_row"] > 0 and r["hscr"]["scored_tokens"] > 0
