@@ -118,25 +118,47 @@ class VLLMBackend(Backend):
         return {"prompt_token_ids": list(ids), "multi_modal_data": {"image": visual.unsqueeze(0)},
                 "multi_modal_uuids": {"image": [uuid]}}
 
+    def _run(self, prompts: list[dict], params: list) -> list:
+        """``LLM.generate`` once per visual-token count, outputs in request order.
+
+        vLLM's LLaVA batches the image embeddings of one engine step into a single tensor and
+        refuses mixed sizes ("data contains inconsistent shapes"), which ``remove``-mode dropout
+        produces next to full images; requests of one size never conflict.
+        """
+        groups: dict[int, list[int]] = {}
+        for k, prompt in enumerate(prompts):
+            groups.setdefault(prompt["multi_modal_data"]["image"].shape[1], []).append(k)
+        outputs: list = [None] * len(prompts)
+        for indices in groups.values():
+            done = self.llm.generate([prompts[k] for k in indices], [params[k] for k in indices], use_tqdm=False)
+            for k, out in zip(indices, done, strict=True):
+                outputs[k] = out
+        return outputs
+
     # ---- generation and scoring ----
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
         from vllm import SamplingParams
 
-        from .vllm_hook import force_args
+        from .vllm_hook import force_args, parse_force_args
 
         if not requests:
             return []
         prompts, params = [], []
-        for r in requests:
+        for k, r in enumerate(requests):
             extra = None
             if r.forced is not None:
                 if any(rep.token >= self.vocab_size for rep in r.forced.plan):
-                    raise ValueError("a forced replacement token is outside the model's vocabulary")
+                    raise ValueError(f"request {k}: a forced replacement token is outside the model's vocabulary")
                 extra = force_args(r.forced)
+            sampling = SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens, detokenize=False,
+                                      logprobs=1 if r.forced is not None else None, extra_args=extra)
+            try:
+                parse_force_args(sampling)  # the hook's own admission check, before anything is submitted
+            except ValueError as exc:
+                raise ValueError(f"request {k}: {exc}") from None
             prompts.append(self._prompt(r.prompt_ids, r.visual))
-            params.append(SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens, detokenize=False,
-                                         logprobs=1 if r.forced is not None else None, extra_args=extra))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            params.append(sampling)
+        outputs = self._run(prompts, params)
         responses = []
         for r, out in zip(requests, outputs, strict=True):
             completion = out.outputs[0]
@@ -160,7 +182,7 @@ class VLLMBackend(Backend):
             if not r.response_ids:
                 raise ValueError("cannot score an empty response")
             prompts.append(self._prompt(list(r.prompt_ids) + list(r.response_ids), r.visual))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self._run(prompts, [params] * len(prompts))
         rows = []
         for r, out in zip(requests, outputs, strict=True):
             n = len(r.response_ids)
