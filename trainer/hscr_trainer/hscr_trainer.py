@@ -167,6 +167,20 @@ class HSCRTrainer(Trainer):
             self._metrics.clear()
         super().log(logs, start_time)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Restore full-model weights with ``from_pretrained``.
+
+        transformers 5 saves LLaVA checkpoints in the legacy key layout (``language_model.model.*``) but
+        ``Trainer`` loads them back raw, so every key misses with only a warning and a "resumed" run
+        silently restarts from the base weights. ``from_pretrained`` applies the key conversion; strict
+        loading makes any remaining mismatch an error. LoRA checkpoints go through peft as usual.
+        """
+        unwrapped = self.accelerator.unwrap_model(model or self.model)
+        if hasattr(unwrapped, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restored = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=unwrapped.dtype)
+        unwrapped.load_state_dict(restored.state_dict(), strict=True)
+
     def save_final(self, output_dir: str) -> str:
         """Save a standalone model (LoRA merged) and its processor, loadable by the generation backends."""
         model = self.accelerator.unwrap_model(self.model)
