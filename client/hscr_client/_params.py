@@ -19,9 +19,9 @@ class HSCRParams(BaseModel):
         0.7, gt=0.0, le=1.0,
         description="Fraction of visual tokens dropped. Paper: 0.7 (ablated 0.3-0.9).")
     dropout_mode: Literal["remove", "zero"] = Field(
-        "zero",
-        description="[choice] 'remove' deletes the dropped visual tokens, 'zero' zeroes their embeddings "
-                    "(keeps positions; measured stronger on the fixture). Paper: token dropout, mode unstated.")
+        "remove",
+        description="[choice] 'remove' deletes the dropped visual tokens (measured stronger on the fixture), "
+                    "'zero' zeroes their embeddings and keeps their positions. Paper: token dropout, mode unstated.")
     n_masks: int = Field(
         4, ge=1, le=32,
         description="[choice] Independent dropout masks whose dropped-image logits are averaged. Paper: 1.")
@@ -35,7 +35,7 @@ class HSCRParams(BaseModel):
                     "between the full and the dropped image.")
     n_coupled: int = Field(10, ge=1, le=64, description="Top-n modality-coupled tokens. Paper: 10.")
     min_shift: float = Field(
-        0.5, ge=0.0,
+        0.0, ge=0.0,
         description="[choice] A coupled token needs at least this shift; tokens the image does not move "
                     "are never replaced. Paper: none (top-n only).")
     top_k_candidates: int = Field(
@@ -58,6 +58,10 @@ class HSCRParams(BaseModel):
     min_similarity_gap: float = Field(
         0.1, ge=0.0, le=1.0,
         description="Minimum similarity gap between adjacent kept levels. Paper: 0.1.")
+    severity_order: bool = Field(
+        True,
+        description="[choice] Reranking also requires each kept level to replace at least as many tokens as "
+                    "the milder one before it, so similarity and error degree agree. Paper: similarity only.")
     similarity: str = Field(
         "lexical",
         description="[choice] Similarity for reranking: 'lexical' (token F1, no model) or a "
@@ -77,7 +81,8 @@ class HSCRParams(BaseModel):
 
     @classmethod
     def paper(cls, **overrides) -> HSCRParams:
-        """The paper's reading: one mask removing 70 % of the visual tokens, raw-logit shift, top-n only."""
+        """The paper's reading: one mask removing 70 % of the visual tokens, raw-logit shift, top-n only,
+        reranking by similarity alone."""
         setting = {"dropout_ratio": 0.7, "dropout_mode": "remove", "n_masks": 1, "shift": "logit",
-                   "min_shift": 0.0}
+                   "min_shift": 0.0, "severity_order": False}
         return cls(**{**setting, **overrides})

@@ -154,7 +154,8 @@ def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams
             result.error = "every replacement reproduced the preferred answer: no dispreferred response"
             continue
         sims = similarity([text for text, _, _ in unique], result.chosen)
-        selection = select_levels(sims, params.n_levels, params.min_similarity_gap)
+        severity = [len(done) for _, done, _ in unique] if params.severity_order else None
+        selection = select_levels(sims, params.n_levels, params.min_similarity_gap, severity)
         result.shortfall = selection.shortfall
         for level, k in enumerate(selection.indices, start=1):
             text, done, unfired = unique[k]

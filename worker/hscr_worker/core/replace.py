@@ -74,10 +74,11 @@ def splice(response: Sequence[int], plan: Sequence[Replacement]) -> list[int]:
 class ForcedDecoder:
     """Per-request state for re-decoding a response with planned replacements.
 
-    While the re-decoded prefix still follows ``original`` (except at replaced steps), a replacement
-    fires at exactly its planned step. Once the re-decode diverges (a replacement changed what
-    follows), the next pending replacement fires where the model next wants to emit its original
-    token. A replacement that never finds its token is left out and recorded as unfired.
+    A replacement fires only where the model itself is about to emit the original token: while the
+    re-decoded prefix still follows ``original`` (except at replaced steps) that is exactly the
+    planned step; once the re-decode diverges (a replacement changed what follows), it is the next
+    step where the model wants that token. A replacement that never finds its token is left out and
+    counted as unfired.
     """
 
     original: Sequence[int]
@@ -104,8 +105,10 @@ class ForcedDecoder:
             return None
         pending = self.plan[len(self.fired)]
         step = len(prefix)
-        fire = step == pending.position if self.aligned else greedy == pending.original
-        if not fire:
+        # The model must still want the original token here: after an earlier replacement changed
+        # the continuation (e.g. "a" -> "no" leads to "no abnormality"), forcing a later planned token
+        # at its old step would produce malformed text.
+        if greedy != pending.original or (self.aligned and step != pending.position):
             return None
         self.fired.append((step, pending))
         return pending.token

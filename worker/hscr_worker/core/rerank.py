@@ -26,17 +26,24 @@ class Selection:
     shortfall: bool  # True when fewer than j candidates met the gap: the widest-spread set was kept
 
 
-def select_levels(similarities: Sequence[float], j: int, min_gap: float) -> Selection:
+def select_levels(similarities: Sequence[float], j: int, min_gap: float,
+                  severity: Sequence[int] | None = None) -> Selection:
     """Keep ``j`` candidates, most similar first, whose adjacent similarities differ by >= ``min_gap``.
 
-    Greedy from the most similar candidate. When fewer than ``j`` meet the gap, keep the ``j``
-    candidates whose smallest adjacent gap is largest (ties: the larger total spread), and flag a
-    shortfall; with fewer than ``j`` candidates in all, keep them all.
+    Greedy from the most similar candidate. With ``severity`` (e.g. the number of replaced tokens),
+    a kept candidate must also be at least as severe as the one before it, so both orderings agree.
+    When fewer than ``j`` qualify, keep the ``j`` severity-consistent candidates whose smallest
+    adjacent gap is largest (ties: the larger total spread), or the greedy set when no ``j`` are
+    consistent, and flag a shortfall; with fewer than ``j`` candidates in all, keep them all.
     """
     order = sorted(range(len(similarities)), key=lambda i: (-similarities[i], i))
+
+    def consistent(a: int, b: int) -> bool:
+        return severity is None or severity[b] >= severity[a]
+
     kept: list[int] = []
     for i in order:
-        if not kept or similarities[kept[-1]] - similarities[i] >= min_gap - 1e-9:
+        if not kept or (similarities[kept[-1]] - similarities[i] >= min_gap - 1e-9 and consistent(kept[-1], i)):
             kept.append(i)
         if len(kept) == j:
             return Selection(kept, shortfall=False)
@@ -47,5 +54,6 @@ def select_levels(similarities: Sequence[float], j: int, min_gap: float) -> Sele
         gaps = [similarities[a] - similarities[b] for a, b in itertools.pairwise(combo)]
         return min(gaps), similarities[combo[0]] - similarities[combo[-1]]
 
-    best = max(itertools.combinations(order, j), key=spread)
-    return Selection(list(best), shortfall=True)
+    ordered = [c for c in itertools.combinations(order, j)
+               if all(consistent(a, b) for a, b in itertools.pairwise(c))]
+    return Selection(list(max(ordered, key=spread)) if ordered else kept, shortfall=True)
