@@ -30,11 +30,13 @@ def params_from_options(options: dict, paper: bool) -> HSCRParams:
 @click.option("--output", required=True, help="Output directory or s3://bucket/prefix.")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default=None, help="torch device for the transformers backend [default: cuda if present].")
+@click.option("--profile", type=click.Choice(["fixture", "llava-1.5", "llava-med"]), default=None,
+              help="Model family: prompt template and image preprocessing [default: detected from the model].")
 @click.option("--batch-size", default=32, show_default=True, help="Items per chunk (one shard per chunk).")
 @click.option("--paper", is_flag=True, help="Start from the paper's setting (one mask removing 70 %, raw-logit "
               "shift, no shift floor) instead of the shipped defaults.")
 @_param_options
-def generate(model, input_path, output, backend, device, batch_size, paper, **options):
+def generate(model, input_path, output, backend, device, profile, batch_size, paper, **options):
     """Generate an HSCR preference dataset from an items JSONL file."""
     from tqdm import tqdm
 
@@ -46,6 +48,8 @@ def generate(model, input_path, output, backend, device, batch_size, paper, **op
         raise click.BadParameter(str(exc)) from exc
     model = model or DEFAULT_MODEL
     backend_options = {"device": device} if backend == "transformers" and device else {}
+    if profile:
+        backend_options["profile"] = profile
     engine = load_backend(backend, model, **backend_options)
     total = len(read_items(input_path)[0])
     with tqdm(total=total, unit="item", desc="hscr generate") as bar:
