@@ -146,13 +146,13 @@ def api(stack_env):
 
 
 class Workers:
-    """`hscr worker` processes for one test; every one is stopped when the test ends."""
+    """`hscr worker` processes shared by the session (each start loads torch and the model: ~10-20 s)."""
 
     def __init__(self, root: Path):
         self.root, self.processes = root, []
 
     def start(self) -> subprocess.Popen:
-        log = open(self.root / f"worker-{len(self.processes)}-{uuid.uuid4().hex[:6]}.log", "ab")
+        log = open(self.root / f"worker-{len(self.processes)}.log", "ab")
         process = subprocess.Popen(
             [sys.executable, "-c", "from hscr_client._cli import main; main()", "worker", "--queue", "hscr-test",
              "--worker-ttl", "10", "--maintenance-interval", "3", "--heartbeat-interval", "1", "--micro-batch", "2"],
@@ -160,16 +160,27 @@ class Workers:
         self.processes.append(process)
         return process
 
+    def ensure(self) -> subprocess.Popen:
+        """One live worker: the running one, or a new one."""
+        alive = [p for p in self.processes if p.poll() is None]
+        return alive[0] if alive else self.start()
+
     def stop_all(self) -> None:
         for process in self.processes:
             stop(process)
 
 
-@pytest.fixture
-def workers(stack_env):
+@pytest.fixture(scope="session")
+def session_workers(stack_env):
     manager = Workers(stack_env["root"])
     yield manager
     manager.stop_all()
+
+
+@pytest.fixture
+def workers(session_workers):
+    session_workers.ensure()
+    return session_workers
 
 
 @pytest.fixture

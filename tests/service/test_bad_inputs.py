@@ -71,7 +71,6 @@ def test_malformed_body_and_too_many_items(alice):
 
 
 def test_bad_items_become_per_item_errors(alice, bob, workers, fixture_items):
-    workers.start()
     good = inline_items(fixture_items, 2, prefix="bad-")
     bob_image = upload(bob, png(64, 64)).json()["id"]
     text_file = upload(alice, b'{"a": 1}\n', purpose="items", name="t.jsonl").json()["id"]

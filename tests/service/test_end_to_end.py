@@ -27,7 +27,6 @@ def test_job_end_to_end_dataset_in_s3_loads_with_datasets(alice, workers, fixtur
 
     from hscr_client import DatasetInfo, Job, schema
 
-    workers.start()
     file_id = upload_items_file(alice, fixture_items, 10, "e2e-")
     created = alice.post("/v1/jobs", json={"input_file_id": file_id, "metadata": {"run": "e2e"},
                                            "params": {"n_masks": 2, "max_new_tokens": 24}})
@@ -70,7 +69,6 @@ def test_job_end_to_end_dataset_in_s3_loads_with_datasets(alice, workers, fixtur
 
 
 def test_inline_items_and_idempotent_create(alice, workers, fixture_items):
-    workers.start()
     body = {"items": inline_items(fixture_items, 5, prefix="idem-"), "params": {"n_masks": 1, "max_new_tokens": 16}}
     headers = {"Idempotency-Key": "create-once-" + fixture_items.name}
     first = alice.post("/v1/jobs", json=body, headers=headers)

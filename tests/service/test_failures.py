@@ -23,7 +23,7 @@ def all_ids_exactly_once(client, job: dict, expected: set[str]) -> None:
 
 def start_job(client, root, n: int, prefix: str) -> tuple[str, set[str]]:
     items = inline_items(root, n, prefix=prefix)
-    response = client.post("/v1/jobs", json={"items": items, "params": {"n_masks": 1, "max_new_tokens": 16}})
+    response = client.post("/v1/jobs", json={"items": items, "params": {"n_masks": 1, "max_new_tokens": 12}})
     assert response.status_code == 201, response.text
     return response.json()["id"], {i["custom_id"] for i in items}
 
@@ -33,20 +33,19 @@ def chunks_done(client, job_id: str) -> int:
 
 
 def test_sigkill_worker_mid_job_then_another_completes_it(alice, workers, fixture_items):
-    job_id, expected = start_job(alice, fixture_items, 16, "kill-")
-    first = workers.start()
+    job_id, expected = start_job(alice, fixture_items, 12, "kill-")
+    victim = workers.ensure()
     wait_until(lambda: chunks_done(alice, job_id) >= 1, 180, "the first shard")
-    stop(first, signal.SIGKILL)  # whole process group, mid-chunk: no cleanup runs
-    assert chunks_done(alice, job_id) < 4
-    workers.start()
+    stop(victim, signal.SIGKILL)  # whole process group, mid-chunk: no cleanup runs
+    assert chunks_done(alice, job_id) < 3
+    assert workers.ensure() is not victim
     job = wait_for_job(alice, job_id)
     assert job["status"] == "completed"
     all_ids_exactly_once(alice, job, expected)
 
 
 def test_redis_restart_mid_job_loses_nothing(alice, workers, fixture_items, stack_env):
-    job_id, expected = start_job(alice, fixture_items, 12, "redis-")
-    workers.start()
+    job_id, expected = start_job(alice, fixture_items, 8, "redis-")
     wait_until(lambda: chunks_done(alice, job_id) >= 1, 180, "the first shard")
     redis_server = stack_env["redis"]
     redis_server.stop()  # SIGTERM: AOF (appendfsync always) keeps every acknowledged write
@@ -58,8 +57,7 @@ def test_redis_restart_mid_job_loses_nothing(alice, workers, fixture_items, stac
 
 
 def test_s3_unreachable_for_20_seconds_mid_job_loses_nothing(alice, workers, fixture_items, stack_env):
-    job_id, expected = start_job(alice, fixture_items, 12, "s3-")
-    workers.start()
+    job_id, expected = start_job(alice, fixture_items, 8, "s3-")
     wait_until(lambda: chunks_done(alice, job_id) >= 1, 180, "the first shard")
     s3 = stack_env["s3"]
     s3.stop()
@@ -72,7 +70,6 @@ def test_s3_unreachable_for_20_seconds_mid_job_loses_nothing(alice, workers, fix
 
 def test_cancel_keeps_finished_shards(alice, workers, fixture_items):
     job_id, _ = start_job(alice, fixture_items, 24, "cancel-")
-    workers.start()
     wait_until(lambda: chunks_done(alice, job_id) >= 1, 180, "the first shard")
     cancelled = alice.post(f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] in ("cancelling", "cancelled")
