@@ -219,13 +219,40 @@ def rows_for(batch_size: int, min_rows: int) -> int:
 
 
 def measure_batch_size(backend: Backend, items: Sequence[PreparedItem], batch_size: int, params: HSCRParams,
-                       similarity: Similarity, device: torch.device) -> dict:
-    """Plain greedy vs HSCR on ``items`` in chunks of ``batch_size``, alternating chunk by chunk."""
+                       similarity: Similarity, device: torch.device, *, repeats: int = 1) -> dict:
+    """Plain greedy vs HSCR on ``items`` in chunks of ``batch_size``, alternating chunk by chunk.
+
+    ``repeats`` passes over the items (which mode goes first alternates between passes); the ratio
+    is of the totals, and ``hscr_over_plain_time_per_pass`` shows how much it moved between passes.
+    """
     counting = CountingBackend(backend)
     plain, hscr = Phase(), Phase()
+    per_pass = []
+    for repeat in range(repeats):
+        plain_before, hscr_before = plain.seconds, hscr.seconds
+        memory_source = _measure_pass(counting, items, batch_size, params, similarity, device, plain, hscr,
+                                      hscr_first=repeat % 2 == 1)
+        per_pass.append((hscr.seconds - hscr_before) / (plain.seconds - plain_before))
+    return {
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "plain": plain.figures(),
+        "hscr": hscr.figures(),
+        "hscr_over_plain_time": hscr.seconds / plain.seconds,
+        "hscr_over_plain_cpu_time": hscr.cpu_seconds / plain.cpu_seconds,
+        "hscr_over_plain_time_per_pass": per_pass,
+        "peak_memory_source": memory_source,
+    }
+
+
+def _measure_pass(counting: CountingBackend, items: Sequence[PreparedItem], batch_size: int, params: HSCRParams,
+                  similarity: Similarity, device: torch.device, plain: Phase, hscr: Phase, *,
+                  hscr_first: bool) -> str:
+    """One pass over ``items``, adding to ``plain`` and ``hscr``; returns how peak memory was read."""
+    order = ((hscr, True), (plain, False)) if hscr_first else ((plain, False), (hscr, True))
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        for phase, is_hscr in ((plain, False), (hscr, True)):
+        for phase, is_hscr in order:
             generated, scored = counting.generated_tokens, counting.scored_tokens
             with PeakMemory(device) as memory:
                 began, began_cpu = time.perf_counter(), time.process_time()
@@ -244,18 +271,11 @@ def measure_batch_size(backend: Backend, items: Sequence[PreparedItem], batch_si
                 phase.levels += [len(r.levels) for r in results]
                 phase.errors += sum(r.error is not None for r in results)
                 phase.shortfall += sum(r.shortfall for r in results)
-    return {
-        "batch_size": batch_size,
-        "plain": plain.figures(),
-        "hscr": hscr.figures(),
-        "hscr_over_plain_time": hscr.seconds / plain.seconds,
-        "hscr_over_plain_cpu_time": hscr.cpu_seconds / plain.cpu_seconds,
-        "peak_memory_source": memory.source,
-    }
+    return memory.source
 
 
 def measure(backend: Backend, items: Sequence[PreparedItem], batch_sizes: Sequence[int], params: HSCRParams,
-            similarity: Similarity, device: torch.device, *, min_rows: int, warmup: bool = True,
+            similarity: Similarity, device: torch.device, *, min_rows: int, warmup: bool = True, repeats: int = 1,
             log=print) -> list[dict]:
     """``measure_batch_size`` for each batch size, after one untimed warm-up pass."""
     if warmup:
@@ -265,7 +285,7 @@ def measure(backend: Backend, items: Sequence[PreparedItem], batch_sizes: Sequen
     out = []
     for batch_size in batch_sizes:
         figures = measure_batch_size(backend, items[:rows_for(batch_size, min_rows)], batch_size, params,
-                                     similarity, device)
+                                     similarity, device, repeats=repeats)
         log(summary_line(backend.name, figures))
         out.append(figures)
     return out

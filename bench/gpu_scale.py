@@ -173,14 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question-words", type=int, default=50)
     parser.add_argument("--backends", nargs="+", choices=["transformers", "vllm"], default=None,
                         help="default: transformers, plus vllm on CUDA (on the CPU vllm runs only when named here)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="passes over the items per batch size (the ratio is of the totals)")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="one untimed plain + HSCR pass first (CUDA kernels, allocator)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--workdir", default=None, help="where the random checkpoint is saved (default: a temp dir)")
     parser.add_argument("--out", default=None, help="write the JSON results here (rewritten after each backend)")
     args = parser.parse_args(argv)
-    if min(args.batch_sizes) < 1 or args.max_new_tokens < 1 or args.question_words < 1:
-        parser.error("batch sizes, --max-new-tokens and --question-words must be positive")
+    if min(args.batch_sizes) < 1 or min(args.max_new_tokens, args.question_words, args.repeats) < 1:
+        parser.error("batch sizes, --max-new-tokens, --question-words and --repeats must be positive")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not args.tiny and device.type != "cuda":
         parser.error("the 7B configuration needs a CUDA GPU; use --tiny on the CPU")
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                                           **_accepted(TransformersBackend, {"ignore_eos": True, "profile": PROFILE}))
             entry: dict = {"init_seconds": time.perf_counter() - began, "backend_batch_size": backend_batch}
             entry["results"] = measure(backend, items, args.batch_sizes, params, similarity, device,
-                                       min_rows=min_rows, warmup=args.warmup)
+                                       min_rows=min_rows, warmup=args.warmup, repeats=args.repeats)
             report["backends"]["transformers"] = entry
             save()
             del backend
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     entry["note"] = note
                 try:
                     entry["results"] = measure(backend, items, args.batch_sizes, params, similarity, device,
-                                               min_rows=min_rows, warmup=args.warmup)
+                                               min_rows=min_rows, warmup=args.warmup, repeats=args.repeats)
                 except Exception as exc:  # keep the transformers figures and say what broke
                     entry["failed"] = f"{type(exc).__name__}: {exc}"
                     print(f"        vllm failed: {entry['failed']}", flush=True)

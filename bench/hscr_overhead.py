@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-rows", type=int, default=32, help="rows timed per batch size (whole batches)")
     parser.add_argument("--params", choices=["default", "paper"], default="default",
                         help="HSCRParams() (the service defaults) or HSCRParams.paper()")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="passes over the items per batch size (the ratio is of the totals)")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="one untimed plain + HSCR pass first")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default=None, help="compare the HSCR/plain ratio with this JSON")
     parser.add_argument("--tolerance", type=float, default=0.5, help="allowed relative rise of the ratio")
     args = parser.parse_args(argv)
-    if min(args.batch_sizes) < 1 or args.min_rows < 1:
-        parser.error("batch sizes and --min-rows must be positive")
+    if min(args.batch_sizes) < 1 or args.min_rows < 1 or args.repeats < 1:
+        parser.error("batch sizes, --min-rows and --repeats must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hscr_overhead: {args.model} on {backend.device}, {torch.get_num_threads()} threads, "
           f"batch sizes {args.batch_sizes}, {args.params} params", flush=True)
     results = measure(backend, items, args.batch_sizes, params, get_similarity(params.similarity), backend.device,
-                      min_rows=args.min_rows, warmup=args.warmup)
+                      min_rows=args.min_rows, warmup=args.warmup,
+                      repeats=args.repeats)
     report = {"benchmark": "hscr_overhead", "env": env_block(backend.device),
               "model": str(args.model), "backend": backend.name, "backend_batch_size": backend.batch_size,
               "params_preset": args.params, "params": params.model_dump(), "results": results}
