@@ -57,6 +57,12 @@ class VLLMBackend(Backend):
         _shim_registry_subprocess()
         self.model_path = str(model_path)
         on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            # A spawned engine-core process would import the CUDA torchvision without the shim, and
+            # in-process start-up is seconds instead of tens: keep the engine in this process.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # Without it the CPU engine reserves 92 % of the machine's memory for its KV cache.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
         self.processor = AutoProcessor.from_pretrained(self.model_path)
         self.tokenizer = self.processor.tokenizer
         self.profile = resolve_profile(profile, self.model_path, self.processor)
