@@ -78,3 +78,17 @@ def test_streams_from_s3(hscr_dataset, s3_endpoint):
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no ranked shards"):
         PreferenceStream(str(tmp_path))
+
+
+def test_precomputed_reference_equals_on_the_fly(hscr_dataset, tmp_path):
+    """--precompute_ref_log_probs changes when the reference is scored, not the loss."""
+    first_losses = []
+    for precompute in (False, True):
+        config = HSCRConfig(output_dir=str(tmp_path / str(precompute)), max_steps=1, per_device_train_batch_size=4,
+                            logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, use_peft=False,
+                            learning_rate=1e-3, precompute_ref_log_probs=precompute, seed=11)
+        trainer = HSCRTrainer(FIXTURE_MODEL, config, str(hscr_dataset))
+        trainer.train()
+        assert (trainer.ref_logps is not None) == precompute
+        first_losses.append(next(h["loss"] for h in trainer.state.log_history if "loss" in h))
+    assert first_losses[0] == pytest.approx(first_losses[1], abs=1e-5)
