@@ -49,10 +49,10 @@ def test_greedy_answers_are_the_same_token_ids(vllm_backend, hf_backend, encoded
 
 def test_scores_match_within_tolerance_full_and_dropped(vllm_backend, hf_backend, heldout_items, encoded):
     prompts, visual = encoded
-    answers = hf_backend.generate([GenerateRequest(p, v, 64) for p, v in list(zip(prompts, visual, strict=True))[:16]])
+    answers = hf_backend.generate([GenerateRequest(p, v, 64) for p, v in zip(prompts[:16], visual[:16], strict=True)])
     requests = []
     # 16 items x (full, removed, zeroed): scores are exercised again, on all items, through run_hscr below.
-    for it, p, v, a in list(zip(heldout_items, prompts, visual, answers, strict=True))[:16]:
+    for it, p, v, a in zip(heldout_items[:16], prompts[:16], visual[:16], answers, strict=True):
         keep = keep_masks(v.shape[0], 0.7, 1, mask_generator(0, it.custom_id))[0]
         requests += [ScoreRequest(p, v, a), ScoreRequest(p, apply_dropout(v, keep, "remove"), a),
                      ScoreRequest(p, apply_dropout(v, keep, "zero"), a)]
