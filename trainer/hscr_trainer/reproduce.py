@@ -99,6 +99,41 @@ def build_random_dataset(hscr: Path, workdir: Path, seed: int) -> Path:
     return out
 
 
+def describe_hscr_data(hscr: Path, items_path: Path) -> dict:
+    """What the HSCR data holds, against the items' ground truth (explains the table)."""
+    from collections import Counter
+
+    from hscr_client import schema
+    from hscr_worker.dataset import read_rows
+
+    from .evaluation import hallucinated_findings
+
+    truth = {}
+    with open(items_path, encoding="utf-8") as f:
+        for line in f:
+            item = json.loads(line)
+            truth[item["custom_id"]] = (item["qtype"], item["attributes"])
+    rows = read_rows(str(hscr), schema.RANKED)
+    own_wrong, replaced, levels, errors, hallucinating = 0, Counter(), Counter(), Counter(), Counter()
+    for row in rows:
+        qtype, attrs = truth[row["custom_id"]]
+        own_wrong += bool(synthetic.count_errors(row["own_answer"], qtype, attrs))
+        slots = synthetic.word_slots(row["corrupted"], qtype) or []
+        for level in row["levels"]:
+            levels[level["level"]] += 1
+            errors[level["level"]] += synthetic.count_errors(level["text"], qtype, attrs) or 0
+            hallucinating[level["level"]] += bool(hallucinated_findings(level["text"], qtype, attrs))
+            for replacement in level["replacements"]:
+                position = replacement["position"]
+                slot = slots[position] if position < len(slots) else None
+                replaced[(slot or "template").rstrip("01")] += 1
+    return {"items_with_levels": len(rows), "own_answer_wrong": round(own_wrong / len(rows), 3),
+            "items_by_level_count": dict(Counter(len(r["levels"]) for r in rows)),
+            "mean_errors_by_level": {k: round(errors[k] / n, 2) for k, n in sorted(levels.items())},
+            "hallucinating_share_by_level": {k: round(hallucinating[k] / n, 2) for k, n in sorted(levels.items())},
+            "replaced_word_kinds": dict(replaced.most_common())}
+
+
 def train_one(dataset: Path, loss_type: str, seed: int, run_dir: Path, hyper: dict,
               ref_cache: Path) -> Path:
     """Train one model; the reference log-probs of ``dataset`` are computed once and reused by every run."""
@@ -188,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     hscr = build_hscr_dataset(args.workdir, args.items, args.data_seed)
     control = build_random_dataset(hscr, args.workdir, args.data_seed)
-    results["data"] = {"hscr": json.loads((hscr / "manifest.json").read_text())["request_counts"]}
+    results["data"] = {"hscr": json.loads((hscr / "manifest.json").read_text())["request_counts"],
+                       **describe_hscr_data(hscr, args.workdir / "items" / "items.jsonl")}
     datasets = {"hscr": hscr, "random": control}
     for seed in args.seeds:
         key = str(seed)
@@ -210,9 +246,21 @@ def main(argv: list[str] | None = None) -> dict:
             save()
             log(f"{method} seed {seed}: exact {runs[key]['exact']} hallucination {runs[key]['hallucination']} "
                 f"({runs[key]['seconds']} s)")
+    results["training"] = final_training_logs(args.workdir / "runs")
     save()
     print(summarize(results))
     return results
+
+
+def final_training_logs(runs: Path) -> dict:
+    """The last logged training metrics of every run (margins, accuracies, chosen reward and log-prob)."""
+    logs = {}
+    for state_path in sorted(runs.glob("*/trainer_state.json")):
+        history = [h for h in json.loads(state_path.read_text())["log_history"] if "loss" in h]
+        if history:
+            logs[state_path.parent.name] = {k: round(v, 4) for k, v in history[-1].items()
+                                            if k.split("/")[0] in ("loss", "margins", "accuracies", "rewards", "logps")}
+    return logs
 
 
 if __name__ == "__main__":
