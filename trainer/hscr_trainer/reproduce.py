@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--gamma", type=float, default=0.1)
+    parser.add_argument("--nll-weight", type=float, default=0.0, help="add the NLL term to every trained method")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args(argv)
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     results_path = args.workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     hyper = {"num_train_epochs": args.epochs, "per_device_train_batch_size": args.batch_size,
-             "learning_rate": args.lr, "gamma": args.gamma, "lr_scheduler_type": "cosine", "warmup_steps": 0.1}
+             "learning_rate": args.lr, "gamma": args.gamma, "nll_weight": args.nll_weight,
+             "lr_scheduler_type": "cosine", "warmup_steps": 0.1}
     results["settings"] = {**vars(args), "workdir": str(args.workdir), "eval_seeds": eval_seeds, **hyper}
 
     def save() -> None:
