@@ -49,11 +49,10 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10, check=True)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -67,7 +66,10 @@ def env_block(device: torch.device) -> dict:
                "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": _git("rev-parse", "HEAD") or None,
+        # tracked files changed since that commit (a shared working tree moves under a benchmark)
+        "git_modified": [line.strip() for line in
+                         (_git("status", "--porcelain", "--untracked-files=no") or "").splitlines()],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": _cpu_model(),

@@ -20,6 +20,7 @@ from __future__ import annotations  # noqa: I001  (the torchvision shim must imp
 
 import argparse
 import gc
+import importlib.util
 import inspect
 import os
 import sys
@@ -104,11 +105,12 @@ def build_processor(config: LlavaConfig) -> LlavaProcessor:
 
 
 def write_random_checkpoint(config: LlavaConfig, processor: LlavaProcessor, directory: Path, *,
-                            device: torch.device, dtype: torch.dtype, seed: int = 0) -> int:
+                            device: torch.device, dtype: torch.dtype, portable: bool, seed: int = 0) -> int:
     """Save a random-weights checkpoint that both backends load like any other; returns its parameter count.
 
-    Built where it runs (seconds for 7B on a GPU), saved in one file and made portable (CLIP keys
-    as vLLM wants them) with the fixture's own ``make_portable``.
+    Built where it runs (seconds for 7B on a GPU) and saved in one file; ``portable`` rewrites it with
+    the fixture's own ``make_portable`` (CLIP keys as vLLM wants them; a second pass over 14 GB, so
+    only when vLLM will load it).
     """
     torch.manual_seed(seed)
     with torch.device(device):
@@ -117,7 +119,8 @@ def write_random_checkpoint(config: LlavaConfig, processor: LlavaProcessor, dire
     model.save_pretrained(directory, max_shard_size="1000GB")
     del model
     processor.save_pretrained(directory)
-    make_portable(directory)
+    if portable:
+        make_portable(directory)
     return n_parameters
 
 
@@ -167,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU in float32 (for CI)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--min-rows", type=int, default=None,
-                        help="rows timed per batch size, in whole batches (default: the largest batch size)")
+    parser.add_argument("--min-rows", type=int, default=8,
+                        help="rows timed per batch size, in whole batches (8: batch 1 times 8 rows, 32 one batch)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--question-words", type=int, default=50)
     parser.add_argument("--backends", nargs="+", choices=["transformers", "vllm"], default=None,
@@ -181,13 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where the random checkpoint is saved (default: a temp dir)")
     parser.add_argument("--out", default=None, help="write the JSON results here (rewritten after each backend)")
     args = parser.parse_args(argv)
-    if min(args.batch_sizes) < 1 or min(args.max_new_tokens, args.question_words, args.repeats) < 1:
-        parser.error("batch sizes, --max-new-tokens, --question-words and --repeats must be positive")
+    if min(args.batch_sizes) < 1 or min(args.max_new_tokens, args.question_words, args.repeats, args.min_rows) < 1:
+        parser.error("batch sizes, --max-new-tokens, --question-words, --repeats and --min-rows must be positive")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not args.tiny and device.type != "cuda":
         parser.error("the 7B configuration needs a CUDA GPU; use --tiny on the CPU")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    min_rows = args.min_rows or max(args.batch_sizes)
+    min_rows = args.min_rows
     backend_batch = max(args.batch_sizes)
     backends = args.backends or (["transformers", "vllm"] if device.type == "cuda" else ["transformers"])
 
@@ -209,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         model_dir = Path(workdir) / "random-llava"
         began = time.perf_counter()
-        report["parameters"] = write_random_checkpoint(config, processor, model_dir, device=device, dtype=dtype)
+        portable = "vllm" in backends and importlib.util.find_spec("vllm") is not None
+        report["parameters"] = write_random_checkpoint(config, processor, model_dir, device=device, dtype=dtype,
+                                                       portable=portable)
         report["checkpoint_seconds"] = time.perf_counter() - began
         print(f"gpu_scale: random {'tiny' if args.tiny else 'LLaVA-1.5-7B'} checkpoint, "
               f"{report['parameters'] / 1e6:,.1f} M params, {dtype}, saved in {report['checkpoint_seconds']:.1f} s; "
