@@ -13,7 +13,7 @@ HSCR / plain and peak GPU memory, per backend: transformers always, vLLM where
 (what CI tests).
 
     python bench/gpu_scale.py --out gpu_scale.json            # on a GPU machine
-    python bench/gpu_scale.py --tiny --batch-sizes 1 2 --out /tmp/gpu_scale.json
+    python bench/gpu_scale.py --tiny --batch-sizes 1 2 --min-rows 1 --out /tmp/gpu_scale.json
 """
 
 from __future__ import annotations  # noqa: I001  (the torchvision shim must import first)
@@ -66,7 +66,8 @@ def model_config(tiny: bool) -> LlavaConfig:
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=56, patch_size=14, projection_dim=32, hidden_act="quick_gelu")
         text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=2, vocab_size=576, max_position_embeddings=512)
+                           num_key_value_heads=2, vocab_size=576, max_position_embeddings=512)  # head_dim 32:
+        # vLLM's CPU attention rejects 16, and --tiny --backends vllm should run
         image_token = 512
     else:
         vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -76,8 +77,7 @@ def model_config(tiny: bool) -> LlavaConfig:
                            num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
                            rms_norm_eps=1e-5)
         image_token = 32000
-    for config in (text,):
-        config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS, EOS, image_token + 1
+    text.bos_token_id, text.eos_token_id, text.pad_token_id = BOS, EOS, image_token + 1
     return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                        vision_feature_layer=-2, vision_feature_select_strategy="default",
                        projector_hidden_act="gelu", bos_token_id=BOS, eos_token_id=EOS, pad_token_id=image_token + 1,
