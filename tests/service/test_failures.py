@@ -32,13 +32,32 @@ def chunks_done(client, job_id: str) -> int:
     return client.get(f"/v1/jobs/{job_id}").json()["chunk_counts"]["done"]
 
 
-def test_sigkill_worker_mid_job_then_another_completes_it(alice, workers, fixture_items):
+def running_chunks(stack_env) -> list:
+    from redis import Redis
+    from rq import Queue
+
+    queue = Queue(stack_env["env"]["HSCR_QUEUE"], connection=Redis.from_url(stack_env["env"]["HSCR_REDIS_URL"]))
+    return [queue.fetch_job(i) for i in queue.started_job_registry.get_job_ids(cleanup=False)]
+
+
+def test_sigkill_worker_mid_job_then_another_completes_it(alice, workers, fixture_items, stack_env):
     job_id, expected = start_job(alice, fixture_items, 12, "kill-")
     victim = workers.ensure()
     wait_until(lambda: chunks_done(alice, job_id) >= 1, 180, "the first shard")
-    stop(victim, signal.SIGKILL)  # whole process group, mid-chunk: no cleanup runs
+    killed = wait_until(lambda: running_chunks(stack_env), 60, "a running chunk")[0]
+    killed_retries = killed.retries_left
+    stop(victim, signal.SIGKILL)  # whole process group (its scheduler too), mid-chunk: no cleanup runs
+    killed_at = time.monotonic()
     assert chunks_done(alice, job_id) < 3
     assert workers.ensure() is not victim
+
+    def requeued():  # RQ took a retry off the abandoned chunk and queued (or ran) it again
+        killed.refresh()
+        return killed.retries_left < killed_retries and killed.get_status() in ("queued", "started", "finished")
+
+    wait_until(requeued, 300, "the killed chunk to be re-queued", interval=0.5)
+    print(f"\nkilled chunk re-queued {time.monotonic() - killed_at:.1f} s after SIGKILL (including the new "
+          "worker's start-up)")
     job = wait_for_job(alice, job_id)
     assert job["status"] == "completed"
     all_ids_exactly_once(alice, job, expected)

@@ -1,10 +1,12 @@
 """The RQ side of the service: a model-holding worker and the job functions it runs.
 
 - :class:`HSCRWorker` is a non-forking ``SimpleWorker`` (a CUDA model cannot cross a fork, and it
-  must load once per process, not per job). It overrides three hooks: ``execute_job`` (adds a
+  must load once per process, not per job). It overrides these hooks: ``execute_job`` (adds a
   heartbeat thread, since SimpleWorker stops heartbeating mid-job), ``get_heartbeat_ttl`` (short, so a
-  SIGKILLed worker's chunk is re-queued within about a minute) and ``kill_horse`` (there is no horse:
-  set a cooperative-stop flag the chunk checks between micro-batches).
+  SIGKILLed worker's chunk expires from the started registry in seconds), ``kill_horse`` (there is no
+  horse: set a cooperative-stop flag the chunk checks between micro-batches), and ``_start_scheduler``
+  / ``run_maintenance_tasks`` (take over the scheduler lock of a dead worker, see
+  :meth:`HSCRWorker.release_dead_scheduler_locks`).
 - :func:`run_chunk` is the unit of work and of retry: it reads ``inputs/<job>/part-<chunk>.jsonl`` and
   writes that chunk's immutable shards with :func:`hscr_worker.dataset.write_chunk`, so a re-run
   overwrites its own files. Its counts are settled in Redis exactly once (``Store.settle_chunk``).
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import click
 from rq import Callback, Queue, Retry, SimpleWorker, get_current_job
 from rq.job import Job as RQJob
+from rq.scheduler import RQScheduler
 from rq.worker import WorkerStatus
 
 log = logging.getLogger("hscr_worker.rq")
@@ -92,8 +95,46 @@ def runtime() -> Runtime:
     return _runtime
 
 
+# Delete a scheduler lock whose holder stopped refreshing it: its TTL has run down below ARGV[1].
+# Atomic, so a holder that refreshes in between keeps its lock.
+_RELEASE_STALE_LOCK = """
+local ttl = redis.call('TTL', KEYS[1])
+if ttl >= 0 and ttl < tonumber(ARGV[1]) then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class HSCRWorker(SimpleWorker):
     heartbeat_interval = 5.0
+    # A live RQ scheduler refreshes its lock every `interval` (1 s); one silent this long is dead.
+    scheduler_stale_after = 10
+
+    def release_dead_scheduler_locks(self) -> None:
+        """Free the scheduler lock of a worker that was killed, so this worker's scheduler takes over now.
+
+        Retries with an interval, including the retry RQ gives a chunk abandoned by a killed worker, wait in
+        the ScheduledJobRegistry until a scheduler enqueues them. Each queue has one scheduler, elected by a
+        lock that RQ sets with a TTL of ``interval + 60`` s and refreshes every ``interval``. A SIGKILLed
+        worker's scheduler dies with it and never releases its lock, so without this the chunk sat for up
+        to a minute after RQ had already re-queued it for retry. RQ handles a takeover: a scheduler that
+        finds its lock taken drops it.
+        """
+        lock_ttl = (self.scheduler.interval if self.scheduler else 1) + 60  # RQScheduler's default interval: 1 s
+        release = self.connection.register_script(_RELEASE_STALE_LOCK)
+        for queue_name in self.queue_names():
+            key = RQScheduler.get_locking_key(queue_name)
+            if release(keys=[key], args=[lock_ttl - self.scheduler_stale_after]):
+                self.log.warning("released the scheduler lock of %s: its holder stopped refreshing it", queue_name)
+
+    def _start_scheduler(self, *args, **kwargs):
+        self.release_dead_scheduler_locks()
+        super()._start_scheduler(*args, **kwargs)
+
+    def run_maintenance_tasks(self):
+        scheduler_down = self.scheduler and (not self.scheduler._process or not self.scheduler._process.is_alive())
+        if self.last_cleaned_at and scheduler_down:
+            self.release_dead_scheduler_locks()  # then RQ's maintenance starts this worker's scheduler
+        super().run_maintenance_tasks()
 
     def execute_job(self, job: RQJob, queue: Queue):
         execution = self.prepare_execution(job)
