@@ -47,13 +47,14 @@ def select_levels(similarities: Sequence[float], j: int, min_gap: float,
             kept.append(i)
         if len(kept) == j:
             return Selection(kept, shortfall=False)
-    if len(order) <= j:
-        return Selection(order, shortfall=len(order) < j)
+    size = min(j, len(order))
+    if size <= 1:
+        return Selection(kept, shortfall=len(kept) < j)
 
     def spread(combo: tuple[int, ...]) -> tuple[float, float]:
         gaps = [similarities[a] - similarities[b] for a, b in itertools.pairwise(combo)]
         return min(gaps), similarities[combo[0]] - similarities[combo[-1]]
 
-    ordered = [c for c in itertools.combinations(order, j)
+    ordered = [c for c in itertools.combinations(order, size)
                if all(consistent(a, b) for a, b in itertools.pairwise(c))]
     return Selection(list(max(ordered, key=spread)) if ordered else kept, shortfall=True)

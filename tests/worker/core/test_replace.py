@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from hscr_worker.core.replace import ForcedDecoder, Replacement, hallucinated_token, level_plans, splice
+
+
+def test_hallucinated_token_prefers_plausible_image_disfavoured_candidates():
+    # vocab: 0 left, 1 right, 2 upper, 3 '.', 4 <pad>
+    full = torch.tensor([6.0, 2.0, 0.0, -4.0, 5.0])
+    dropped = torch.tensor([3.0, 3.0, 2.9, -4.0, 5.0])
+    token, reward = hallucinated_token(full, dropped, original=0, beta=0.9, top_k=10, banned=[4])
+    # 'right' and 'upper' pass plausibility; 'upper' has the lower reward (1.9*0 - 0.9*2.9).
+    assert token == 2
+    assert reward == pytest.approx(1.9 * 0.0 - 0.9 * 2.9, abs=1e-5)
+    # '.' is implausible without the image, so it is never picked even though its reward is lowest.
+    token, _ = hallucinated_token(full, dropped, original=0, beta=0.9, top_k=10, banned=[4, 2])
+    assert token == 1
+
+
+def test_hallucinated_token_full_pool_top_k_and_no_candidate():
+    full = torch.tensor([5.0, 4.0, 1.0])
+    dropped = torch.tensor([5.0, 0.0, 0.0])
+    assert hallucinated_token(full, dropped, 0, beta=0.9, top_k=10, pool="full", plausibility=0.0)[0] == 2
+    assert hallucinated_token(full, dropped, 0, beta=0.9, top_k=2, pool="full", plausibility=0.0)[0] == 1
+    # The dropped distribution is sure of the original: nothing plausible remains.
+    assert hallucinated_token(full, dropped, 0, beta=0.9, top_k=10, pool="dropped", plausibility=0.5) is None
+
+
+def r(position, original, token, shift):
+    return Replacement(position, original, token, reward=-1.0, shift=shift)
+
+
+def test_level_plans_take_top_m_by_shift_in_response_order():
+    reps = [r(5, 50, 51, 3.0), r(1, 10, 11, 2.0), r(3, 30, 31, 1.0)]
+    plans = level_plans(reps)
+    assert [[x.position for x in p] for p in plans] == [[5], [1, 5], [1, 3, 5]]
+
+
+def test_splice_substitutes_in_place():
+    assert splice([1, 2, 3, 4], [r(1, 2, 9, 1.0), r(3, 4, 8, 1.0)]) == [1, 9, 3, 8]
+
+
+def drive(decoder, model_choice):
+    """Greedy decode where ``model_choice(prefix)`` is the model's own next token (None = stop)."""
+    prefix = []
+    while True:
+        greedy = model_choice(prefix)
+        if greedy is None:
+            return prefix
+        forced = decoder.next_token(prefix, greedy)
+        prefix.append(greedy if forced is None else forced)
+
+
+def test_forced_decoder_fires_at_planned_steps_while_aligned():
+    original = [10, 20, 30, 40]
+    plan = [r(1, 20, 21, 2.0), r(3, 40, 41, 1.0)]
+    decoder = ForcedDecoder(original, plan)
+    out = drive(decoder, lambda p: original[len(p)] if len(p) < len(original) else None)
+    assert out == [10, 21, 30, 41]
+    assert [step for step, _ in decoder.fired] == [1, 3] and decoder.unfired == []
+
+
+def test_forced_decoder_follows_a_diverged_continuation_by_token():
+    """After a replacement shifts the continuation by one token, the next replacement fires where
+    the model next wants its original token, not at the stale step."""
+    original = [10, 20, 30, 40]
+    plan = [r(1, 20, 21, 2.0), r(3, 40, 41, 1.0)]
+    continuation = {(10,): 20, (10, 21): 99, (10, 21, 99): 30, (10, 21, 99, 30): 40}
+    decoder = ForcedDecoder(original, plan)
+    out = drive(decoder, lambda p: 10 if not p else continuation.get(tuple(p)))
+    assert out == [10, 21, 99, 30, 41]
+    assert [step for step, _ in decoder.fired] == [1, 4]
+
+
+def test_forced_decoder_never_forces_where_the_model_wants_something_else():
+    """Regression: after 'a' -> 'no' the model says 'no abnormality'; forcing the next planned
+    attribute at its old step produced malformed text."""
+    original = [1, 2, 3]  # "a small mass"
+    plan = [r(0, 1, 7, 2.0), r(1, 2, 8, 1.0)]  # a -> no, small -> large
+    decoder = ForcedDecoder(original, plan)
+    after_no = {(7,): 9, (7, 9): None}  # "no" -> "abnormality" -> end
+    out = drive(decoder, lambda p: 1 if not p else after_no.get(tuple(p)))
+    assert out == [7, 9]
+    assert len(decoder.fired) == 1 and decoder.unfired == [plan[1]]
