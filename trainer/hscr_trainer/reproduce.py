@@ -114,10 +114,14 @@ def describe_hscr_data(hscr: Path, items_path: Path) -> dict:
             item = json.loads(line)
             truth[item["custom_id"]] = (item["qtype"], item["attributes"])
     rows = read_rows(str(hscr), schema.RANKED)
-    own_wrong, replaced, levels, errors, hallucinating = 0, Counter(), Counter(), Counter(), Counter()
+    own_wrong, wording_only = 0, 0
+    replaced, levels, errors, hallucinating = Counter(), Counter(), Counter(), Counter()
     for row in rows:
         qtype, attrs = truth[row["custom_id"]]
-        own_wrong += bool(synthetic.count_errors(row["own_answer"], qtype, attrs))
+        own_errors = synthetic.count_errors(row["own_answer"], qtype, attrs)
+        own_wrong += bool(own_errors)
+        # The preferred answer is the ground truth, whose free wording (shows/reveals, region/zone) is random.
+        wording_only += own_errors == 0 and row["own_answer"].split() != row["chosen"].split()
         slots = synthetic.word_slots(row["corrupted"], qtype) or []
         for level in row["levels"]:
             levels[level["level"]] += 1
@@ -128,6 +132,7 @@ def describe_hscr_data(hscr: Path, items_path: Path) -> dict:
                 slot = slots[position] if position < len(slots) else None
                 replaced[(slot or "template").rstrip("01")] += 1
     return {"items_with_levels": len(rows), "own_answer_wrong": round(own_wrong / len(rows), 3),
+            "own_answer_right_but_worded_unlike_chosen": round(wording_only / len(rows), 3),
             "items_by_level_count": dict(Counter(len(r["levels"]) for r in rows)),
             "mean_errors_by_level": {k: round(errors[k] / n, 2) for k, n in sorted(levels.items())},
             "hallucinating_share_by_level": {k: round(hallucinating[k] / n, 2) for k, n in sorted(levels.items())},
@@ -160,27 +165,32 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def metric(run: dict, name: str) -> float:
+    if name == "hallucination_wellformed":  # malformed answers assert nothing: do not let them lower the rate
+        return run["hallucination"] / (1 - run["malformed"]) if run["malformed"] < 1 else 0.0
+    return run[name]
+
+
 def summarize(results: dict) -> str:
-    """Markdown table: mean +- std over seeds, and the paired difference to base."""
+    """Markdown table: mean +- std over seeds (in %), and the paired difference to base."""
     seeds = sorted(results["runs"]["base"])
-    header = ("| method | exact | hallucination | malformed | exact - base | hallucination - base |\n"
-              "|---|---|---|---|---|---|")
-    lines = [header]
+    lines = ["| method | exact | hallucination | hallucination among well-formed | malformed | exact - base "
+             "| hallucination - base |", "|---|---|---|---|---|---|---|"]
     for method in ["base", *METHODS]:
         runs = results["runs"].get(method, {})
         done = [s for s in seeds if s in runs]
         if not done:
-            lines.append(f"| {method} | (not run) | | | | |")
+            lines.append(f"| {method} | (not run) | | | | | |")
             continue
         cells = []
-        for metric in METRICS:
-            m, s = mean_std([100 * runs[x][metric] for x in done])
+        for name in (*METRICS[:2], "hallucination_wellformed", METRICS[2]):
+            m, s = mean_std([100 * metric(runs[x], name) for x in done])
             cells.append(f"{m:.1f} ± {s:.1f}")
-        for metric in ("exact", "hallucination"):
+        for name in ("exact", "hallucination"):
             if method == "base":
                 cells.append("")
                 continue
-            m, s = mean_std([100 * (runs[x][metric] - results["runs"]["base"][x][metric]) for x in done])
+            m, s = mean_std([100 * (runs[x][name] - results["runs"]["base"][x][name]) for x in done])
             cells.append(f"{m:+.1f} ± {s:.1f}")
         seeds_note = "" if len(done) == len(seeds) else f" ({len(done)}/{len(seeds)} seeds)"
         lines.append(f"| {method}{seeds_note} | " + " | ".join(cells) + " |")
