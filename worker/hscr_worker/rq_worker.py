@@ -22,6 +22,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 
 import click
@@ -135,6 +136,18 @@ class HSCRWorker(SimpleWorker):
         if self.last_cleaned_at and scheduler_down:
             self.release_dead_scheduler_locks()  # then RQ's maintenance starts this worker's scheduler
         super().run_maintenance_tasks()
+        self.expire_due_jobs()
+
+    def expire_due_jobs(self) -> None:
+        """End jobs whose completion window has passed and that no chunk is running (the API also does this
+        when such a job is read)."""
+        from hscr_service.core.jobs import expire_due_jobs
+
+        try:
+            rt = runtime()
+            expire_due_jobs(store=rt.store, queue=Queue(rt.queue, connection=rt.store.redis), model=rt.model_info)
+        except Exception as exc:  # Redis or storage unreachable: the next maintenance tries again
+            log.warning("expiry sweep failed: %s", exc)
 
     def execute_job(self, job: RQJob, queue: Queue):
         execution = self.prepare_execution(job)
@@ -187,8 +200,14 @@ def _read_chunk_input(record, chunk: int) -> list[dict]:
     return [json.loads(line) for line in data.splitlines() if line.strip()]
 
 
-def _cancelled(store, tenant: str, job_id: str) -> bool:
-    return runtime().stop.is_set() or store.status(tenant, job_id) in ("cancelling", "cancelled")
+def _stop_reason(store, record) -> str | None:
+    """Why this chunk must stop: ``skipped`` (cancel, or an operator's stop), ``expired`` (the job's completion
+    window ended), or None."""
+    if runtime().stop.is_set() or store.status(record.tenant, record.id) in ("cancelling", "cancelled"):
+        return "skipped"
+    if record.expires_at is not None and time.time() >= record.expires_at:
+        return "expired"
+    return None
 
 
 def run_chunk(tenant: str, job_id: str, chunk: int) -> dict:
@@ -210,8 +229,8 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict:
     rt = runtime()
     if record.model != rt.model_name:
         raise RuntimeError(f"job wants model {record.model!r}; this worker serves {rt.model_name!r}")
-    if _cancelled(store, tenant, job_id):
-        return _skip(record, chunk)
+    if reason := _stop_reason(store, record):
+        return _skip(record, chunk, reason)
     rows = _read_chunk_input(record, chunk)
     pre_errors = [{"custom_id": r["custom_id"], "error": r["error"]} for r in rows if "error" in r]
     prepared, errors = prepare_all([r for r in rows if "error" not in r], base_dir=None)
@@ -222,24 +241,27 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict:
     similarity = rt.similarity(params.similarity)
     results = []
     for start in range(0, len(prepared), rt.micro_batch):
-        if _cancelled(store, tenant, job_id):
-            return _skip(record, chunk)
+        if reason := _stop_reason(store, record):
+            return _skip(record, chunk, reason)
         results += run_hscr(rt.backend, prepared[start:start + rt.micro_batch], params, similarity)
     try:
         sidecar = write_chunk(open_location(record.dataset_uri), chunk, results,
                               pre_errors + [e.as_dict() for e in errors])
     except OSError as exc:
         raise TransientError(f"cannot write the shards: {exc}") from exc
+    store.set_model_info(tenant, job_id, rt.model_info)
     store.settle_chunk(tenant, job_id, chunk, completed=sidecar["completed"], failed=sidecar["failed"])
     _maybe_finalize(record)
     return {"outcome": "written", "completed": sidecar["completed"], "failed": sidecar["failed"]}
 
 
-def _skip(record, chunk: int) -> dict:
-    if not runtime().stop.is_set() or _store().status(record.tenant, record.id) in ("cancelling", "cancelled"):
-        _store().settle_chunk(record.tenant, record.id, chunk, completed=0, failed=0, outcome="skipped")
+def _skip(record, chunk: int, reason: str) -> dict:
+    """Settle a chunk that stopped for a cancel or an expiry (no shard); an operator's stop is a failure."""
+    if reason == "expired" or not runtime().stop.is_set() or \
+            _store().status(record.tenant, record.id) in ("cancelling", "cancelled"):
+        _store().settle_chunk(record.tenant, record.id, chunk, completed=0, failed=0, outcome=reason)
         _maybe_finalize(record)
-        return {"outcome": "skipped (cancelled)"}
+        return {"outcome": "skipped (cancelled)" if reason == "skipped" else "skipped (expired)"}
     raise RuntimeError("stopped by an operator's stop command")
 
 
@@ -268,7 +290,12 @@ def finalize_job(tenant: str, job_id: str) -> dict:
     if record is None or store.status(tenant, job_id) in ("completed", "cancelled", "failed", "expired"):
         return {"outcome": "nothing to do"}
     store.set_status(tenant, job_id, "finalizing", allowed_from=("in_progress",))
-    final = "cancelled" if store.status(tenant, job_id) == "cancelling" else "completed"
+    if store.status(tenant, job_id) == "cancelling":
+        final = "cancelled"
+    elif any(c.get("outcome") == "expired" for c in store.chunk_outcomes(tenant, job_id).values()):
+        final = "expired"  # some chunks never ran: the completion window ended first
+    else:
+        final = "completed"
     try:
         manifest = finalize(open_location(record.dataset_uri), params=record.params, model=runtime().model_info,
                             extra={"job_id": job_id, "metadata": record.metadata or {}})

@@ -31,9 +31,10 @@ _HEALTHY_STREAM_SECONDS = 30.0
 def _create_options(*, input_file_id: str | NotGiven, items: Iterable[ItemInput | Mapping[str, Any]] | NotGiven,
                     model: str | NotGiven, params: HSCRParams | Mapping[str, Any] | NotGiven,
                     metadata: Mapping[str, str] | NotGiven, idempotency_key: str | NotGiven,
-                    timeout: Timeout | NotGiven) -> RequestOptions:
+                    timeout: Timeout | NotGiven, completion_window: str | NotGiven = NOT_GIVEN) -> RequestOptions:
     body: dict[str, Any] = strip_not_given({"input_file_id": input_file_id, "model": model,
-                                            "metadata": dict(metadata) if given(metadata) else NOT_GIVEN})
+                                            "metadata": dict(metadata) if given(metadata) else NOT_GIVEN,
+                                            "completion_window": completion_window})
     if given(items):
         body["items"] = [item.model_dump(mode="json", exclude_none=True) if isinstance(item, ItemInput)
                          else dict(item) for item in items]  # type: ignore[union-attr]
@@ -86,14 +87,17 @@ class Jobs(SyncAPIResource):
         metadata: Mapping[str, str] | NotGiven = NOT_GIVEN,
         idempotency_key: str | NotGiven = NOT_GIVEN,
         timeout: Timeout | NotGiven = NOT_GIVEN,
+        completion_window: str | NotGiven = NOT_GIVEN,
     ) -> Job:
         """Create a job from an uploaded items file or inline items (exactly one of the two).
 
         ``idempotency_key`` [default: a fresh uuid per call] makes retries safe: the service answers
-        a repeated key with the job it already made.
+        a repeated key with the job it already made. ``completion_window`` (e.g. ``"24h"``) is how long
+        the job may run before it ends ``expired`` [default: the service's].
         """
         options = _create_options(input_file_id=input_file_id, items=items, model=model, params=params,
-                                  metadata=metadata, idempotency_key=idempotency_key, timeout=timeout)
+                                  metadata=metadata, idempotency_key=idempotency_key, timeout=timeout,
+                                  completion_window=completion_window)
         return self._client._request(Job, options)
 
     def retrieve(self, job_id: str, *, timeout: Timeout | NotGiven = NOT_GIVEN) -> Job:
@@ -182,9 +186,11 @@ class AsyncJobs(AsyncAPIResource):
         metadata: Mapping[str, str] | NotGiven = NOT_GIVEN,
         idempotency_key: str | NotGiven = NOT_GIVEN,
         timeout: Timeout | NotGiven = NOT_GIVEN,
+        completion_window: str | NotGiven = NOT_GIVEN,
     ) -> Job:
         options = _create_options(input_file_id=input_file_id, items=items, model=model, params=params,
-                                  metadata=metadata, idempotency_key=idempotency_key, timeout=timeout)
+                                  metadata=metadata, idempotency_key=idempotency_key, timeout=timeout,
+                                  completion_window=completion_window)
         return await self._client._request(Job, options)
 
     async def retrieve(self, job_id: str, *, timeout: Timeout | NotGiven = NOT_GIVEN) -> Job:

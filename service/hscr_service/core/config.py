@@ -8,6 +8,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from hscr_client._models import COMPLETION_WINDOW_PATTERN
+
 
 class Settings(BaseSettings):
     """Every knob of the API. Workers read ``HSCR_REDIS_URL`` and ``HSCR_QUEUE`` too."""
@@ -34,6 +36,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [2, 5, 10, 20, 40, 60],
         description="Seconds between a chunk's retries (comma-separated; the last repeats).")
     chunk_timeout: int = Field(1800, ge=10, description="Seconds one chunk may run before RQ kills it.")
+    completion_window: str = Field("24h", pattern=COMPLETION_WINDOW_PATTERN,
+                                   description="Default time a job has to finish (<number><s|m|h|d>); a job "
+                                               "still running then ends 'expired'.")
 
     max_items_per_job: int = Field(10_000, ge=1)
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)

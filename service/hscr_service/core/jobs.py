@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -17,6 +18,9 @@ import uuid
 from rq import Callback, Queue, Retry
 
 from hscr_client import Job, JobCreate
+from hscr_client._models import completion_window_seconds
+from hscr_client.manifest import finalize
+from hscr_client.storage import open_location
 
 from .config import Settings
 from .errors import Conflict, InvalidInput, NotFound, ServiceError, TooLarge
@@ -25,6 +29,8 @@ from .store import JobRecord, Store
 
 CHUNK_FUNCTION = "hscr_worker.rq_worker.run_chunk"
 CHUNK_FAILURE_CALLBACK = "hscr_worker.rq_worker.on_chunk_failure"
+
+log = logging.getLogger(__name__)
 
 
 def chunk_file(chunk: int) -> str:
@@ -158,10 +164,13 @@ def _create(job_id: str, *, tenant: str, request: JobCreate, store: Store, stora
     rows = normalize(raw, tenant=tenant, store=store, settings=settings)
     size = settings.chunk_size
     n_chunks = math.ceil(len(rows) / size)
+    created_at = int(time.time())
+    window = completion_window_seconds(request.completion_window or settings.completion_window)
     record = JobRecord(id=job_id, tenant=tenant, model=model, params=request.params.model_dump(),
-                       created_at=int(time.time()), total=len(rows), n_chunks=n_chunks, chunk_size=size,
+                       created_at=created_at, total=len(rows), n_chunks=n_chunks, chunk_size=size,
                        input_uri=storage.input_uri(job_id), dataset_uri=storage.dataset_uri(job_id),
-                       input_file_id=request.input_file_id, metadata=request.metadata)
+                       input_file_id=request.input_file_id, metadata=request.metadata,
+                       expires_at=created_at + window)
     for chunk in range(n_chunks):
         part = rows[chunk * size:(chunk + 1) * size]
         storage.write(f"{record.input_uri}/{chunk_file(chunk)}", "".join(json.dumps(r) + "\n" for r in part).encode())
@@ -181,21 +190,84 @@ def enqueue_chunks(record: JobRecord, *, queue: Queue, settings: Settings) -> No
     queue.enqueue_many(jobs)
 
 
-def cancel_job(*, tenant: str, job_id: str, store: Store) -> Job:
-    """Ask workers to stop: queued chunks are skipped, running ones stop between micro-batches.
+def running_chunks(queue: Queue, job_id: str) -> list[str]:
+    """RQ ids of the job's chunks a live worker is running (a killed worker's entry has expired: not running)."""
+    registry = queue.started_job_registry
+    live = registry.connection.zrangebyscore(registry.key, time.time(), "+inf")  # score: heartbeat expiry
+    return [i for i in map(registry.parse_job_id, live) if i.startswith(f"{job_id}-chunk-")]
 
-    Finished shards stay; the last chunk to settle finalizes the dataset and the job ends ``cancelled``.
+
+def end_now(record: JobRecord, final: str, *, store: Store, queue: Queue, model: dict | None = None) -> bool:
+    """End a job no chunk is running: its unrun chunks settle empty, the manifest lists what exists.
+
+    ``final`` is ``cancelled`` (from ``cancelling``) or ``expired`` (from ``in_progress``). Returns True when
+    the job ended; False when a chunk is running (the worker that settles the last chunk finalizes) or storage
+    failed (a later cancel or expiry sweep tries again). A queued chunk that a worker picks up later finds
+    itself settled and does nothing; one dequeued while this runs sees the status first and skips.
+    """
+    if running_chunks(queue, record.id):
+        return False
+    outcome = "skipped" if final == "cancelled" else "expired"
+    settled = store.chunk_outcomes(record.tenant, record.id)
+    for chunk in range(record.n_chunks):
+        if chunk not in settled:
+            store.settle_chunk(record.tenant, record.id, chunk, completed=0, failed=0, outcome=outcome)
+    model = model or store.model_info(record.tenant, record.id) or {"name": record.model}
+    try:
+        finalize(open_location(record.dataset_uri), params=record.params, model=model,
+                 extra={"job_id": record.id, "metadata": record.metadata or {}})
+    except OSError as exc:
+        log.warning("cannot write the manifest of %s yet: %s", record.id, exc)
+        return False
+    allowed = ("cancelling",) if final == "cancelled" else ("validating", "in_progress")
+    return store.set_status(record.tenant, record.id, final, allowed_from=allowed)
+
+
+def cancel_job(*, tenant: str, job_id: str, store: Store, queue: Queue) -> Job:
+    """Stop the job. Queued chunks are skipped, running ones stop between micro-batches; finished shards stay.
+
+    With no chunk running the job ends ``cancelled`` at once (manifest of what exists); otherwise it is
+    ``cancelling`` until the worker of the last chunk finalizes. Cancelling again retries ending it.
     """
     job = store.get_job(tenant, job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
-    if job.status in ("cancelling", "cancelled"):
+    if job.status == "cancelled":
         return job
-    if not store.set_status(tenant, job_id, "cancelling", allowed_from=("validating", "in_progress")):
+    if job.status != "cancelling" and not store.set_status(tenant, job_id, "cancelling",
+                                                           allowed_from=("validating", "in_progress")):
         current = store.get_job(tenant, job_id)
         raise Conflict(f"job {job_id} is {current.status if current else 'gone'}; only validating or in_progress "
                        "jobs can be cancelled")
+    end_now(store.get_record(tenant, job_id), "cancelled", store=store, queue=queue)
     return store.get_job(tenant, job_id)
 
 
-__all__ = ["ServiceError", "cancel_job", "chunk_file", "create_job", "normalize", "parse_items_file", "rq_job_id"]
+def expire_if_due(job: Job, *, tenant: str, store: Store, queue: Queue, model: dict | None = None) -> Job:
+    """A job past its completion window ends ``expired`` (finished shards kept) unless it is finishing.
+
+    With a chunk running, the worker skips the job's remaining work and the last chunk finalizes it as
+    ``expired``; this ends it here when nothing runs (no worker, or its chunks wait behind other jobs).
+    """
+    if job.status not in ("validating", "in_progress") or job.expires_at is None or time.time() < job.expires_at:
+        return job
+    record = store.get_record(tenant, job.id)
+    if record is not None and end_now(record, "expired", store=store, queue=queue, model=model):
+        return store.get_job(tenant, job.id) or job
+    return job
+
+
+def expire_due_jobs(*, store: Store, queue: Queue, model: dict | None = None) -> int:
+    """The expiry sweep (workers run it with their registry maintenance). Returns how many jobs ended."""
+    ended = 0
+    for tenant, job_id in store.due_jobs():
+        job = store.get_job(tenant, job_id)
+        if job is None or job.is_terminal:
+            store.redis.zrem(store.deadlines_key, json.dumps([tenant, job_id]))
+            continue
+        ended += expire_if_due(job, tenant=tenant, store=store, queue=queue, model=model).status == "expired"
+    return ended
+
+
+__all__ = ["ServiceError", "cancel_job", "chunk_file", "create_job", "end_now", "expire_due_jobs", "expire_if_due",
+           "normalize", "parse_items_file", "rq_job_id", "running_chunks"]

@@ -3,13 +3,14 @@
 Keys (every one under its tenant, so another tenant's id simply finds nothing)::
 
     hscr:t:<tenant>:job:<id>          hash: doc (immutable JSON), status, <status>_at, completed, failed,
-                                      chunks_done, errors
+                                      chunks_done, errors, model (what the worker that ran it reported)
     hscr:t:<tenant>:job:<id>:chunks   hash: chunk -> its counts; a chunk settles once (HSETNX)
     hscr:t:<tenant>:job:<id>:events   stream of Event JSON (the SSE feed)
     hscr:t:<tenant>:jobs              zset: job ids by creation time (listing, pagination)
     hscr:t:<tenant>:file:<id>         hash: a FileObject plus its storage URI
     hscr:t:<tenant>:files             zset: file ids by creation time
     hscr:t:<tenant>:idem:<sha256>     the job an Idempotency-Key created (24 h)
+    hscr:deadlines                    zset: [tenant, job id] of unfinished jobs by expires_at (the expiry sweep)
 
 Methods that write take an optional ``pipeline``, as rq's do, so callers can batch writes atomically.
 No HTTP and no torch here.
@@ -82,6 +83,7 @@ class JobRecord:
     input_file_id: str | None = None
     metadata: dict | None = None
     extra: dict = field(default_factory=dict)
+    expires_at: int | None = None  # the end of the completion window
 
 
 @dataclass
@@ -128,6 +130,10 @@ class Store:
     def idempotency_key(self, tenant: str, key_digest: str) -> str:
         return f"{self.prefix}:t:{tenant}:idem:{key_digest}"
 
+    @property
+    def deadlines_key(self) -> str:
+        return f"{self.prefix}:deadlines"
+
     # --- files ---
     def add_file(self, record: FileRecord) -> None:
         with self.redis.pipeline() as pipe:
@@ -153,7 +159,22 @@ class Store:
             pipe.hset(key, mapping={"doc": json.dumps(asdict(record)), "status": status, f"{status}_at": now,
                                     "completed": 0, "failed": 0, "chunks_done": 0})
             pipe.zadd(self.jobs_index(record.tenant), {record.id: time.time()})
+            if record.expires_at is not None:
+                pipe.zadd(self.deadlines_key, {json.dumps([record.tenant, record.id]): record.expires_at})
             pipe.execute()
+
+    def due_jobs(self, now: float | None = None) -> list[tuple[str, str]]:
+        """(tenant, job id) of unfinished jobs whose completion window has ended."""
+        members = self.redis.zrangebyscore(self.deadlines_key, 0, time.time() if now is None else now)
+        return [tuple(json.loads(m)) for m in members]
+
+    def set_model_info(self, tenant: str, job_id: str, info: dict) -> None:
+        """The model a worker ran the job with (first one wins), for a manifest the API writes."""
+        self.redis.hsetnx(self.job_key(tenant, job_id), "model", json.dumps(info))
+
+    def model_info(self, tenant: str, job_id: str) -> dict | None:
+        raw = self.redis.hget(self.job_key(tenant, job_id), "model")
+        return json.loads(raw) if raw else None
 
     def get_record(self, tenant: str, job_id: str) -> JobRecord | None:
         doc = self.redis.hget(self.job_key(tenant, job_id), "doc")
@@ -174,7 +195,8 @@ class Store:
                                          failed=int(fields.get("failed", 0))),
             chunk_counts=ChunkCounts(total=record["n_chunks"], done=int(fields.get("chunks_done", 0))),
             errors=json.loads(fields["errors"]) if fields.get("errors") else None,
-            dataset_uri=record["dataset_uri"], created_at=record["created_at"], **stamps,
+            dataset_uri=record["dataset_uri"], created_at=record["created_at"], expires_at=record.get("expires_at"),
+            **stamps,
         )
 
     def list_jobs(self, tenant: str, *, limit: int, after: str | None) -> JobList:
@@ -204,6 +226,8 @@ class Store:
         moved = self._set_status(keys=[key], args=[status, int(time.time()), *allowed_from]) == 1
         if moved and errors:
             self.redis.hset(key, "errors", json.dumps(errors))
+        if moved and is_terminal(status):
+            self.redis.zrem(self.deadlines_key, json.dumps([tenant, job_id]))
         if moved:
             self.publish(tenant, job_id, "job.status")
         return moved

@@ -37,25 +37,28 @@ def create_job(tenant: TenantDep, store: StoreDep, storage: StorageDep, queue: Q
 
 
 @router.get("", response_model=JobList)
-def list_jobs(tenant: TenantDep, store: StoreDep,
+def list_jobs(tenant: TenantDep, store: StoreDep, queue: QueueDep,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               after: Annotated[str | None, Query(max_length=128, description="Last id of the previous page.")] = None):
     """The tenant's jobs, newest first."""
-    return store.list_jobs(tenant, limit=limit, after=after)
+    page = store.list_jobs(tenant, limit=limit, after=after)
+    page.data = [jobs.expire_if_due(job, tenant=tenant, store=store, queue=queue) for job in page.data]
+    return page
 
 
 @router.get("/{job_id}", response_model=Job)
-def get_job(tenant: TenantDep, store: StoreDep, job_id: str):
+def get_job(tenant: TenantDep, store: StoreDep, queue: QueueDep, job_id: str):
     job = store.get_job(tenant, job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
-    return job
+    return jobs.expire_if_due(job, tenant=tenant, store=store, queue=queue)
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses={409: {"description": "The job already ended."}})
-def cancel_job(tenant: TenantDep, store: StoreDep, job_id: str):
-    """Stop the job: finished shards are kept and finalized; the job ends ``cancelled``."""
-    return jobs.cancel_job(tenant=tenant, job_id=job_id, store=store)
+def cancel_job(tenant: TenantDep, store: StoreDep, queue: QueueDep, job_id: str):
+    """Stop the job; finished shards are kept and finalized. It ends ``cancelled`` at once when no chunk is
+    running, else it is ``cancelling`` until the running chunks stop."""
+    return jobs.cancel_job(tenant=tenant, job_id=job_id, store=store, queue=queue)
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse,

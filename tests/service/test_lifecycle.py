@@ -1,0 +1,63 @@
+"""Cancel and expiry: a job with no chunk running ends at once; one past its completion window ends `expired`.
+Either way the finished shards stay and the manifest lists what exists."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import inline_items, wait_for_job
+from test_failures import all_ids_exactly_once
+
+
+def test_cancel_with_no_chunk_running_ends_cancelled_at_once(idle_alice, fixture_items):
+    created = idle_alice.post("/v1/jobs", json={"items": inline_items(fixture_items, 6, prefix="idle-cancel-")})
+    assert created.status_code == 201 and created.json()["status"] == "in_progress"
+    job_id = created.json()["id"]
+    cancelled = idle_alice.post(f"/v1/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    job = cancelled.json()
+    assert job["status"] == "cancelled" and job["cancelling_at"] and job["cancelled_at"]
+    assert job["chunk_counts"] == {"total": 2, "done": 2} and job["request_counts"]["completed"] == 0
+    info = idle_alice.get(f"/v1/jobs/{job_id}/dataset").json()
+    assert info["complete"] and info["shards"] == [] and info["manifest"]["request_counts"]["completed"] == 0
+    assert idle_alice.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+
+
+def test_job_past_its_completion_window_expires_without_a_worker(idle_alice, fixture_items):
+    for window in ("0s", "24x", "h", "1234567h"):
+        response = idle_alice.post("/v1/jobs", json={"items": inline_items(fixture_items, 1),
+                                                     "completion_window": window})
+        assert response.status_code == 422 and "completion_window" in response.text, (window, response.text)
+    default = idle_alice.post("/v1/jobs", json={"items": inline_items(fixture_items, 1, prefix="idle-default-")})
+    assert default.json()["expires_at"] == default.json()["created_at"] + 24 * 3600
+    idle_alice.post(f"/v1/jobs/{default.json()['id']}/cancel")
+
+    created = idle_alice.post("/v1/jobs", json={"items": inline_items(fixture_items, 3, prefix="idle-expire-"),
+                                                "completion_window": "1s"})
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["expires_at"] == job["created_at"] + 1
+    time.sleep(max(0.0, job["expires_at"] - time.time()) + 1.0)  # created_at is whole seconds
+    job = idle_alice.get(f"/v1/jobs/{job['id']}").json()
+    assert job["status"] == "expired" and job["expired_at"] >= job["expires_at"]
+    info = idle_alice.get(f"/v1/jobs/{job['id']}/dataset").json()
+    assert info["complete"] and info["manifest"]["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    listed = {j["id"]: j["status"] for j in idle_alice.get("/v1/jobs", params={"limit": 100}).json()["data"]}
+    assert listed[job["id"]] == "expired"
+    assert idle_alice.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+
+
+def test_expiry_mid_job_keeps_finished_shards(alice, workers, fixture_items):
+    """A window shorter than the job: the worker stops between micro-batches, the last chunk finalizes."""
+    items = inline_items(fixture_items, 40, prefix="expire-")
+    created = alice.post("/v1/jobs", json={"items": items, "completion_window": "12s",
+                                           "params": {"n_masks": 1, "max_new_tokens": 12}})
+    assert created.status_code == 201, created.text
+    job = wait_for_job(alice, created.json()["id"])
+    assert job["status"] == "expired" and job["expired_at"]
+    counts = job["request_counts"]
+    assert counts["completed"] + counts["failed"] < counts["total"] == 40
+    info = alice.get(f"/v1/jobs/{job['id']}/dataset").json()
+    assert info["complete"] and info["manifest"]["request_counts"]["completed"] == counts["completed"]
+    assert len(info["shards"]) == 2 * len(info["manifest"]["configs"]["ranked"]["shards"])  # pairs + ranked
+    all_ids_exactly_once(alice, job, {i["custom_id"] for i in items}, complete=False)
