@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     hscr = build_hscr_dataset(args.workdir, args.items, args.data_seed)
     control = build_random_dataset(hscr, args.workdir, args.data_seed)
-    results["data"] = {"hscr": json.loads((hscr / "manifest.json").read_text())["request_counts"],
+    manifest = json.loads((hscr / "manifest.json").read_text())
+    results["data"] = {"hscr": manifest["request_counts"], "hscr_parameters": manifest["parameters"],
                        **describe_hscr_data(hscr, args.workdir / "items" / "items.jsonl")}
     datasets = {"hscr": hscr, "random": control}
     for seed in args.seeds:
