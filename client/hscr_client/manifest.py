@@ -35,7 +35,8 @@ def finalize(location: Location, *, params: dict, model: dict, extra: dict | Non
     sidecars.sort(key=lambda s: s["chunk"])
     errors = b"".join(location.read_bytes(p) for p in location.list("_errors"))
     location.write_bytes(schema.ERRORS, errors)
-    shards = {config: [s["shards"][config] for s in sidecars] for config in schema.CONFIGS}
+    # A chunk whose items all failed writes no shard (an empty Parquet file breaks datasets' loader).
+    shards = {config: [s["shards"][config] for s in sidecars if config in s["shards"]] for config in schema.CONFIGS}
     manifest = {
         "format": "hscr-dataset/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

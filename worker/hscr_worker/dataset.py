@@ -69,8 +69,12 @@ def write_chunk(location: Location, chunk: int, results: Sequence[ItemResult], e
     sidecar: dict = {"chunk": chunk, "items": len(results) + len(errors), "completed": len(ranked),
                      "failed": len(failed), "shards": {}}
     for config, rows in ((schema.PAIRS, pairs), (schema.RANKED, ranked)):
-        data = parquet_bytes(rows, config)
         path = f"{config}/{name}.parquet"
+        if not rows:  # an empty Parquet file breaks datasets' loader: write none (and drop a stale one)
+            if location.exists(path):
+                location.delete(path)
+            continue
+        data = parquet_bytes(rows, config)
         location.write_bytes(path, data)
         sidecar["shards"][config] = {"path": path, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest(),
                                      "bytes": len(data)}

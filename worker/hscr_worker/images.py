@@ -91,8 +91,11 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image rejected as a decompression bomb: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageError("not a readable image: the file format is not recognised (PNG, JPEG or DICOM "
+                         "expected)") from exc
     except Exception as exc:  # Pillow raises many types for corrupt data
-        raise ImageError(f"not a readable image (PNG, JPEG or DICOM expected): {exc}") from exc
+        raise ImageError(f"not a readable image (corrupt or truncated data): {exc}") from exc
     return image
 
 

@@ -38,7 +38,7 @@ def dataset_info(*, tenant: str, job_id: str, store: Store, storage: Storage, ex
     else:
         sidecars = [json.loads(location.read_bytes(p)) for p in location.list(f"{prefix}/_chunks")]
         entries = [(config, s["shards"][config]) for s in sorted(sidecars, key=lambda s: s["chunk"])
-                   for config in schema.CONFIGS]
+                   for config in schema.CONFIGS if config in s["shards"]]
     shards = [ShardInfo(config=config, chunk=_chunk_of(s["path"]), path=s["path"], rows=s["rows"],
                         sha256=s["sha256"], bytes=s["bytes"]) for config, s in entries]
     extras = [schema.MANIFEST, schema.CARD, schema.ERRORS] if manifest else []
