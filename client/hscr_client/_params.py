@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+
 class HSCRParams(BaseModel):
     """Parameters of hierarchical self-contrastive rewarding (Jiang et al., ACL 2025)."""
 
@@ -18,7 +19,8 @@ class HSCRParams(BaseModel):
     dropout_ratio: float = Field(
         0.95, gt=0.0, le=1.0,
         description="Fraction of visual tokens dropped. Default 0.95: measured best on the fixture, whose "
-                    "64-token images still show their modality in any 30 percent of tokens. Paper: 0.7 (ablated 0.3-0.9).")
+                    "64-token images still show their modality in any 30 percent of tokens. "
+                    "Paper: 0.7 (ablated 0.3-0.9).")
     dropout_mode: Literal["remove", "zero"] = Field(
         "remove",
         description="[choice] 'remove' deletes the dropped visual tokens (measured stronger on the fixture), "

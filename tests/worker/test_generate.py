@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from datasets import load_dataset
-from hscr_client import HSCRParams, schema
+from PIL import Image
 
+from hscr_client import HSCRParams, schema
 from hscr_worker.fixture.dicom import write_dicom
 from hscr_worker.fixture.items import write_items
 from hscr_worker.generate import generate_dataset

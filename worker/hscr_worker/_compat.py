@@ -25,7 +25,7 @@ def ensure_torchvision_importable() -> None:
         return
     except RuntimeError:
         pass
-    library = torch.library.Library("torchvision", "DEF")  # noqa: TOR  (kept alive below)
+    library = torch.library.Library("torchvision", "DEF")  # kept alive below: dropping it unregisters the schemas
     library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     library.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
     globals()["_library"] = library

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+
 from hscr_client import HSCRParams
 
 
@@ -58,7 +59,8 @@ def generate(model, input_path, output, backend, device, profile, batch_size, pa
     click.echo(f"dataset: {output}")
     click.echo(f"items: {counts['total']} total, {counts['completed']} completed, {counts['failed']} failed "
                f"(errors.jsonl)")
-    click.echo(f"pairs: {manifest['configs']['pairs']['rows']} rows; ranked: {manifest['configs']['ranked']['rows']} rows")
+    configs = manifest["configs"]
+    click.echo(f"pairs: {configs['pairs']['rows']} rows; ranked: {configs['ranked']['rows']} rows")
 
 
 @click.group()
