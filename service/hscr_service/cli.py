@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +35,8 @@ def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-                                "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL)
+                                "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL,
+                               start_new_session=True)
     import redis
 
     client = redis.Redis(port=port)
@@ -81,6 +83,9 @@ def serve(host, port, data_dir, redis_url, storage_uri, model, backend, chunk_si
 
     data_dir = data_dir.absolute()
     processes: list[subprocess.Popen] = []
+    # SIGTERM must unwind through the `finally` below, which stops the children. uvicorn handles SIGTERM
+    # while it runs and re-raises it once shut down; the default action would kill this process on the spot.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         if redis_url is None:
             redis_process, redis_url = start_redis(data_dir / "redis")
@@ -92,7 +97,9 @@ def serve(host, port, data_dir, redis_url, storage_uri, model, backend, chunk_si
                       "--redis-url", redis_url, "--backend", backend]
         if model:
             worker_cmd += ["--model", model]
-        processes.append(subprocess.Popen(worker_cmd, env={**os.environ, "HSCR_STORAGE_URI": storage_uri}))
+        # Own process groups: a Ctrl-C reaches only `serve`, which stops each child (and its children) in turn.
+        processes.append(subprocess.Popen(worker_cmd, env={**os.environ, "HSCR_STORAGE_URI": storage_uri},
+                                          start_new_session=True))
         settings = Settings(redis_url=redis_url, storage_uri=storage_uri, api_keys=[f"{tenant}:{hash_key(key)}"],
                             chunk_size=chunk_size)
         click.echo(f"hscr serve: API on http://{host}:{port} (docs at /docs), storage {storage_uri}")
@@ -100,13 +107,20 @@ def serve(host, port, data_dir, redis_url, storage_uri, model, backend, chunk_si
             click.echo(f"API key (tenant {tenant!r}) is in {key_file}: export HSCR_API_KEY=$(cat {key_file})")
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_children(processes)
+
+
+def stop_children(processes: list[subprocess.Popen], timeout: float = 30) -> None:
+    """Stop the children one by one, last started first: the worker before Redis, since its shutdown still
+    writes to Redis (and would wait out its reconnect backoff). SIGTERM lets the worker finish or stop its
+    chunk and its RQ scheduler; a child still running after ``timeout`` loses its whole process group."""
+    for process in reversed(processes):
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def commands() -> list[click.Command]:
