@@ -8,15 +8,19 @@ started when no ``--redis-url`` / ``HSCR_REDIS_URL`` is given.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import click
+
+from hscr_client._models import completion_window_seconds
 
 from .core.security import hash_key, new_key
 
@@ -123,5 +127,30 @@ def stop_children(processes: list[subprocess.Popen], timeout: float = 30) -> Non
             process.wait()
 
 
+def parse_duration(value: str) -> timedelta:
+    """'90s', '30m', '24h', '7d' -> timedelta."""
+    if not re.fullmatch(r"[0-9]+[smhd]", value):
+        raise click.BadParameter(f"{value!r} is not a duration like 90s, 30m, 24h or 7d")
+    return timedelta(seconds=completion_window_seconds(value))
+
+
+@click.group("maintenance")
+def maintenance():
+    """Storage housekeeping (workers also run it periodically)."""
+
+
+@maintenance.command("abort-uploads")
+@click.option("--storage-uri", envvar="HSCR_STORAGE_URI", required=True, help="The service's storage root.")
+@click.option("--older-than", default="24h", show_default=True, help="Only uploads started this long ago.")
+def abort_uploads(storage_uri: str, older_than: str):
+    """Abort incomplete S3 multipart uploads under STORAGE_URI/datasets/ (left by killed writers)."""
+    from .core.storage import abort_stale_uploads
+
+    aborted = abort_stale_uploads(storage_uri, older_than=parse_duration(older_than))
+    for key in aborted:
+        click.echo(f"aborted {key}")
+    click.echo(f"{len(aborted)} incomplete upload(s) aborted")
+
+
 def commands() -> list[click.Command]:
-    return [serve]
+    return [serve, maintenance]

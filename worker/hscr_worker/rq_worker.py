@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import click
 from rq import Callback, Queue, Retry, SimpleWorker, get_current_job
@@ -107,6 +108,9 @@ return 0
 
 class HSCRWorker(SimpleWorker):
     heartbeat_interval = 5.0
+    storage_uri: str | None = None  # the storage root, for the upload sweep (None: no sweep)
+    abort_uploads_after: timedelta | None = timedelta(hours=24)
+    uploads_sweep_every = 3600  # seconds; one worker of all sweeps (a Redis key with this TTL)
     # A live RQ scheduler refreshes its lock every `interval` (1 s); one silent this long is dead.
     scheduler_stale_after = 10
 
@@ -137,6 +141,7 @@ class HSCRWorker(SimpleWorker):
             self.release_dead_scheduler_locks()  # then RQ's maintenance starts this worker's scheduler
         super().run_maintenance_tasks()
         self.expire_due_jobs()
+        self.abort_stale_uploads()
 
     def expire_due_jobs(self) -> None:
         """End jobs whose completion window has passed and that no chunk is running (the API also does this
@@ -172,6 +177,22 @@ class HSCRWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: RQJob, working_time: float = 0.0) -> int:
         # Short: an abandoned chunk (worker killed) expires from the started registry in seconds.
         return int(self.heartbeat_interval * 4)
+
+    def abort_stale_uploads(self) -> None:
+        """Hourly, in one worker: abort multipart uploads that killed writers left under datasets/."""
+        if not self.storage_uri or self.abort_uploads_after is None:
+            return
+        from hscr_service.core.storage import abort_stale_uploads
+
+        try:
+            if not self.connection.set("hscr:maintenance:abort-uploads", self.name, nx=True,
+                                       ex=self.uploads_sweep_every):
+                return  # another worker swept within the hour
+            aborted = abort_stale_uploads(self.storage_uri, older_than=self.abort_uploads_after)
+            if aborted:
+                log.warning("aborted %d incomplete upload(s) under datasets/", len(aborted))
+        except Exception as exc:  # storage unreachable: the next sweep tries again
+            log.warning("upload sweep failed: %s", exc)
 
     def kill_horse(self, sig: signal.Signals = signal.SIGKILL):
         runtime().stop.set()
@@ -358,18 +379,26 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
 @click.option("--maintenance-interval", default=15, show_default=True,
               help="Seconds between registry clean-ups (re-queues chunks of dead workers).")
 @click.option("--heartbeat-interval", default=5.0, show_default=True)
+@click.option("--storage-uri", envvar="HSCR_STORAGE_URI", default=None,
+              help="The service's storage root: enables the hourly abort of stale multipart uploads.")
+@click.option("--abort-uploads-after", default="24h", show_default=True,
+              help="Age (90s, 30m, 24h, 7d) at which an incomplete upload under datasets/ is aborted.")
 @click.option("--burst", is_flag=True, help="Quit when the queue is empty.")
 def worker(redis_url, queue, model, model_name, backend, device, micro_batch, with_scheduler, worker_ttl,
-           maintenance_interval, heartbeat_interval, burst):
+           maintenance_interval, heartbeat_interval, storage_uri, abort_uploads_after, burst):
     """Run one HSCR worker (one per GPU: set CUDA_VISIBLE_DEVICES). Loads the model once."""
+    from hscr_service.cli import parse_duration
     from hscr_service.core.store import connect
 
     from .generate import DEFAULT_MODEL
 
+    upload_age = parse_duration(abort_uploads_after)  # a bad value fails before the model loads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     load_runtime(model=model or DEFAULT_MODEL, model_name=model_name, backend=backend, device=device,
                  micro_batch=micro_batch, redis_url=redis_url, queue=queue)
     HSCRWorker.heartbeat_interval = heartbeat_interval
+    HSCRWorker.storage_uri = storage_uri
+    HSCRWorker.abort_uploads_after = upload_age
     while not _shutdown.is_set():
         connection = connect(redis_url)
         rq_worker = HSCRWorker([queue], connection=connection, worker_ttl=worker_ttl,
