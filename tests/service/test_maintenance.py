@@ -19,9 +19,16 @@ def test_abort_uploads_left_by_killed_writers(stack_env):
     client = s3_client()
     root = stack_env["env"]["HSCR_STORAGE_URI"]
     prefix = urlparse(root).path.strip("/")
+    try:  # `weed mini` creates S3_BUCKET on its own schedule; the other tests' writes create it too
+        client.create_bucket(Bucket=BUCKET)
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
     try:
         client.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix)
     except ClientError as exc:
+        if exc.response["Error"]["Code"] not in ("NotImplemented", "501"):
+            raise
         pytest.skip(f"this S3 server does not list multipart uploads: {exc}")
 
     def start_upload(key: str) -> str:
