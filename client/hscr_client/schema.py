@@ -14,7 +14,7 @@ and TRL trains on ``pairs`` with no conversion code. Needs the ``data`` extra (p
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 PAIRS = "pairs"
 RANKED = "ranked"
@@ -24,7 +24,7 @@ CARD = "README.md"
 ERRORS = "errors.jsonl"
 
 
-@lru_cache(maxsize=None)
+@cache
 def features(config: str):
     """The ``datasets.Features`` of ``config`` (``pairs`` or ``ranked``)."""
     from datasets import Features, Image, List, Value
