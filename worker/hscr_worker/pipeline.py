@@ -9,7 +9,9 @@
 5. shift per position -> the top-n modality-coupled positions (``core.coupling``);
 6. one hallucinated token per coupled position, lowest contrastive reward (``core.replace``);
 7. level m replaces the m highest-shift positions: re-decode under the full image with the
-   replacements forced (or splice them in place);
+   replacements forced (or splice them in place). A re-decode starts at its level's first
+   replaced position, not at the start of the response: up to there it would only reproduce the
+   response (see ``reproduced_prefix``), so that part goes in the prompt as ``response_prefix``;
 8. rerank candidates by similarity to the preferred answer; keep j levels with the gap
    (``core.rerank``).
 
@@ -67,9 +69,23 @@ class ItemResult:
     error: str | None = None
 
 
+def reproduced_prefix(full: torch.Tensor, response: Sequence[int]) -> int:
+    """How many leading tokens of ``response`` greedy decoding under the full image reproduces.
+
+    ``full`` holds the teacher-forced full-image logits of ``response``: row t is what the decoder
+    sees after ``response[:t]``, so greedy decoding follows the response while its argmax agrees.
+    """
+    agrees = full.argmax(-1) == torch.tensor(list(response), dtype=torch.long)
+    return len(response) if bool(agrees.all()) else int((~agrees).int().argmax())
+
+
 def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams,
-             similarity: Similarity) -> list[ItemResult]:
-    """Run HSCR on ``items``; each result carries its levels or an ``error`` for that item alone."""
+             similarity: Similarity, *, prefix_redecode: bool = True) -> list[ItemResult]:
+    """Run HSCR on ``items``; each result carries its levels or an ``error`` for that item alone.
+
+    ``prefix_redecode=False`` re-decodes every level from the start of the response: the same
+    results at a higher cost (kept to check and measure exactly that).
+    """
     if not items:
         return []
     visual = backend.encode_images([it.image for it in items])
@@ -127,10 +143,22 @@ def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams
     # Step 7: every level of every item in one batched decode (or spliced in place).
     jobs = [(i, plan) for i, plans in enumerate(plans_by_item) for plan in plans]
     if params.replace_mode == "redecode":
-        decoders = [ForcedDecoder(corrupted[i], plan) for i, plan in jobs]
-        texts_ids = backend.generate([
-            GenerateRequest(prompts[i], visual[i], params.max_new_tokens, forced=d)
-            for (i, _), d in zip(jobs, decoders)])
+        # The own answer is the greedy decode itself; a preferred answer is followed only as long
+        # as the model's greedy choice agrees with it (beyond that the re-decode goes its own way).
+        teacher_forced = {i for i, it in enumerate(items) if params.corrupt == "preferred" and it.preferred}
+        followed = {i: reproduced_prefix(full_logits[i], corrupted[i]) if i in teacher_forced else len(corrupted[i])
+                    for i, _ in jobs}
+        decoders, requests = [], []
+        for i, plan in jobs:
+            # plan[0] is the first replacement in response order; the decoder fires it at the first
+            # decoded step, where the model must still want the original token (checked there).
+            # (A preferred answer may outrun the budget: keep at least one step to decode.)
+            start = min(plan[0].position, followed[i], params.max_new_tokens - 1) if prefix_redecode else 0
+            prefix = list(corrupted[i][:start])
+            decoders.append(ForcedDecoder(corrupted[i], plan, response_prefix=prefix))
+            requests.append(GenerateRequest(prompts[i], visual[i], params.max_new_tokens - start,
+                                            forced=decoders[-1], response_prefix=prefix))
+        texts_ids = backend.generate(requests)
         fired = [[(step, r) for step, r in d.fired] for d in decoders]
     else:
         texts_ids = [splice(corrupted[i], plan) for i, plan in jobs]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -19,10 +19,20 @@ from hscr_worker.core.replace import ForcedDecoder
 
 @dataclass
 class GenerateRequest:
+    """One greedy decode. With ``response_prefix`` the response is taken to start with those tokens:
+    they are fed after the prompt (no decode step), decoding continues from there for up to
+    ``max_new_tokens`` more, and the result includes the prefix. A ``forced`` decoder must carry
+    the same ``response_prefix`` (it counts steps from the start of the response)."""
+
     prompt_ids: list[int]  # holds exactly one image placeholder token
     visual: torch.Tensor  # [n_visual, hidden]: the placeholder expands to these rows
     max_new_tokens: int
     forced: ForcedDecoder | None = None
+    response_prefix: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.forced is not None and list(self.forced.response_prefix) != list(self.response_prefix):
+            raise ValueError("the forced decoder's response_prefix differs from the request's")
 
 
 @dataclass
@@ -50,7 +60,8 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
-        """Greedy responses (without the end-of-sequence token), batched."""
+        """Greedy responses (without the end-of-sequence token, each starting with its request's
+        ``response_prefix``), batched."""
 
     @abstractmethod
     def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:

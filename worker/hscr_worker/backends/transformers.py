@@ -95,7 +95,7 @@ class TransformersBackend(Backend):
         return out
 
     def _generate_batch(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
-        embeds = [self._embeds(r.prompt_ids, r.visual) for r in requests]
+        embeds = [self._embeds([*r.prompt_ids, *r.response_prefix], r.visual) for r in requests]
         length = max(e.shape[0] for e in embeds)
         hidden = embeds[0].shape[1]
         batch = torch.zeros(len(embeds), length, hidden, device=self.device, dtype=embeds[0].dtype)
@@ -116,7 +116,7 @@ class TransformersBackend(Backend):
             ids = generated[row].tolist()
             if self.eos_token_id in ids:
                 ids = ids[: ids.index(self.eos_token_id)]
-            responses.append(ids[: r.max_new_tokens])
+            responses.append([*r.response_prefix, *ids[: r.max_new_tokens]])
         return responses
 
     @torch.inference_mode()

@@ -162,7 +162,9 @@ class VLLMBackend(Backend):
                 parse_force_args(sampling)  # the hook's own admission check, before anything is submitted
             except ValueError as exc:
                 raise ValueError(f"request {k}: {exc}") from None
-            prompts.append(self._prompt(r.prompt_ids, r.visual))
+            # A response prefix goes in the prompt: the prefix cache serves the prompt, image and
+            # prefix KV that an earlier request (the own answer, another level) already computed.
+            prompts.append(self._prompt([*r.prompt_ids, *r.response_prefix], r.visual))
             params.append(sampling)
         outputs = self._run(prompts, params)
         responses = []
@@ -173,7 +175,7 @@ class VLLMBackend(Backend):
                 _replay(r, ids, completion.logprobs)
             if self.eos_token_id in ids:
                 ids = ids[: ids.index(self.eos_token_id)]
-            responses.append(ids[: r.max_new_tokens])
+            responses.append([*r.response_prefix, *ids[: r.max_new_tokens]])
         return responses
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:

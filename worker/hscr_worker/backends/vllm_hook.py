@@ -4,9 +4,13 @@ A re-decode request carries its instructions in ``SamplingParams.extra_args`` (`
 over HTTP)::
 
     {"hscr_force": {"original": [17, 9, 23, ...],                # the response being corrupted
-                    "plan": [[position, original, token, reward, shift], ...]}}
+                    "plan": [[position, original, token, reward, shift], ...],
+                    "prefix": [17, 9]}}                          # optional, see below
 
-``plan`` lists the replacements in response order (strictly increasing positions). At each
+``plan`` lists the replacements in response order (strictly increasing positions). ``prefix``
+(default empty) holds the response tokens that the request's prompt already ends with: the
+re-decode starts after them, and steps and positions still count from the start of the response,
+so every plan position must be at or after ``len(prefix)``. At each
 decoding step the hook asks the request's ``ForcedDecoder`` (``core.replace``, the same decision
 function the transformers backend calls) for the token to force given the tokens generated so
 far and the model's own greedy choice; a forced step gets all logits -inf except the forced token.
@@ -70,6 +74,7 @@ def force_args(decoder: ForcedDecoder) -> dict[str, Any]:
     return {FORCE_KEY: {
         "original": [int(t) for t in decoder.original],
         "plan": [[r.position, r.original, r.token, float(r.reward), float(r.shift)] for r in decoder.plan],
+        "prefix": [int(t) for t in decoder.response_prefix],
     }}
 
 
@@ -92,13 +97,16 @@ def parse_force_args(params: SamplingParams) -> ForcedDecoder | None:
     missing = {"original", "plan"} - spec.keys()
     if missing:
         raise ValueError(f"{where} is missing {sorted(missing)}")
-    unknown = spec.keys() - {"original", "plan"}
+    unknown = spec.keys() - {"original", "plan", "prefix"}
     if unknown:
-        raise ValueError(f"{where} has unknown keys {sorted(unknown)}; expected 'original' and 'plan'")
-    original, plan = spec["original"], spec["plan"]
+        raise ValueError(f"{where} has unknown keys {sorted(unknown)}; expected 'original', 'plan' and "
+                         "optionally 'prefix'")
+    original, plan, prefix = spec["original"], spec["plan"], spec.get("prefix", [])
     if not isinstance(original, (list, tuple)) or not original or not all(
             _is_int(t) and t >= 0 for t in original):
         raise ValueError(f"{where}['original'] must be a non-empty list of token ids (integers >= 0)")
+    if not isinstance(prefix, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in prefix):
+        raise ValueError(f"{where}['prefix'] must be a list of token ids (integers >= 0)")
     if not isinstance(plan, (list, tuple)) or not plan:
         raise ValueError(f"{where}['plan'] must be a non-empty list of [position, original, token, reward, shift]")
     replacements: list[Replacement] = []
@@ -119,14 +127,19 @@ def parse_force_args(params: SamplingParams) -> ForcedDecoder | None:
                              f"but 'original' has {original[position]} there")
         if token == token_original:
             raise ValueError(f"{where}['plan'][{k}] replaces token {token} by itself")
-        if params.max_tokens is not None and position >= params.max_tokens:
-            raise ValueError(f"{where}['plan'][{k}] forces step {position}, beyond max_tokens ({params.max_tokens})")
+        if position < len(prefix):
+            raise ValueError(f"{where}['plan'][{k}] position {position} lies inside the prefix "
+                             f"({len(prefix)} tokens): it can never be decoded")
+        if params.max_tokens is not None and position - len(prefix) >= params.max_tokens:
+            after = f" after the {len(prefix)}-token prefix" if prefix else ""
+            raise ValueError(f"{where}['plan'][{k}] forces step {position}, beyond max_tokens ({params.max_tokens})"
+                             f"{after}")
         replacements.append(Replacement(position, token_original, token, float(entry[3]), float(entry[4])))
     if params.temperature != 0.0:
         raise ValueError(f"{where} needs greedy decoding (temperature=0), got temperature={params.temperature}")
     if params.n != 1:
         raise ValueError(f"{where} needs n=1, got n={params.n}")
-    return ForcedDecoder(list(original), replacements)
+    return ForcedDecoder(list(original), replacements, response_prefix=list(prefix))
 
 
 def _validate(params: SamplingParams) -> None:

@@ -79,10 +79,15 @@ class ForcedDecoder:
     planned step; once the re-decode diverges (a replacement changed what follows), it is the next
     step where the model wants that token. A replacement that never finds its token is left out and
     counted as unfired.
+
+    ``response_prefix``: response tokens the re-decode starts from (they sit in the prompt, so
+    they are never decoded). ``next_token`` is then given only the tokens generated after them;
+    steps, alignment and ``fired`` still count from the start of the response.
     """
 
     original: Sequence[int]
     plan: Sequence[Replacement]
+    response_prefix: Sequence[int] = ()
     fired: list[tuple[int, Replacement]] = field(default_factory=list)  # (step, replacement)
     aligned: bool = True
     _seen: int = 0
@@ -96,10 +101,13 @@ class ForcedDecoder:
         self._seen = len(prefix)
 
     def next_token(self, prefix: Sequence[int], greedy: int) -> int | None:
-        """The token to force at step ``len(prefix)``, or None to keep the model's choice.
+        """The token to force at the next step, or None to keep the model's choice.
 
-        ``prefix``: the tokens generated so far; ``greedy``: the model's own choice for this step.
+        ``prefix``: the tokens generated so far (after ``response_prefix``); ``greedy``: the model's
+        own choice for this step.
         """
+        if self.response_prefix:
+            prefix = [*self.response_prefix, *prefix]
         self._ingest(prefix)
         if len(self.fired) == len(self.plan):
             return None

@@ -1,0 +1,166 @@
+"""Prefix re-decode: a level re-decodes from its first replaced position, with the same results.
+
+Up to a level's first planned replacement a re-decode only reproduces the response, so
+``run_hscr`` puts that part in the prompt (``GenerateRequest.response_prefix``) and the decoder
+counts steps from the start of the response (``ForcedDecoder.response_prefix``). These tests pin
+that both backends honour the prefix and that ``run_hscr`` gives exactly the results of a full
+re-decode (``prefix_redecode=False``), field by field, floats included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hscr_client import HSCRParams
+from hscr_worker.backends.base import GenerateRequest
+from hscr_worker.core.replace import ForcedDecoder, Replacement
+from hscr_worker.pipeline import reproduced_prefix, run_hscr
+from hscr_worker.similarity import get_similarity
+
+N_ITEMS = 16  # held-out items per comparison: enough levels (asserted) at a few seconds per run
+
+
+def _drive(decoder: ForcedDecoder, model, start: list[int], steps: int) -> list[int]:
+    """Greedy decode after ``start`` with ``model(prefix) -> token`` and the decoder's forcing."""
+    generated: list[int] = []
+    for _ in range(steps):
+        greedy = model([*start, *generated])
+        forced = decoder.next_token(generated, greedy)
+        generated.append(greedy if forced is None else forced)
+    return generated
+
+
+def test_decoder_with_a_response_prefix_fires_at_full_response_steps():
+    original = [10, 20, 30, 40, 50]
+    plan = [Replacement(2, 30, 31, -1.0, 2.0), Replacement(4, 50, 51, -0.5, 1.0)]
+
+    def model(prefix):
+        return original[len(prefix)] if len(prefix) < len(original) else 0
+
+    full = ForcedDecoder(original, plan)
+    from_start = _drive(full, model, [], 5)
+    resumed = ForcedDecoder(original, plan, response_prefix=original[:2])
+    continued = _drive(resumed, model, original[:2], 3)
+    assert from_start == original[:2] + continued == [10, 20, 31, 40, 51]
+    assert resumed.fired == full.fired and [step for step, _ in resumed.fired] == [2, 4]
+
+
+def test_decoder_does_not_fire_where_the_model_leaves_the_response_after_the_prefix():
+    original = [10, 20, 30]
+    plan = [Replacement(2, 30, 31, -1.0, 2.0)]
+    decoder = ForcedDecoder(original, plan, response_prefix=original[:2])
+    assert decoder.next_token([], 99) is None  # the model wants 99, not the original 30: no forcing
+    assert decoder.next_token([99], 30) == 31  # diverged: fires where the model next wants 30
+    assert decoder.fired == [(3, plan[0])] and not decoder.aligned  # step 3 of the response, not 1
+
+
+def test_request_and_decoder_must_agree_on_the_prefix():
+    decoder = ForcedDecoder([1, 2, 3], [Replacement(2, 3, 4, 0.0, 0.0)], response_prefix=[1, 2])
+    with pytest.raises(ValueError, match="response_prefix"):
+        GenerateRequest([0], torch.zeros(1, 1), 4, forced=decoder, response_prefix=[1])
+    GenerateRequest([0], torch.zeros(1, 1), 4, forced=decoder, response_prefix=[1, 2])
+
+
+def test_reproduced_prefix_stops_at_the_first_token_greedy_would_not_choose():
+    response = [2, 0, 1]
+    logits = torch.tensor([[0.0, 0.0, 5.0], [5.0, 0.0, 0.0], [0.0, 0.0, 5.0]])  # argmax 2, 0, 2
+    assert reproduced_prefix(logits, response) == 2
+    assert reproduced_prefix(logits[:2], response[:2]) == 2
+    assert reproduced_prefix(logits, [1, 0, 2]) == 0
+
+
+def _own_answers(backend, items, max_new_tokens=64):
+    prompts = [backend.prompt_ids(it.question) for it in items]
+    visual = backend.encode_images([it.image for it in items])
+    answers = backend.generate([GenerateRequest(p, v, max_new_tokens) for p, v in zip(prompts, visual, strict=True)])
+    return prompts, visual, answers
+
+
+def _continues_the_greedy_answer(backend, items):
+    """Greedy from prompt + answer[:k] gives the answer back (prefix included), for several k."""
+    prompts, visual, answers = _own_answers(backend, items)
+    requests, expected = [], []
+    for p, v, a in zip(prompts, visual, answers, strict=True):
+        for k in (1, len(a) // 2, len(a) - 1):
+            requests.append(GenerateRequest(p, v, 64 - k, response_prefix=a[:k]))
+            expected.append(a)
+    assert backend.generate(requests) == expected
+
+
+def _results(result) -> tuple:
+    levels = [(lv.level, lv.text, lv.n_replacements, lv.unfired, lv.similarity, lv.replacements)
+              for lv in result.levels]
+    return (result.own_answer, result.corrupted, result.coupled, levels, result.n_candidates, result.shortfall,
+            result.error)
+
+
+def _same_as_full_redecode(backend, items, params):
+    similarity = get_similarity(params.similarity)
+    prefix = run_hscr(backend, items, params, similarity)
+    full = run_hscr(backend, items, params, similarity, prefix_redecode=False)
+    differ = [a.custom_id for a, b in zip(prefix, full, strict=True) if _results(a) != _results(b)]
+    assert not differ, f"prefix re-decode changed the results of {len(differ)} items: {differ[:5]}"
+    assert sum(len(r.levels) for r in prefix) >= 10  # the comparison covers real levels
+
+
+# preferred: the teacher-forced response is followed only as far as greedy agrees (reproduced_prefix)
+SETTINGS = {"shipped": HSCRParams(), "preferred": HSCRParams(corrupt="preferred")}
+
+
+def test_transformers_continues_a_response_prefix(hf_backend, heldout_items):
+    _continues_the_greedy_answer(hf_backend, heldout_items[:4])
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_transformers_prefix_redecode_gives_the_full_redecode_results(hf_backend, heldout_items, setting):
+    _same_as_full_redecode(hf_backend, heldout_items[:N_ITEMS], SETTINGS[setting])
+
+
+def test_preferred_answer_prefix_stops_where_greedy_leaves_it(hf_backend, heldout_items):
+    """A teacher-forced preferred answer is only followed while greedy agrees with it."""
+    from hscr_worker.backends.base import ScoreRequest
+
+    prompts, visual, answers = _own_answers(hf_backend, heldout_items[:4])
+    for p, v, a in zip(prompts, visual, answers, strict=True):
+        other = [*a[:2], next(t for t in range(62) if t != a[2] and t not in hf_backend.special_token_ids), *a[3:]]
+        full = hf_backend.score([ScoreRequest(p, v, other)])[0]
+        assert reproduced_prefix(full, other) == 2
+        assert reproduced_prefix(hf_backend.score([ScoreRequest(p, v, a)])[0], a) == len(a)
+
+
+@pytest.mark.vllm
+def test_vllm_continues_a_response_prefix(vllm_backend, heldout_items):
+    _continues_the_greedy_answer(vllm_backend, heldout_items[:4])
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_vllm_prefix_redecode_gives_the_full_redecode_results(vllm_backend, heldout_items, setting):
+    _same_as_full_redecode(vllm_backend, heldout_items[:N_ITEMS], SETTINGS[setting])
+
+
+@pytest.mark.vllm
+def test_hook_contract_carries_the_prefix():
+    hook = pytest.importorskip("hscr_worker.backends.vllm_hook")
+    from vllm import SamplingParams
+
+    original, plan = [1, 2, 3, 4, 5, 6], [Replacement(3, 4, 9, -1.0, 2.0)]
+    spec = hook.force_args(ForcedDecoder(original, plan, response_prefix=original[:3]))[hook.FORCE_KEY]
+
+    def params(s, max_tokens=8):
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args={hook.FORCE_KEY: s})
+
+    decoder = hook.parse_force_args(params(spec))
+    assert list(decoder.response_prefix) == original[:3] and list(decoder.plan) == plan
+    assert decoder.next_token([], 4) == 9 and decoder.fired == [(3, plan[0])]
+    assert hook.parse_force_args(params({**spec, "prefix": []})).response_prefix == []  # optional, default empty
+    for bad, message in [({**spec, "prefix": "1 2 3"}, "'prefix'\\] must be a list"),
+                         ({**spec, "prefix": [1, -2]}, "'prefix'\\] must be a list"),
+                         ({**spec, "prefix": original[:4]}, "inside the prefix")]:
+        with pytest.raises(ValueError, match=message):
+            hook.HSCRForcing.validate_params(params(bad))
+    # max_tokens counts decoded steps, after the prefix: step 3 is the first one here.
+    hook.HSCRForcing.validate_params(params(spec, max_tokens=1))
+    with pytest.raises(ValueError, match="beyond max_tokens \\(1\\) after the 3-token prefix"):
+        hook.HSCRForcing.validate_params(params({**spec, "plan": [[4, 5, 9, 0.0, 0.0]]}, max_tokens=1))
