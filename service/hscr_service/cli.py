@@ -78,7 +78,9 @@ def api_key_for(data_dir: Path) -> tuple[str, Path | None]:
 @click.option("--model", default=None, help="Model directory for the worker [default: the bundled fixture model].")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--chunk-size", default=16, show_default=True)
-def serve(host, port, data_dir, redis_url, storage_uri, model, backend, chunk_size):
+@click.option("--torch-threads", type=click.IntRange(min=1), default=None,
+              help="The worker's CPU threads for torch (see `hscr worker --help`).")
+def serve(host, port, data_dir, redis_url, storage_uri, model, backend, chunk_size, torch_threads):
     """Run the API, one worker and (if needed) Redis locally, with the fixture model."""
     import uvicorn
 
@@ -101,6 +103,8 @@ def serve(host, port, data_dir, redis_url, storage_uri, model, backend, chunk_si
                       "--redis-url", redis_url, "--backend", backend]
         if model:
             worker_cmd += ["--model", model]
+        if torch_threads:
+            worker_cmd += ["--torch-threads", str(torch_threads)]
         # Own process groups: a Ctrl-C reaches only `serve`, which stops each child (and its children) in turn.
         processes.append(subprocess.Popen(worker_cmd, env={**os.environ, "HSCR_STORAGE_URI": storage_uri},
                                           start_new_session=True))

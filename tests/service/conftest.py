@@ -22,6 +22,23 @@ from hscr_service.core.security import hash_key
 S3_KEY, S3_SECRET, BUCKET = "hscr-test-key", "hscr-test-secret", "hscr-test"
 KEYS = {"alice": "key-alice-" + uuid.uuid4().hex, "bob": "key-bob-" + uuid.uuid4().hex}
 CHUNK_SIZE = 4
+# Cheap HSCR settings for test jobs (the worker runs torch on one thread: see Workers.start).
+FAST_PARAMS = {"n_masks": 1, "max_new_tokens": 12}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need no worker run first, while the session's worker starts (torch and the model load in
+    ~10-20 s); the schemathesis fuzz runs last, so the jobs it makes never queue ahead of a test's."""
+    def group(item) -> int:
+        if item.path.name == "test_zz_fuzz.py":
+            return 2
+        return 1 if "workers" in item.fixturenames else 0
+
+    items.sort(key=group)  # stable: file and definition order within a group
+    config.stash[WANTS_WORKER] = any(group(item) == 1 for item in items)
+
+
+WANTS_WORKER = pytest.StashKey[bool]()
 
 
 def free_port() -> int:
@@ -116,7 +133,9 @@ def stack_env(tmp_path_factory):
         "HSCR_REDIS_URL": redis_server.url, "HSCR_STORAGE_URI": f"s3://{BUCKET}/run-{uuid.uuid4().hex[:8]}",
         "HSCR_S3_ENDPOINT": s3.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
         "AWS_REGION": "us-east-1", "HSCR_API_KEYS": ",".join(f"{t}:{hash_key(k)}" for t, k in KEYS.items()),
-        "HSCR_CHUNK_SIZE": str(CHUNK_SIZE), "HSCR_CHUNK_RETRIES": "10", "HSCR_RETRY_INTERVALS": "1,2,4,8",
+        # Retries every <= 4 s, 15 of them: a chunk outlasts the 20 s S3 outage (plus SeaweedFS's restart) and
+        # runs again within 4 s of its return.
+        "HSCR_CHUNK_SIZE": str(CHUNK_SIZE), "HSCR_CHUNK_RETRIES": "15", "HSCR_RETRY_INTERVALS": "1,2,4",
         "HSCR_MAX_ITEMS_PER_JOB": "200", "HSCR_QUEUE": "hscr-test",
     }
     saved = {k: os.environ.get(k) for k in env}
@@ -144,8 +163,11 @@ def start_api(stack_env, name: str, **env: str):
 
 
 @pytest.fixture(scope="session")
-def api(stack_env):
-    """The API the workers serve; yields its base URL."""
+def api(stack_env, session_workers, pytestconfig):
+    """The API the workers serve; yields its base URL. Starts the session's worker first, when a selected test
+    needs one, so that its start-up overlaps the tests that need none."""
+    if pytestconfig.stash.get(WANTS_WORKER, False):
+        session_workers.ensure()
     process, url = start_api(stack_env, "api")
     yield url
     stop(process)
@@ -173,9 +195,12 @@ class Workers:
 
     def start(self) -> subprocess.Popen:
         log = open(self.root / f"worker-{len(self.processes)}.log", "ab")
+        # One torch thread: the fixture model is tiny, and on a loaded 2-core machine two OpenMP threads spin
+        # against other processes and run it 10-30x slower (bench/service_overhead.py --torch-threads).
         process = subprocess.Popen(
             [sys.executable, "-c", "from hscr_client._cli import main; main()", "worker", "--queue", "hscr-test",
-             "--worker-ttl", "10", "--maintenance-interval", "3", "--heartbeat-interval", "1", "--micro-batch", "2"],
+             "--worker-ttl", "10", "--maintenance-interval", "3", "--heartbeat-interval", "1", "--micro-batch", "2",
+             "--torch-threads", "1"],
             env={**os.environ}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(process)
         return process
@@ -186,6 +211,10 @@ class Workers:
         return alive[0] if alive else self.start()
 
     def stop_all(self) -> None:
+        """SIGTERM every worker's process group at once, then wait (each finishes its chunk or stops idle)."""
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
         for process in self.processes:
             stop(process)
 
@@ -226,13 +255,15 @@ def fixture_items(tmp_path_factory):
 
 
 def inline_items(root: Path, n: int, prefix: str = "") -> list[dict]:
-    """The first n fixture items, images inline as data URIs."""
+    """n fixture items (the 40 in turn; custom_ids stay unique), images inline as data URIs."""
     import json
 
-    rows = [json.loads(line) for line in (root / "items.jsonl").read_text().splitlines()[:n]]
-    return [{"custom_id": prefix + r["custom_id"], "question": r["question"], "answer": r["answer"],
-             "image": "data:image/png;base64," + base64.b64encode((root / r["image"]).read_bytes()).decode()}
-            for r in rows]
+    rows = [json.loads(line) for line in (root / "items.jsonl").read_text().splitlines()]
+    images = {r["image"]: "data:image/png;base64," + base64.b64encode((root / r["image"]).read_bytes()).decode()
+              for r in rows}
+    return [{"custom_id": f"{prefix}{r['custom_id']}" + (f"-{i // len(rows)}" if i >= len(rows) else ""),
+             "question": r["question"], "answer": r["answer"], "image": images[r["image"]]}
+            for i, r in ((i, rows[i % len(rows)]) for i in range(n))]
 
 
 def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:

@@ -9,7 +9,7 @@ import sys
 
 import httpx
 import psutil
-from conftest import free_port, inline_items, stop, wait_until
+from conftest import FAST_PARAMS, free_port, inline_items, stop, wait_until
 
 
 def test_hscr_serve_runs_a_job_and_stops_cleanly(tmp_path, fixture_items):
@@ -21,7 +21,7 @@ def test_hscr_serve_runs_a_job_and_stops_cleanly(tmp_path, fixture_items):
     log = open(tmp_path / "serve.log", "ab")
     serve = subprocess.Popen(
         [sys.executable, "-c", "from hscr_client._cli import main; main()", "serve", "--port", str(port),
-         "--data-dir", str(data_dir), "--chunk-size", "2"],
+         "--data-dir", str(data_dir), "--chunk-size", "2", "--torch-threads", "1"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -30,7 +30,7 @@ def test_hscr_serve_runs_a_job_and_stops_cleanly(tmp_path, fixture_items):
         assert key_file.stat().st_mode & 0o777 == 0o600
         with Client(api_key=key_file.read_text().strip(), base_url=base_url) as client:
             job = client.jobs.create(items=inline_items(fixture_items, 3, prefix="serve-"),
-                                     params={"n_masks": 1, "max_new_tokens": 12, "n_coupled": 3, "n_levels": 2})
+                                     params=FAST_PARAMS)
             job = client.jobs.wait(job.id, timeout=300)
             assert job.status == "completed" and job.request_counts.total == 3
             pairs = client.datasets.load(job.id, config="pairs", cache_dir=tmp_path / "cache")

@@ -371,6 +371,9 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
 @click.option("--backend", envvar="HSCR_WORKER_BACKEND", type=click.Choice(["transformers", "vllm"]),
               default="transformers", show_default=True)
 @click.option("--device", envvar="HSCR_WORKER_DEVICE", default=None, help="torch device (transformers backend).")
+@click.option("--torch-threads", envvar="HSCR_WORKER_TORCH_THREADS", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch [default: torch's, one per core]. 1 suits a small model on a shared "
+                   "CPU: idle OpenMP threads spinning against other processes can slow it many times over.")
 @click.option("--micro-batch", default=8, show_default=True,
               help="Items per model call; cancel is checked between micro-batches.")
 @click.option("--with-scheduler/--without-scheduler", default=True, show_default=True,
@@ -384,8 +387,8 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
 @click.option("--abort-uploads-after", default="24h", show_default=True,
               help="Age (90s, 30m, 24h, 7d) at which an incomplete upload under datasets/ is aborted.")
 @click.option("--burst", is_flag=True, help="Quit when the queue is empty.")
-def worker(redis_url, queue, model, model_name, backend, device, micro_batch, with_scheduler, worker_ttl,
-           maintenance_interval, heartbeat_interval, storage_uri, abort_uploads_after, burst):
+def worker(redis_url, queue, model, model_name, backend, device, torch_threads, micro_batch, with_scheduler,
+           worker_ttl, maintenance_interval, heartbeat_interval, storage_uri, abort_uploads_after, burst):
     """Run one HSCR worker (one per GPU: set CUDA_VISIBLE_DEVICES). Loads the model once."""
     from hscr_service.cli import parse_duration
     from hscr_service.core.store import connect
@@ -394,6 +397,10 @@ def worker(redis_url, queue, model, model_name, backend, device, micro_batch, wi
 
     upload_age = parse_duration(abort_uploads_after)  # a bad value fails before the model loads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
     load_runtime(model=model or DEFAULT_MODEL, model_name=model_name, backend=backend, device=device,
                  micro_batch=micro_batch, redis_url=redis_url, queue=queue)
     HSCRWorker.heartbeat_interval = heartbeat_interval

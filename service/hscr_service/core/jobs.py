@@ -170,7 +170,7 @@ def _create(job_id: str, *, tenant: str, request: JobCreate, store: Store, stora
                        created_at=created_at, total=len(rows), n_chunks=n_chunks, chunk_size=size,
                        input_uri=storage.input_uri(job_id), dataset_uri=storage.dataset_uri(job_id),
                        input_file_id=request.input_file_id, metadata=request.metadata,
-                       expires_at=created_at + window)
+                       expires_at=created_at + window, queue=queue.name)
     for chunk in range(n_chunks):
         part = rows[chunk * size:(chunk + 1) * size]
         storage.write(f"{record.input_uri}/{chunk_file(chunk)}", "".join(json.dumps(r) + "\n" for r in part).encode())
@@ -205,6 +205,8 @@ def end_now(record: JobRecord, final: str, *, store: Store, queue: Queue, model:
     failed (a later cancel or expiry sweep tries again). A queued chunk that a worker picks up later finds
     itself settled and does nothing; one dequeued while this runs sees the status first and skips.
     """
+    if record.queue and record.queue != queue.name:  # a sweep from a worker of another queue
+        queue = Queue(record.queue, connection=queue.connection)
     if running_chunks(queue, record.id):
         return False
     outcome = "skipped" if final == "cancelled" else "expired"
@@ -252,9 +254,9 @@ def expire_if_due(job: Job, *, tenant: str, store: Store, queue: Queue, model: d
     if job.status not in ("validating", "in_progress") or job.expires_at is None or time.time() < job.expires_at:
         return job
     record = store.get_record(tenant, job.id)
-    if record is not None and end_now(record, "expired", store=store, queue=queue, model=model):
-        return store.get_job(tenant, job.id) or job
-    return job
+    if record is not None:
+        end_now(record, "expired", store=store, queue=queue, model=model)
+    return store.get_job(tenant, job.id) or job  # ended here, by a concurrent sweep, or not yet
 
 
 def expire_due_jobs(*, store: Store, queue: Queue, model: dict | None = None) -> int:

@@ -84,6 +84,7 @@ class JobRecord:
     metadata: dict | None = None
     extra: dict = field(default_factory=dict)
     expires_at: int | None = None  # the end of the completion window
+    queue: str | None = None  # the RQ queue its chunks went to
 
 
 @dataclass
