@@ -14,7 +14,7 @@ import platform
 import resource
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -156,7 +156,8 @@ class CountingBackend(Backend):
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
         out = self.inner.generate(requests)
-        self.generated_tokens += sum(len(ids) for ids in out)
+        # a response prefix comes back with the response but is prompt, not generated
+        self.generated_tokens += sum(len(ids) - len(r.response_prefix) for ids, r in zip(out, requests, strict=True))
         return out
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
@@ -220,22 +221,32 @@ def rows_for(batch_size: int, min_rows: int) -> int:
     return batch_size * max(1, math.ceil(min_rows / batch_size))
 
 
+HSCRRunner = Callable[..., list]  # run_hscr's signature: (backend, items, params, similarity) -> results
+
+
 def measure_batch_size(backend: Backend, items: Sequence[PreparedItem], batch_size: int, params: HSCRParams,
-                       similarity: Similarity, device: torch.device, *, repeats: int = 1) -> dict:
+                       similarity: Similarity, device: torch.device, *, repeats: int = 1,
+                       variants: Mapping[str, HSCRRunner] | None = None) -> dict:
     """Plain greedy vs HSCR on ``items`` in chunks of ``batch_size``, alternating chunk by chunk.
 
     ``repeats`` passes over the items (which mode goes first alternates between passes); the ratio
     is of the totals, and ``hscr_over_plain_time_per_pass`` shows how much it moved between passes.
+    ``variants``: other HSCR runs (e.g. ``functools.partial(run_hscr, prefix_redecode=False)``),
+    timed on the same chunks in the same alternation; their figures go under ``variants``.
     """
     counting = CountingBackend(backend)
     plain, hscr = Phase(), Phase()
+    extra = {name: Phase() for name in variants or {}}
+    modes: list[tuple[Phase, HSCRRunner | None]] = [(plain, None), (hscr, run_hscr)]
+    modes += [(extra[name], run) for name, run in (variants or {}).items()]
     per_pass = []
     for repeat in range(repeats):
         plain_before, hscr_before = plain.seconds, hscr.seconds
-        memory_source = _measure_pass(counting, items, batch_size, params, similarity, device, plain, hscr,
-                                      hscr_first=repeat % 2 == 1)
+        shift = repeat % len(modes)  # which mode goes first rotates between passes
+        memory_source = _measure_pass(counting, items, batch_size, params, similarity, device,
+                                      modes[shift:] + modes[:shift])
         per_pass.append((hscr.seconds - hscr_before) / (plain.seconds - plain_before))
-    return {
+    figures = {
         "batch_size": batch_size,
         "repeats": repeats,
         "plain": plain.figures(),
@@ -245,21 +256,27 @@ def measure_batch_size(backend: Backend, items: Sequence[PreparedItem], batch_si
         "hscr_over_plain_time_per_pass": per_pass,
         "peak_memory_source": memory_source,
     }
+    if extra:
+        figures["variants"] = {name: {"hscr": phase.figures(),
+                                      "hscr_over_plain_time": phase.seconds / plain.seconds,
+                                      "hscr_over_plain_cpu_time": phase.cpu_seconds / plain.cpu_seconds}
+                               for name, phase in extra.items()}
+    return figures
 
 
 def _measure_pass(counting: CountingBackend, items: Sequence[PreparedItem], batch_size: int, params: HSCRParams,
-                  similarity: Similarity, device: torch.device, plain: Phase, hscr: Phase, *,
-                  hscr_first: bool) -> str:
-    """One pass over ``items``, adding to ``plain`` and ``hscr``; returns how peak memory was read."""
-    order = ((hscr, True), (plain, False)) if hscr_first else ((plain, False), (hscr, True))
+                  similarity: Similarity, device: torch.device,
+                  modes: Sequence[tuple[Phase, HSCRRunner | None]]) -> str:
+    """One pass over ``items``, each chunk through every mode in ``modes`` order (None: plain greedy),
+    adding to its phase; returns how peak memory was read."""
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        for phase, is_hscr in order:
+        for phase, hscr in modes:
             generated, scored = counting.generated_tokens, counting.scored_tokens
             with PeakMemory(device) as memory:
                 began, began_cpu = time.perf_counter(), time.process_time()
-                if is_hscr:
-                    results = run_hscr(counting, chunk, params, similarity)
+                if hscr is not None:
+                    results = hscr(counting, chunk, params, similarity)
                 else:
                     plain_greedy(counting, chunk, params.max_new_tokens)
                 _sync(device)
@@ -269,7 +286,7 @@ def _measure_pass(counting: CountingBackend, items: Sequence[PreparedItem], batc
             phase.rows += len(chunk)
             phase.generated_tokens += counting.generated_tokens - generated
             phase.scored_tokens += counting.scored_tokens - scored
-            if is_hscr:
+            if hscr is not None:
                 phase.levels += [len(r.levels) for r in results]
                 phase.errors += sum(r.error is not None for r in results)
                 phase.shortfall += sum(r.shortfall for r in results)
@@ -278,7 +295,7 @@ def _measure_pass(counting: CountingBackend, items: Sequence[PreparedItem], batc
 
 def measure(backend: Backend, items: Sequence[PreparedItem], batch_sizes: Sequence[int], params: HSCRParams,
             similarity: Similarity, device: torch.device, *, min_rows: int, warmup: bool = True, repeats: int = 1,
-            log=print) -> list[dict]:
+            log=print, variants: Mapping[str, HSCRRunner] | None = None) -> list[dict]:
     """``measure_batch_size`` for each batch size, after one untimed warm-up pass."""
     if warmup:
         warm = items[:min(batch_sizes)]
@@ -287,8 +304,12 @@ def measure(backend: Backend, items: Sequence[PreparedItem], batch_sizes: Sequen
     out = []
     for batch_size in batch_sizes:
         figures = measure_batch_size(backend, items[:rows_for(batch_size, min_rows)], batch_size, params,
-                                     similarity, device, repeats=repeats)
+                                     similarity, device, repeats=repeats, variants=variants)
         log(summary_line(backend.name, figures))
+        for name, variant in figures.get("variants", {}).items():
+            log(f"{'':>12} {name}: HSCR/plain {variant['hscr_over_plain_time']:5.2f}x "
+                f"(CPU time {variant['hscr_over_plain_cpu_time']:5.2f}x), "
+                f"{variant['hscr']['generated_tokens']} generated tokens vs {figures['hscr']['generated_tokens']}")
         out.append(figures)
     return out
 

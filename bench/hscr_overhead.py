@@ -13,6 +13,7 @@ writes JSON with an env block. ``--baseline`` compares the ratio against a commi
 from __future__ import annotations  # noqa: I001  (the torchvision shim must import first)
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from hscr_client import HSCRParams  # noqa: E402
 
 from hscr_worker.fixture.items import write_items  # noqa: E402
 from hscr_worker.generate import DEFAULT_MODEL, prepare_all  # noqa: E402
+from hscr_worker.pipeline import run_hscr  # noqa: E402
 from hscr_worker.similarity import get_similarity  # noqa: E402
 
 HELD_OUT_SEED = 7  # any seed but the training seed (1234)
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="one untimed plain + HSCR pass first")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--full-redecode", action="store_true",
+                        help="also time HSCR with full re-decode (prefix_redecode=False, the behaviour before "
+                             "prefix re-decode; same results) on the same chunks")
     parser.add_argument("--out", default=None, help="write the JSON results here")
     parser.add_argument("--baseline", default=None, help="compare the HSCR/plain ratio with this JSON")
     parser.add_argument("--tolerance", type=float, default=0.5, help="allowed relative rise of the ratio")
@@ -66,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hscr_overhead: {args.model} on {backend.device}, {torch.get_num_threads()} threads, "
           f"batch sizes {args.batch_sizes}, {args.params} params", flush=True)
     results = measure(backend, items, args.batch_sizes, params, get_similarity(params.similarity), backend.device,
-                      min_rows=args.min_rows, warmup=args.warmup,
-                      repeats=args.repeats)
+                      min_rows=args.min_rows, warmup=args.warmup, repeats=args.repeats,
+                      variants={"full_redecode": functools.partial(run_hscr, prefix_redecode=False)}
+                      if args.full_redecode else None)
     report = {"benchmark": "hscr_overhead", "env": env_block(backend.device),
               "model": str(args.model), "backend": backend.name, "backend_batch_size": backend.batch_size,
               "params_preset": args.params, "params": params.model_dump(), "results": results}

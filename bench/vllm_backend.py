@@ -7,6 +7,13 @@ with the forcing hook, reranking to 3 levels), alternating chunk by chunk on one
 (``common.measure``); then the same on the transformers backend. It prints and writes:
 
 - ``vllm.hscr_over_plain_*``: the HSCR/plain time ratio with vLLM (target <= 1.6x);
+- ``vllm[*].variants.full_redecode``: HSCR with every level re-decoded from the start of the response
+  (``run_hscr(prefix_redecode=False)``, the behaviour before prefix re-decode; same results), timed on
+  the same chunks in the same alternation (``--no-full-redecode`` skips it);
+- ``engine_steps``: vLLM engine steps (``LLMEngine.step`` calls) per batch size for plain, HSCR and
+  HSCR with full re-decode, counted in one untimed pass: deterministic, so machine load cannot move it;
+  with the prompt tokens of the (prefix) re-decode requests and how many of them the prefix cache
+  served (``--block-size``: the CPU default of 128 exceeds the fixture's prompts, so nothing is cached);
 - ``vllm_over_transformers_items_per_s``: vLLM's items/s over transformers', plain and HSCR.
 
     python bench/vllm_backend.py --out bench/results/vllm_backend.json
@@ -20,22 +27,70 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from common import env_block, measure, rows_for, write_json  # noqa: E402
+from common import env_block, measure, plain_greedy, rows_for, write_json  # noqa: E402
 
 from hscr_client import HSCRParams  # noqa: E402
 from hscr_worker.backends.transformers import TransformersBackend  # noqa: E402
 from hscr_worker.backends.vllm import VLLMBackend  # noqa: E402
 from hscr_worker.fixture.items import write_items  # noqa: E402
 from hscr_worker.generate import DEFAULT_MODEL, prepare_all  # noqa: E402
+from hscr_worker.pipeline import run_hscr  # noqa: E402
 from hscr_worker.similarity import get_similarity  # noqa: E402
 
 HELD_OUT_SEED = 4243  # any seed but the training seed (1234)
 TARGET_RATIO = 1.6
+full_redecode = functools.partial(run_hscr, prefix_redecode=False)
+
+
+def engine_steps(backend: VLLMBackend, items, batch_sizes, min_rows: int, params, similarity) -> list[dict]:
+    """Engine steps (``LLMEngine.step`` calls) of plain, HSCR and HSCR with full re-decode per batch size."""
+    engine = backend.llm.llm_engine
+    step = engine.step
+    count = 0
+
+    def counted_step(*args, **kwargs):
+        nonlocal count
+        count += 1
+        return step(*args, **kwargs)
+
+    run_engine = backend._run
+    redecode_prompt_tokens = cached_tokens = 0
+
+    def counted_run(prompts, sampling):
+        nonlocal redecode_prompt_tokens, cached_tokens
+        outputs = run_engine(prompts, sampling)
+        for out, params_k in zip(outputs, sampling, strict=True):
+            if params_k.extra_args:  # a forced re-decode
+                redecode_prompt_tokens += len(out.prompt_token_ids)
+                cached_tokens += out.num_cached_tokens or 0
+        return outputs
+
+    engine.step, backend._run = counted_step, counted_run
+    try:
+        out = []
+        for batch_size in batch_sizes:
+            row = {"batch_size": batch_size}
+            for name, run in (("plain", lambda chunk: plain_greedy(backend, chunk, params.max_new_tokens)),
+                              ("hscr", lambda chunk: run_hscr(backend, chunk, params, similarity)),
+                              ("hscr_full_redecode", lambda chunk: full_redecode(backend, chunk, params, similarity))):
+                count = redecode_prompt_tokens = cached_tokens = 0
+                rows = items[:rows_for(batch_size, min_rows)]
+                for start in range(0, len(rows), batch_size):
+                    run(rows[start:start + batch_size])
+                row[name] = count
+                if name == "hscr":
+                    row["redecode_prompt_tokens"] = redecode_prompt_tokens
+                    row["redecode_prompt_tokens_cached"] = cached_tokens
+            out.append(row)
+        return out
+    finally:
+        engine.step, backend._run = step, run_engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-rows", type=int, default=32, help="rows timed per batch size (whole batches)")
     parser.add_argument("--params", choices=["default", "paper"], default="default")
     parser.add_argument("--skip-transformers", action="store_true", help="measure the vLLM backend only")
+    parser.add_argument("--full-redecode", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time HSCR with full re-decode (prefix_redecode=False) on the same chunks")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="vLLM KV-cache block size (prefix caching works in whole blocks; CPU: a multiple of 32)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="passes over the items per batch size (the ratio is of the totals)")
     parser.add_argument("--out", default=None, help="write the JSON results here")
     args = parser.parse_args(argv)
-    if min(args.batch_sizes) < 1 or args.min_rows < 1:
-        parser.error("batch sizes and --min-rows must be positive")
+    if min(args.batch_sizes) < 1 or args.min_rows < 1 or args.repeats < 1:
+        parser.error("batch sizes, --min-rows and --repeats must be positive")
 
     params = HSCRParams() if args.params == "default" else HSCRParams.paper()
     similarity = get_similarity(params.similarity)
@@ -63,13 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report: dict = {"benchmark": "vllm_backend", "env": env_block(device), "model": str(args.model),
                     "params_preset": args.params, "params": params.model_dump(), "target_ratio": TARGET_RATIO}
-    vllm = VLLMBackend(args.model, profile=args.profile)
+    vllm = VLLMBackend(args.model, profile=args.profile, **({"block_size": args.block_size} if args.block_size else {}))
     print(f"vllm_backend: {args.model}, batch sizes {args.batch_sizes}, {args.params} params", flush=True)
-    report["vllm"] = measure(vllm, items, args.batch_sizes, params, similarity, device, min_rows=args.min_rows)
+    variants = {"full_redecode": full_redecode} if args.full_redecode else None
+    report["vllm"] = measure(vllm, items, args.batch_sizes, params, similarity, device, min_rows=args.min_rows,
+                             repeats=args.repeats, variants=variants)
+    report["engine_steps"] = engine_steps(vllm, items, args.batch_sizes, args.min_rows, params, similarity)
     if not args.skip_transformers:
         hf = TransformersBackend(args.model, batch_size=max(args.batch_sizes), profile=args.profile)
         report["transformers"] = measure(hf, items, args.batch_sizes, params, similarity, hf.device,
-                                         min_rows=args.min_rows)
+                                         min_rows=args.min_rows, repeats=args.repeats, variants=variants)
         report["vllm_over_transformers_items_per_s"] = [
             {"batch_size": v["batch_size"],
              "plain": v["plain"]["rows_per_s"] / t["plain"]["rows_per_s"],
@@ -79,6 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "meets" if row["hscr_over_plain_time"] <= TARGET_RATIO else "misses"
         print(f"vLLM batch {row['batch_size']:>3}: HSCR/plain {row['hscr_over_plain_time']:.2f}x wall, "
               f"{row['hscr_over_plain_cpu_time']:.2f}x CPU ({verdict} the {TARGET_RATIO}x target)")
+        if "variants" in row:
+            full = row["variants"]["full_redecode"]
+            print(f"{'':>14} with full re-decode: {full['hscr_over_plain_time']:.2f}x wall, "
+                  f"{full['hscr_over_plain_cpu_time']:.2f}x CPU")
+    for row in report["engine_steps"]:
+        print(f"vLLM batch {row['batch_size']:>3}: engine steps plain {row['plain']}, HSCR {row['hscr']} "
+              f"({row['hscr'] / row['plain']:.2f}x), full re-decode {row['hscr_full_redecode']} "
+              f"({row['hscr_full_redecode'] / row['plain']:.2f}x); re-decode prompt tokens from the prefix cache "
+              f"{row['redecode_prompt_tokens_cached']}/{row['redecode_prompt_tokens']}")
     for row in report.get("vllm_over_transformers_items_per_s", []):
         print(f"batch {row['batch_size']:>3}: vLLM/transformers items/s plain {row['plain']:.2f}x, "
               f"HSCR {row['hscr']:.2f}x")
