@@ -112,7 +112,7 @@ def test_page_renders_the_rows_and_marks_sit_on_the_right_tokens(browser, fixtur
                 mark = marks_at[replacement["position"]]
                 assert mark["text"] == replacement["replacement"]
                 assert mark["original"] == replacement["original"]
-                assert mark["reward"] == pytest.approx(replacement["reward"], abs=1e-3)
+                assert mark["reward"] == pytest.approx(replacement["reward"], rel=1e-3)  # 4 significant digits
                 assert mark["how"] == "position" and mark["wordsBefore"] == replacement["position"]
                 checked += 1
         assert sorted(c["token"] for c in card["coupled"]) == sorted(
