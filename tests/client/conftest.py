@@ -42,5 +42,7 @@ def _service_stack():
 
 service_stack = _service_stack()
 if service_stack is not None:
-    stack_env, api, workers, fixture_items = (service_stack.stack_env, service_stack.api, service_stack.workers,
-                                              service_stack.fixture_items)
+    # Every fixture the live tests use, and every fixture those depend on.
+    stack_env, session_workers, api, workers, fixture_items = (
+        service_stack.stack_env, service_stack.session_workers, service_stack.api, service_stack.workers,
+        service_stack.fixture_items)
