@@ -34,8 +34,12 @@ def pytest_collection_modifyitems(config, items):
             return 2
         return 1 if "workers" in item.fixturenames else 0
 
-    items.sort(key=group)  # stable: file and definition order within a group
-    config.stash[WANTS_WORKER] = any(group(item) == 1 for item in items)
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if here in item.path.parents]  # this directory's tests only
+    ours = sorted((items[i] for i in slots), key=group)  # stable: file and definition order within a group
+    for slot, item in zip(slots, ours, strict=True):
+        items[slot] = item
+    config.stash[WANTS_WORKER] = any(group(item) == 1 for item in ours)
 
 
 WANTS_WORKER = pytest.StashKey[bool]()
