@@ -14,9 +14,12 @@ from hscr_worker.generate import generate_dataset
 
 
 def test_generate_reads_s3_images_and_writes_an_s3_dataset(stack_env, tmp_path):
+    import torch
+
     from hscr_worker.backends.transformers import TransformersBackend
     from hscr_worker.generate import DEFAULT_MODEL
 
+    torch.set_num_threads(1)  # see tests/worker/conftest.py
     examples = synthetic.make_examples(3, 41)
     bucket = open_location(f"s3://{BUCKET}")
     items = []
