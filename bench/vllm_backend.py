@@ -142,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     for row in report["vllm"]:
         verdict = "meets" if row["hscr_over_plain_time"] <= TARGET_RATIO else "misses"
         print(f"vLLM batch {row['batch_size']:>3}: HSCR/plain {row['hscr_over_plain_time']:.2f}x wall, "
-              f"{row['hscr_over_plain_cpu_time']:.2f}x CPU ({verdict} the {TARGET_RATIO}x target)")
+              f"{row['hscr_over_plain_cpu_time']:.2f}x CPU, {row['hscr_over_plain_time_best_of_passes']:.2f}x "
+              f"best of passes ({verdict} the {TARGET_RATIO}x target)")
         if "variants" in row:
             full = row["variants"]["full_redecode"]
             print(f"{'':>14} with full re-decode: {full['hscr_over_plain_time']:.2f}x wall, "
-                  f"{full['hscr_over_plain_cpu_time']:.2f}x CPU")
+                  f"{full['hscr_over_plain_cpu_time']:.2f}x CPU, {full['hscr_over_plain_time_best_of_passes']:.2f}x "
+                  "best of passes")
     for row in report["engine_steps"]:
         print(f"vLLM batch {row['batch_size']:>3}: engine steps plain {row['plain']}, HSCR {row['hscr']} "
               f"({row['hscr'] / row['plain']:.2f}x), full re-decode {row['hscr_full_redecode']} "
