@@ -1,7 +1,6 @@
 """Issue #2's quality targets, measured on 200 held-out fixture items with the shipped defaults."""
 
 from hscr_client import HSCRParams
-
 from hscr_worker.fixture.quality import measure
 from hscr_worker.generate import DEFAULT_MODEL
 

@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from hscr_client import HSCRParams
 from PIL import Image
+
+from hscr_client import HSCRParams
 
 from .backends.base import Backend, GenerateRequest, ScoreRequest
 from .core.coupling import coupled_positions, token_shift
@@ -90,20 +91,22 @@ def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams
         return []
     visual = backend.encode_images([it.image for it in items])
     prompts = [backend.prompt_ids(it.question) for it in items]
-    own = backend.generate([GenerateRequest(p, v, params.max_new_tokens) for p, v in zip(prompts, visual)])
+    own = backend.generate([GenerateRequest(p, v, params.max_new_tokens)
+                            for p, v in zip(prompts, visual, strict=True)])
     corrupted = [
         backend.encode_text(it.preferred) if params.corrupt == "preferred" and it.preferred else ids
-        for it, ids in zip(items, own)
+        for it, ids in zip(items, own, strict=True)
     ]
 
     # Step 4: the full image and n_masks dropped variants, scored in one batched call.
     dropped_visual = []
-    for it, v in zip(items, visual):
+    for it, v in zip(items, visual, strict=True):
         masks = keep_masks(v.shape[0], params.dropout_ratio, params.n_masks,
                            mask_generator(params.mask_seed, it.custom_id))
         dropped_visual.append([apply_dropout(v, keep, params.dropout_mode) for keep in masks])
-    requests = [ScoreRequest(p, v, r) for p, v, r in zip(prompts, visual, corrupted) if r]
-    requests += [ScoreRequest(p, dv, r) for p, dvs, r in zip(prompts, dropped_visual, corrupted) if r for dv in dvs]
+    requests = [ScoreRequest(p, v, r) for p, v, r in zip(prompts, visual, corrupted, strict=True) if r]
+    requests += [ScoreRequest(p, dv, r)
+                 for p, dvs, r in zip(prompts, dropped_visual, corrupted, strict=True) if r for dv in dvs]
     scores = iter(backend.score(requests))
     full_logits = {i: next(scores) for i, r in enumerate(corrupted) if r}
     dropped_logits = {i: torch.stack([next(scores) for _ in range(params.n_masks)]).mean(0)
@@ -124,7 +127,9 @@ def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams
         response = torch.tensor(corrupted[i])
         full, dropped = full_logits[i], dropped_logits[i]
         shift = token_shift(full, dropped, response, params.shift)
-        eligible = torch.tensor([t not in backend.special_token_ids for t in corrupted[i]])
+        # A replacement must fall inside the re-decode budget (a long preferred answer may exceed it).
+        eligible = torch.tensor([t not in backend.special_token_ids and position < params.max_new_tokens
+                                 for position, t in enumerate(corrupted[i])])
         positions = coupled_positions(shift, params.n_coupled, min_shift=params.min_shift, eligible=eligible)
         result.coupled = [{"position": p, "token": backend.decode([corrupted[i][p]]), "shift": float(shift[p])}
                           for p in positions]
@@ -165,7 +170,7 @@ def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams
         fired = [[(r.position, r) for r in plan] for _, plan in jobs]
 
     candidates: dict[int, list[tuple[str, list[tuple[int, Replacement]], int]]] = {}
-    for (i, plan), ids, done in zip(jobs, texts_ids, fired):
+    for (i, plan), ids, done in zip(jobs, texts_ids, fired, strict=True):
         candidates.setdefault(i, []).append((backend.decode(ids), done, len(plan) - len(done)))
 
     # Step 8: rerank by similarity to the preferred answer.

@@ -130,14 +130,14 @@ class TransformersBackend(Backend):
         prompts = [self._embeds(r.prompt_ids, r.visual) for r in requests]
         responses = [self._embed_tokens(torch.tensor(r.response_ids, device=self.device, dtype=torch.long))
                      for r in requests]
-        full = [torch.cat([p, a]) for p, a in zip(prompts, responses)]
+        full = [torch.cat([p, a]) for p, a in zip(prompts, responses, strict=True)]
         length = max(e.shape[0] for e in full)
         batch = torch.zeros(len(full), length, full[0].shape[1], device=self.device, dtype=full[0].dtype)
         for row, e in enumerate(full):  # right padding: causal attention keeps pads out of real rows
             batch[row, : e.shape[0]] = e
         logits = self.model(inputs_embeds=batch).logits
         out = []
-        for row, (p, r) in enumerate(zip(prompts, requests)):
+        for row, (p, r) in enumerate(zip(prompts, requests, strict=True)):
             n_prompt, n_resp = p.shape[0], len(r.response_ids)
             out.append(logits[row, n_prompt - 1: n_prompt - 1 + n_resp].float().cpu())
         return out
