@@ -74,3 +74,21 @@ class Backend(ABC):
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Text of response token ids (special tokens skipped)."""
+
+
+class ProcessorBackend(Backend):
+    """A backend whose text side is a Hugging Face processor plus a model profile (both backends)."""
+
+    processor: object
+    tokenizer: object
+    profile: object
+    image_token_id: int
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.profile.prompt_ids(self.processor, question, self.image_token_id)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()

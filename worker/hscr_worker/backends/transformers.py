@@ -13,7 +13,7 @@ from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor  # noqa: E402
 
 from ._vision import encode_images  # noqa: E402
-from .base import Backend, GenerateRequest, ScoreRequest  # noqa: E402
+from .base import GenerateRequest, ProcessorBackend, ScoreRequest  # noqa: E402
 from .profiles import resolve_profile  # noqa: E402
 
 
@@ -39,7 +39,7 @@ class _ForceTokens(LogitsProcessor):
         return scores
 
 
-class TransformersBackend(Backend):
+class TransformersBackend(ProcessorBackend):
     name = "transformers"
 
     def __init__(self, model_path: str, *, device: str | None = None, dtype: str | None = None,
@@ -65,17 +65,7 @@ class TransformersBackend(Backend):
         self.special_token_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids) | {self.image_token_id}
         self._embed_tokens = self.model.get_input_embeddings()
 
-    # ---- text ----
-    def prompt_ids(self, question: str) -> list[int]:
-        return self.profile.prompt_ids(self.processor, question, self.image_token_id)
-
-    def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
-
-    # ---- images ----
+    # ---- images (text: ProcessorBackend) ----
     def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
         return encode_images(self.model, self.processor, self.profile, images, device=self.device,
                              batch_size=self.batch_size)

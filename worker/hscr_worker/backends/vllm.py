@@ -36,14 +36,14 @@ from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from ._vision import encode_images  # noqa: E402
-from .base import Backend, GenerateRequest, ScoreRequest  # noqa: E402
+from .base import GenerateRequest, ProcessorBackend, ScoreRequest  # noqa: E402
 from .profiles import resolve_profile  # noqa: E402
 
 FULL_VOCAB_LIMIT = 4096  # dense score rows up to this vocabulary size; top-k rows above
 DEFAULT_SCORE_TOP_K = 20  # vLLM's default max_logprobs
 
 
-class VLLMBackend(Backend):
+class VLLMBackend(ProcessorBackend):
     name = "vllm"
 
     def __init__(self, model_path: str, *, profile: str | None = None, dtype: str | None = None,
@@ -100,17 +100,7 @@ class VLLMBackend(Backend):
         options["logits_processors"] = [_forcing_processor(options)]
         self.llm = LLM(**options)
 
-    # ---- text ----
-    def prompt_ids(self, question: str) -> list[int]:
-        return self.profile.prompt_ids(self.processor, question, self.image_token_id)
-
-    def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
-
-    # ---- images ----
+    # ---- images (text: ProcessorBackend) ----
     def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
         return encode_images(self.vision, self.processor, self.profile, images, device=self.vision_device,
                              batch_size=self.batch_size)
