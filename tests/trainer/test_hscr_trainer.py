@@ -18,6 +18,8 @@ CASES = {
     "hscr+nll": {"loss_type": "hscr", "nll_weight": 0.5},
     "pairs-config": {"loss_type": "hscr", "dataset_config": "pairs"},
     "lora": {"loss_type": "hscr", "use_peft": True, "learning_rate": 1e-2},
+    "grad-accumulation": {"loss_type": "hscr", "gradient_accumulation_steps": 2},
+    "bf16": {"loss_type": "hscr", "bf16": True},  # the GPU setting; CPU autocast runs the same code path
 }
 
 
