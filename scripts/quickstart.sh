@@ -16,7 +16,7 @@ manifest = json.load(open(f"{out}/manifest.json"))
 pairs = load_dataset("parquet", data_files=f"{out}/pairs/*.parquet", split="train")
 ranked = load_dataset("parquet", data_files=f"{out}/ranked/*.parquet", split="train")
 row = ranked[0]
-print(f"\nDataset at {out}: {len(pairs)} preference pairs ({pairs.features['images']}) and {len(ranked)} ranked items")
+print(f"\nDataset at {out}: {len(pairs)} preference pairs (images decode on load) and {len(ranked)} ranked items")
 print(f"  explicit pairs: {sum(t == 'explicit' for t in pairs['pair_type'])}, "
       f"implicit pairs: {sum(t == 'implicit' for t in pairs['pair_type'])}, failed items: "
       f"{manifest['request_counts']['failed']} (see {out}/errors.jsonl)")
