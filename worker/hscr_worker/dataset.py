@@ -3,9 +3,9 @@
 A chunk (a batch of items; the service's unit of retry) writes ``pairs/part-<chunk>.parquet``,
 ``ranked/part-<chunk>.parquet``, ``_errors/part-<chunk>.jsonl`` and a sidecar
 ``_chunks/part-<chunk>.json`` with row counts and sha256 digests. Rewriting a chunk overwrites its
-own files, so a retried chunk never duplicates rows. :func:`finalize` merges the sidecars and
+own files, so a retried chunk never duplicates rows. :func:`hscr_client.manifest.finalize` merges the sidecars and
 error files into ``manifest.json``, ``errors.jsonl`` and ``README.md``; it needs no torch, so it lives in
-:mod:`hscr_client.manifest` (the API also ends jobs that no worker is running) and is re-exported here.
+:mod:`hscr_client.manifest` (the API also ends jobs that no worker is running).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hscr_client import schema
-from hscr_client.manifest import CITATION, PACKAGES, dataset_card, finalize, package_versions  # noqa: F401
 from hscr_client.storage import Location, open_location
 
 from .pipeline import ItemResult

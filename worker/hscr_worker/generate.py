@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hscr_client import HSCRParams
+from hscr_client.manifest import finalize
 from hscr_client.storage import open_location
 
 from .backends.base import Backend
-from .dataset import finalize, iter_chunks, model_digest, write_chunk
+from .dataset import iter_chunks, model_digest, write_chunk
 from .images import ImageError, ImageLimits, load_image
 from .pipeline import PreparedItem, run_hscr
 from .similarity import get_similarity

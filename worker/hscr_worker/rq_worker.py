@@ -302,9 +302,8 @@ def _maybe_finalize(record) -> None:
 
 def finalize_job(tenant: str, job_id: str) -> dict:
     """Write errors.jsonl, the card and the manifest (last); then the job is completed or cancelled."""
+    from hscr_client.manifest import finalize
     from hscr_client.storage import open_location
-
-    from .dataset import finalize
 
     store = _store()
     record = store.get_record(tenant, job_id)
