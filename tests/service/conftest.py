@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _s3server import S3Server, free_port  # tests/_s3server.py; free_port is imported from here too
 
 from hscr_service.core.security import hash_key
 
@@ -43,12 +42,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 WANTS_WORKER = pytest.StashKey[bool]()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
@@ -98,31 +91,6 @@ class RedisServer:
         stop(self.process)
 
 
-class SeaweedS3:
-    def __init__(self, directory: Path):
-        self.directory, self.port = directory, free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-        self.log = open(directory / "weed.log", "ab")
-
-    def start(self) -> None:
-        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "S3_BUCKET": BUCKET}
-        # Every port explicit: the defaults (9333, 8080, 8888, gRPC = port + 10000) collide with other stacks.
-        ports = {f"-{name}": free_port() for name in (
-            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-            "s3.port.grpc", "admin.port", "admin.port.grpc")}
-        self.process = subprocess.Popen(
-            [weed, "mini", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             "-master.telemetry=false", "-admin.ui=false", "-webdav=false", f"-s3.port={self.port}",
-             "-s3.port.iceberg=0", "-s3.port.lance=0", *(f"{k}={v}" for k, v in ports.items())],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(lambda: httpx.get(f"{self.endpoint}/{BUCKET}", timeout=2).status_code in (200, 403), 60, "weed S3")
-
-    def stop(self) -> None:
-        stop(self.process)
-
-
 @pytest.fixture(scope="session")
 def stack_env(tmp_path_factory):
     """The environment every process of the stack shares (also set in this process, to read S3)."""
@@ -131,12 +99,11 @@ def stack_env(tmp_path_factory):
     (root / "redis").mkdir()
     redis_server.start()
     (root / "s3").mkdir()
-    s3 = SeaweedS3(root / "s3")
+    s3 = S3Server(root / "s3", key=S3_KEY, secret=S3_SECRET, bucket=BUCKET)
     s3.start()
     env = {
         "HSCR_REDIS_URL": redis_server.url, "HSCR_STORAGE_URI": f"s3://{BUCKET}/run-{uuid.uuid4().hex[:8]}",
-        "HSCR_S3_ENDPOINT": s3.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-        "AWS_REGION": "us-east-1", "HSCR_API_KEYS": ",".join(f"{t}:{hash_key(k)}" for t, k in KEYS.items()),
+        **s3.env, "HSCR_API_KEYS": ",".join(f"{t}:{hash_key(k)}" for t, k in KEYS.items()),
         # Retries every <= 4 s, 15 of them: a chunk outlasts the 20 s S3 outage (plus SeaweedFS's restart) and
         # runs again within 4 s of its return.
         "HSCR_CHUNK_SIZE": str(CHUNK_SIZE), "HSCR_CHUNK_RETRIES": "15", "HSCR_RETRY_INTERVALS": "1,2,4",

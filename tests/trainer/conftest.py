@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from _s3server import S3Server  # tests/_s3server.py
 
 from hscr_worker._compat import ensure_torchvision_importable
 
@@ -43,52 +38,11 @@ def hscr_dataset(tmp_path_factory) -> Path:
     return root / "out"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A private SeaweedFS S3 server on 127.0.0.1 (SigV4 enforced); sets the HSCR S3 environment."""
-    import httpx
-
-    directory = tmp_path_factory.mktemp("s3")
-    port = free_port()
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    ports = [f"-{name}={free_port()}" for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-        "s3.port.grpc", "admin.port", "admin.port.grpc")]
-    env = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "S3_BUCKET": BUCKET}
-    with open(directory / "weed.log", "ab") as log:
-        process = subprocess.Popen(
-            [weed, "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-             "-admin.ui=false", "-webdav=false", f"-s3.port={port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-             *ports], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{endpoint}/{BUCKET}", timeout=2).status_code in (200, 403):
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            raise RuntimeError(f"SeaweedFS did not start; see {directory / 'weed.log'}")
-        time.sleep(0.2)
-    saved = {k: os.environ.get(k) for k in (*env, "HSCR_S3_ENDPOINT")}
-    os.environ.update({**env, "HSCR_S3_ENDPOINT": endpoint})
-    yield f"s3://{BUCKET}"
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    with S3Server(tmp_path_factory.mktemp("s3"), key=S3_KEY, secret=S3_SECRET, bucket=BUCKET) as s3, \
+            pytest.MonkeyPatch.context() as env:
+        for name, value in s3.env.items():
+            env.setenv(name, value)
+        yield f"s3://{BUCKET}"

@@ -19,6 +19,7 @@ from rq import Callback, Queue, Retry
 
 from hscr_client import Job, JobCreate
 from hscr_client._models import completion_window_seconds
+from hscr_client.items import parse_items_lines
 from hscr_client.manifest import finalize
 from hscr_client.storage import open_location
 
@@ -39,24 +40,6 @@ def chunk_file(chunk: int) -> str:
 
 def rq_job_id(job_id: str, chunk: int) -> str:
     return f"{job_id}-chunk-{chunk:05d}"
-
-
-def parse_items_file(data: bytes) -> list[dict]:
-    """JSONL -> raw items; a malformed line becomes an item that carries its error (never fatal)."""
-    items: list[dict] = []
-    for number, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            if not isinstance(item, dict):
-                raise ValueError("each line must be a JSON object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            items.append({"custom_id": f"line-{number}", "error": f"malformed JSON on line {number}: {exc}"})
-            continue
-        item.setdefault("custom_id", f"line-{number}")
-        items.append(item)
-    return items
 
 
 def _resolve_image(ref: object, *, tenant: str, store: Store, settings: Settings) -> str:
@@ -110,7 +93,7 @@ def _raw_items(request: JobCreate, *, tenant: str, store: Store, storage: Storag
     if record.purpose != "items":
         raise InvalidInput(f"file {record.id!r} has purpose {record.purpose!r}; input_file_id needs an 'items' "
                            "file (JSONL)", param="input_file_id")
-    return parse_items_file(storage.read(record.uri))
+    return parse_items_lines(storage.read(record.uri).splitlines())
 
 
 def create_job(*, tenant: str, request: JobCreate, idempotency_key: str | None, store: Store, storage: Storage,
@@ -272,4 +255,4 @@ def expire_due_jobs(*, store: Store, queue: Queue, model: dict | None = None) ->
 
 
 __all__ = ["ServiceError", "cancel_job", "chunk_file", "create_job", "end_now", "expire_due_jobs", "expire_if_due",
-           "normalize", "parse_items_file", "rq_job_id", "running_chunks"]
+           "normalize", "rq_job_id", "running_chunks"]
