@@ -25,7 +25,7 @@ from PIL import Image
 
 from hscr_client import HSCRParams
 from hscr_worker.backends.base import Backend, GenerateRequest, ScoreRequest
-from hscr_worker.pipeline import PreparedItem, Similarity, run_hscr
+from hscr_worker.pipeline import PreparedItem, Similarity, run_hscr, run_hscr_stream
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,6 +145,7 @@ class CountingBackend(Backend):
         self.model_path = inner.model_path
         self.eos_token_id = inner.eos_token_id
         self.special_token_ids = inner.special_token_ids
+        self.continuous_batching = inner.continuous_batching
         self.generated_tokens = 0
         self.scored_tokens = 0
 
@@ -363,3 +364,65 @@ def compare_to_baseline(results: list[dict], baseline: dict, tolerance: float, *
             problems.append(f"batch {r['batch_size']}: {key} {r[key]:.2f}x exceeds the baseline "
                             f"{reference:.2f}x by more than {tolerance:.0%}")
     return problems
+
+
+# ---- a stream of chunks: what a dataset job does ----
+STREAM_MODES = ("plain", "hscr_batch_by_batch", "hscr_overlapped")
+
+
+def _run_stream(backend: Backend, mode: str, chunks: Sequence[Sequence[PreparedItem]], params: HSCRParams,
+                similarity: Similarity) -> list:
+    if mode == "plain":
+        for chunk in chunks:
+            plain_greedy(backend, chunk, params.max_new_tokens)
+        return []
+    stream = run_hscr_stream(backend, enumerate(chunks), params, similarity, overlap=mode == "hscr_overlapped")
+    return [r for _, results in stream for r in results]
+
+
+def measure_stream(backend: Backend, items: Sequence[PreparedItem], batch_size: int, params: HSCRParams,
+                   similarity: Similarity, device: torch.device, *, repeats: int = 1,
+                   count_steps: Callable[[], int] | None = None) -> dict:
+    """Plain greedy vs HSCR over the same stream of chunks, as ``generate_dataset`` runs a file.
+
+    Modes: ``plain``; ``hscr_batch_by_batch`` (``run_hscr`` per chunk); ``hscr_overlapped``
+    (``run_hscr_stream``: chunk k's re-decode in the same engine call as chunk k+1's own answers).
+    Each pass runs every mode over the whole stream, the first mode rotating between passes; the
+    ratios are of the totals. ``count_steps`` (an engine-step counter, read before and after each
+    run) adds deterministic step counts next to the times.
+    """
+    chunks = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+    seconds = dict.fromkeys(STREAM_MODES, 0.0)
+    cpu_seconds = dict.fromkeys(STREAM_MODES, 0.0)
+    per_pass: dict[str, list[float]] = {mode: [] for mode in STREAM_MODES}
+    steps: dict[str, int] = {}
+    kept: dict[str, list[int]] = {}
+    for repeat in range(repeats):
+        shift = repeat % len(STREAM_MODES)
+        for mode in STREAM_MODES[shift:] + STREAM_MODES[:shift]:
+            steps_before = count_steps() if count_steps else 0
+            began, began_cpu = time.perf_counter(), time.process_time()
+            results = _run_stream(backend, mode, chunks, params, similarity)
+            _sync(device)
+            per_pass[mode].append(time.perf_counter() - began)
+            seconds[mode] += per_pass[mode][-1]
+            cpu_seconds[mode] += time.process_time() - began_cpu
+            if count_steps:
+                steps[mode] = count_steps() - steps_before
+            if results:
+                kept[mode] = [len(r.levels) for r in results]
+    if kept["hscr_overlapped"] != kept["hscr_batch_by_batch"]:
+        raise RuntimeError("overlapping the chunks changed how many levels items kept")
+    figures = {"batch_size": batch_size, "rows": len(items), "chunks": len(chunks), "repeats": repeats,
+               "seconds": seconds, "cpu_seconds": cpu_seconds, "seconds_per_pass": per_pass,
+               "mean_levels_per_row": sum(kept["hscr_overlapped"]) / len(items)}
+    for mode in STREAM_MODES[1:]:
+        figures[f"{mode}_over_plain_time"] = seconds[mode] / seconds["plain"]
+        figures[f"{mode}_over_plain_cpu_time"] = cpu_seconds[mode] / cpu_seconds["plain"]
+        # the fastest pass of each mode: the one least slowed by other load on a shared machine
+        figures[f"{mode}_over_plain_time_best_of_passes"] = min(per_pass[mode]) / min(per_pass["plain"])
+        if steps:
+            figures[f"{mode}_over_plain_steps"] = steps[mode] / steps["plain"]
+    if steps:
+        figures["engine_steps"] = steps
+    return figures

@@ -15,7 +15,7 @@ from hscr_client.storage import open_location
 from .backends.base import Backend
 from .dataset import iter_chunks, model_digest, write_chunk
 from .images import ImageError, ImageLimits, load_image
-from .pipeline import PreparedItem, run_hscr
+from .pipeline import PreparedItem, run_hscr_stream
 from .similarity import get_similarity
 
 DEFAULT_MODEL = str(Path(__file__).parent / "fixture" / "model")
@@ -68,9 +68,12 @@ def prepare(item: dict, *, base_dir: str | None, limits: ImageLimits) -> Prepare
                         preferred=answer.strip() if answer else None)
 
 
-def prepare_all(items: Sequence[dict], *, base_dir: str | None,
-                limits: ImageLimits = ImageLimits()) -> tuple[list[PreparedItem], list[ItemError]]:
-    prepared, errors, seen = [], [], set()
+def prepare_all(items: Sequence[dict], *, base_dir: str | None, limits: ImageLimits = ImageLimits(),
+                seen: set[str] | None = None) -> tuple[list[PreparedItem], list[ItemError]]:
+    """Prepare ``items``; ``seen`` holds the custom_ids met so far (pass one set across the chunks of a
+    file, so a duplicate in a later chunk is caught too)."""
+    prepared, errors = [], []
+    seen = set() if seen is None else seen
     for item in items:
         custom_id = str(item.get("custom_id"))
         try:
@@ -103,13 +106,19 @@ def generate_dataset(backend: Backend, items_path: str, output: str, params: HSC
     location = open_location(output)
     similarity = get_similarity(params.similarity)
     pending_errors = [e.as_dict() for e in parse_errors]
-    for chunk, batch in iter_chunks(raw, chunk_size):
-        prepared, errors = prepare_all(batch, base_dir=base_dir)
-        results = run_hscr(backend, prepared, params, similarity)
+    seen: set[str] = set()
+
+    def prepared_chunks():
+        for chunk, batch in iter_chunks(raw, chunk_size):
+            prepared, errors = prepare_all(batch, base_dir=base_dir, seen=seen)
+            yield (chunk, len(batch), errors), prepared
+
+    # On vLLM, chunk k's re-decode shares engine steps with chunk k+1's own answers (run_hscr_stream).
+    for (chunk, n_items, errors), results in run_hscr_stream(backend, prepared_chunks(), params, similarity):
         write_chunk(location, chunk, results, pending_errors + [e.as_dict() for e in errors])
         pending_errors = []
         if progress:
-            progress(len(batch))
+            progress(n_items)
     if pending_errors:  # every line was malformed: still record them
         write_chunk(location, 0, [], pending_errors)
     model = {"path": backend.model_path, "backend": backend.name, "sha256": model_digest(backend.model_path)}

@@ -15,13 +15,16 @@
 8. rerank candidates by similarity to the preferred answer; keep j levels with the gap
    (``core.rerank``).
 
-Everything is batched across items; no I/O happens here.
+Everything is batched across items; no I/O happens here. ``HSCRBatch`` holds the steps as three
+stages around the engine calls, so ``run_hscr_stream`` can put one batch's re-decode and the next
+batch's own answers into the same engine call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -35,6 +38,7 @@ from .core.replace import ForcedDecoder, Replacement, hallucinated_token, level_
 from .core.rerank import select_levels
 
 Similarity = Callable[[Sequence[str], str], list[float]]
+K = TypeVar("K")
 
 
 @dataclass
@@ -89,112 +93,180 @@ def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams
     """
     if not items:
         return []
-    visual = backend.encode_images([it.image for it in items])
-    prompts = [backend.prompt_ids(it.question) for it in items]
-    own = backend.generate([GenerateRequest(p, v, params.max_new_tokens)
-                            for p, v in zip(prompts, visual, strict=True)])
-    corrupted = [
-        backend.encode_text(it.preferred) if params.corrupt == "preferred" and it.preferred else ids
-        for it, ids in zip(items, own, strict=True)
-    ]
+    batch = HSCRBatch(backend, items, params, similarity, prefix_redecode=prefix_redecode)
+    batch.plan(backend.generate(batch.answer_requests))
+    return batch.finish(backend.generate(batch.redecode_requests))
 
-    # Step 4: the full image and n_masks dropped variants, scored in one batched call.
-    dropped_visual = []
-    for it, v in zip(items, visual, strict=True):
-        masks = keep_masks(v.shape[0], params.dropout_ratio, params.n_masks,
-                           mask_generator(params.mask_seed, it.custom_id))
-        dropped_visual.append([apply_dropout(v, keep, params.dropout_mode) for keep in masks])
-    requests = [ScoreRequest(p, v, r) for p, v, r in zip(prompts, visual, corrupted, strict=True) if r]
-    requests += [ScoreRequest(p, dv, r)
-                 for p, dvs, r in zip(prompts, dropped_visual, corrupted, strict=True) if r for dv in dvs]
-    scores = iter(backend.score(requests))
-    full_logits = {i: next(scores) for i, r in enumerate(corrupted) if r}
-    dropped_logits = {i: torch.stack([next(scores) for _ in range(params.n_masks)]).mean(0)
-                      for i, r in enumerate(corrupted) if r}
 
-    results: list[ItemResult] = []
-    plans_by_item: list[list[list[Replacement]]] = []
-    for i, it in enumerate(items):
-        own_text = backend.decode(own[i])
-        result = ItemResult(custom_id=it.custom_id, question=it.question, image=it.image,
-                            chosen=it.preferred or own_text, own_answer=own_text,
-                            corrupted=backend.decode(corrupted[i]), coupled=[])
-        results.append(result)
-        plans_by_item.append([])
-        if not corrupted[i]:
-            result.error = "the model gave an empty answer: nothing to corrupt"
-            continue
-        response = torch.tensor(corrupted[i])
-        full, dropped = full_logits[i], dropped_logits[i]
-        shift = token_shift(full, dropped, response, params.shift)
-        # A replacement must fall inside the re-decode budget (a long preferred answer may exceed it).
-        eligible = torch.tensor([t not in backend.special_token_ids and position < params.max_new_tokens
-                                 for position, t in enumerate(corrupted[i])])
-        positions = coupled_positions(shift, params.n_coupled, min_shift=params.min_shift, eligible=eligible)
-        result.coupled = [{"position": p, "token": backend.decode([corrupted[i][p]]), "shift": float(shift[p])}
-                          for p in positions]
-        replacements = []
-        for p in positions:
-            choice = hallucinated_token(full[p], dropped[p], corrupted[i][p], beta=params.contrast_beta,
-                                        top_k=params.top_k_candidates, pool=params.candidate_pool,
-                                        plausibility=params.plausibility, banned=sorted(backend.special_token_ids))
-            if choice is not None:
-                replacements.append(Replacement(p, corrupted[i][p], choice[0], choice[1], float(shift[p])))
-        if not replacements:
-            result.error = "no modality-coupled token found: the answer does not depend on the image"
-            continue
-        plans_by_item[i] = level_plans(replacements)
+def run_hscr_stream(backend: Backend, batches: Iterable[tuple[K, Sequence[PreparedItem]]], params: HSCRParams,
+                    similarity: Similarity, *, overlap: bool | None = None) -> Iterator[tuple[K, list[ItemResult]]]:
+    """``run_hscr`` over a stream of ``(key, items)`` batches; yields ``(key, results)`` in order.
 
-    # Step 7: every level of every item in one batched decode (or spliced in place).
-    jobs = [(i, plan) for i, plans in enumerate(plans_by_item) for plan in plans]
-    if params.replace_mode == "redecode":
-        # The own answer is the greedy decode itself; a preferred answer is followed only as long
-        # as the model's greedy choice agrees with it (beyond that the re-decode goes its own way).
-        teacher_forced = {i for i, it in enumerate(items) if params.corrupt == "preferred" and it.preferred}
-        followed = {i: reproduced_prefix(full_logits[i], corrupted[i]) if i in teacher_forced else len(corrupted[i])
-                    for i, _ in jobs}
-        decoders, requests = [], []
-        for i, plan in jobs:
-            # plan[0] is the first replacement in response order; the decoder fires it at the first
-            # decoded step, where the model must still want the original token (checked there).
-            # (A preferred answer may outrun the budget: keep at least one step to decode.)
-            start = min(plan[0].position, followed[i], params.max_new_tokens - 1) if prefix_redecode else 0
-            prefix = list(corrupted[i][:start])
-            decoders.append(ForcedDecoder(corrupted[i], plan, response_prefix=prefix))
-            requests.append(GenerateRequest(prompts[i], visual[i], params.max_new_tokens - start,
-                                            forced=decoders[-1], response_prefix=prefix))
-        texts_ids = backend.generate(requests)
-        fired = [[(step, r) for step, r in d.fired] for d in decoders]
-    else:
-        texts_ids = [splice(corrupted[i], plan) for i, plan in jobs]
-        fired = [[(r.position, r) for r in plan] for _, plan in jobs]
+    With ``overlap`` (default: ``backend.continuous_batching``) batch k's re-decode goes into the
+    same ``generate`` call as batch k+1's own answers: both depend only on earlier work, so an
+    engine that batches requests of any length together (vLLM) decodes them in the same steps,
+    and a stream costs about ``max(answer, re-decode)`` steps per batch instead of their sum.
+    Every request stays independent, so the decisions are those of ``run_hscr`` on each batch.
+    A batch's results come out one batch later than without overlap.
+    """
+    if overlap is None:
+        overlap = backend.continuous_batching
+    if not overlap:
+        for key, items in batches:
+            yield key, run_hscr(backend, items, params, similarity)
+        return
+    waiting: tuple[K, HSCRBatch] | None = None  # a planned batch whose re-decode rides the next call
+    for key, items in batches:
+        batch = HSCRBatch(backend, items, params, similarity)
+        answers = batch.answer_requests
+        redecode = waiting[1].redecode_requests if waiting else []
+        outputs = backend.generate([*answers, *redecode])
+        if waiting:
+            yield waiting[0], waiting[1].finish(outputs[len(answers):])
+        batch.plan(outputs[:len(answers)])
+        waiting = (key, batch)
+    if waiting:
+        yield waiting[0], waiting[1].finish(backend.generate(waiting[1].redecode_requests))
 
-    candidates: dict[int, list[tuple[str, list[tuple[int, Replacement]], int]]] = {}
-    for (i, plan), ids, done in zip(jobs, texts_ids, fired, strict=True):
-        candidates.setdefault(i, []).append((backend.decode(ids), done, len(plan) - len(done)))
 
-    # Step 8: rerank by similarity to the preferred answer.
-    for i, result in enumerate(results):
-        if result.error:
-            continue
-        seen, unique = {result.chosen, result.own_answer}, []
-        for text, done, unfired in candidates.get(i, []):
-            if text not in seen and done:
-                seen.add(text)
-                unique.append((text, done, unfired))
-        result.n_candidates = len(unique)
-        if not unique:
-            result.error = "every replacement reproduced the preferred answer: no dispreferred response"
-            continue
-        sims = similarity([text for text, _, _ in unique], result.chosen)
-        severity = [len(done) for _, done, _ in unique] if params.severity_order else None
-        selection = select_levels(sims, params.n_levels, params.min_similarity_gap, severity)
-        result.shortfall = selection.shortfall
-        for level, k in enumerate(selection.indices, start=1):
-            text, done, unfired = unique[k]
-            result.levels.append(Level(
-                level=level, text=text, n_replacements=len(done), similarity=float(sims[k]), unfired=unfired,
-                replacements=[{"position": step, "original": backend.decode([r.original]),
-                               "replacement": backend.decode([r.token]), "reward": r.reward, "shift": r.shift}
-                              for step, r in done]))
-    return results
+class HSCRBatch:
+    """One batch of items through HSCR in three stages, each around one engine call of the caller's:
+
+    1. ``answer_requests``: the own-answer decodes (steps 1-2; images are encoded at construction);
+    2. ``plan(own_answers)``: scoring under the full and dropped images, coupled positions,
+       hallucinated tokens and level plans (steps 3-6); fills ``redecode_requests`` (step 7);
+    3. ``finish(redecoded)``: the levels' texts, reranked (steps 7-8) -> one result per item.
+
+    ``run_hscr`` runs them back to back; ``run_hscr_stream`` interleaves batches.
+    """
+
+    def __init__(self, backend: Backend, items: Sequence[PreparedItem], params: HSCRParams,
+                 similarity: Similarity, *, prefix_redecode: bool = True):
+        self.backend, self.items, self.params, self.similarity = backend, list(items), params, similarity
+        self.prefix_redecode = prefix_redecode
+        self.visual = backend.encode_images([it.image for it in items]) if items else []
+        self.prompts = [backend.prompt_ids(it.question) for it in items]
+        self.answer_requests = [GenerateRequest(p, v, params.max_new_tokens)
+                                for p, v in zip(self.prompts, self.visual, strict=True)]
+        self.redecode_requests: list[GenerateRequest] = []
+        self.results: list[ItemResult] = []
+        self._jobs: list[tuple[int, list[Replacement]]] = []  # (item, level plan) per candidate
+        self._decoders: list[ForcedDecoder] = []
+
+    def plan(self, own: Sequence[list[int]]) -> list[GenerateRequest]:
+        """Steps 3-7 from the own answers; returns (and keeps) the re-decode requests."""
+        backend, items, params = self.backend, self.items, self.params
+        prompts, visual = self.prompts, self.visual
+        corrupted = [
+            backend.encode_text(it.preferred) if params.corrupt == "preferred" and it.preferred else ids
+            for it, ids in zip(items, own, strict=True)
+        ]
+        self.corrupted = corrupted
+
+        # Step 4: the full image and n_masks dropped variants, scored in one batched call.
+        dropped_visual = []
+        for it, v in zip(items, visual, strict=True):
+            masks = keep_masks(v.shape[0], params.dropout_ratio, params.n_masks,
+                               mask_generator(params.mask_seed, it.custom_id))
+            dropped_visual.append([apply_dropout(v, keep, params.dropout_mode) for keep in masks])
+        requests = [ScoreRequest(p, v, r) for p, v, r in zip(prompts, visual, corrupted, strict=True) if r]
+        requests += [ScoreRequest(p, dv, r)
+                     for p, dvs, r in zip(prompts, dropped_visual, corrupted, strict=True) if r for dv in dvs]
+        scores = iter(backend.score(requests))
+        full_logits = {i: next(scores) for i, r in enumerate(corrupted) if r}
+        dropped_logits = {i: torch.stack([next(scores) for _ in range(params.n_masks)]).mean(0)
+                          for i, r in enumerate(corrupted) if r}
+
+        plans_by_item: list[list[list[Replacement]]] = []
+        for i, it in enumerate(items):
+            own_text = backend.decode(own[i])
+            result = ItemResult(custom_id=it.custom_id, question=it.question, image=it.image,
+                                chosen=it.preferred or own_text, own_answer=own_text,
+                                corrupted=backend.decode(corrupted[i]), coupled=[])
+            self.results.append(result)
+            plans_by_item.append([])
+            if not corrupted[i]:
+                result.error = "the model gave an empty answer: nothing to corrupt"
+                continue
+            response = torch.tensor(corrupted[i])
+            full, dropped = full_logits[i], dropped_logits[i]
+            shift = token_shift(full, dropped, response, params.shift)
+            # A replacement must fall inside the re-decode budget (a long preferred answer may exceed it).
+            eligible = torch.tensor([t not in backend.special_token_ids and position < params.max_new_tokens
+                                     for position, t in enumerate(corrupted[i])])
+            positions = coupled_positions(shift, params.n_coupled, min_shift=params.min_shift, eligible=eligible)
+            result.coupled = [{"position": p, "token": backend.decode([corrupted[i][p]]), "shift": float(shift[p])}
+                              for p in positions]
+            replacements = []
+            for p in positions:
+                choice = hallucinated_token(full[p], dropped[p], corrupted[i][p], beta=params.contrast_beta,
+                                            top_k=params.top_k_candidates, pool=params.candidate_pool,
+                                            plausibility=params.plausibility,
+                                            banned=sorted(backend.special_token_ids))
+                if choice is not None:
+                    replacements.append(Replacement(p, corrupted[i][p], choice[0], choice[1], float(shift[p])))
+            if not replacements:
+                result.error = "no modality-coupled token found: the answer does not depend on the image"
+                continue
+            plans_by_item[i] = level_plans(replacements)
+
+        # Step 7: every level of every item in one batched decode (or spliced in place in finish).
+        self._jobs = [(i, plan) for i, plans in enumerate(plans_by_item) for plan in plans]
+        if params.replace_mode == "redecode":
+            # The own answer is the greedy decode itself; a preferred answer is followed only as long
+            # as the model's greedy choice agrees with it (beyond that the re-decode goes its own way).
+            teacher_forced = {i for i, it in enumerate(items) if params.corrupt == "preferred" and it.preferred}
+            followed = {i: reproduced_prefix(full_logits[i], corrupted[i]) if i in teacher_forced
+                        else len(corrupted[i]) for i, _ in self._jobs}
+            for i, plan in self._jobs:
+                # plan[0] is the first replacement in response order; the decoder fires it at the first
+                # decoded step, where the model must still want the original token (checked there).
+                # (A preferred answer may outrun the budget: keep at least one step to decode.)
+                start = (min(plan[0].position, followed[i], params.max_new_tokens - 1)
+                         if self.prefix_redecode else 0)
+                prefix = list(corrupted[i][:start])
+                self._decoders.append(ForcedDecoder(corrupted[i], plan, response_prefix=prefix))
+                self.redecode_requests.append(GenerateRequest(prompts[i], visual[i], params.max_new_tokens - start,
+                                                              forced=self._decoders[-1], response_prefix=prefix))
+        return self.redecode_requests
+
+    def finish(self, redecoded: Sequence[list[int]]) -> list[ItemResult]:
+        """Steps 7-8 from the re-decode outputs (ignored in splice mode) -> one result per item."""
+        backend, params = self.backend, self.params
+        if params.replace_mode == "redecode":
+            texts_ids = list(redecoded)
+            fired = [[(step, r) for step, r in d.fired] for d in self._decoders]
+        else:
+            texts_ids = [splice(self.corrupted[i], plan) for i, plan in self._jobs]
+            fired = [[(r.position, r) for r in plan] for _, plan in self._jobs]
+
+        candidates: dict[int, list[tuple[str, list[tuple[int, Replacement]], int]]] = {}
+        for (i, plan), ids, done in zip(self._jobs, texts_ids, fired, strict=True):
+            candidates.setdefault(i, []).append((backend.decode(ids), done, len(plan) - len(done)))
+
+        # Step 8: rerank by similarity to the preferred answer.
+        for i, result in enumerate(self.results):
+            if result.error:
+                continue
+            seen, unique = {result.chosen, result.own_answer}, []
+            for text, done, unfired in candidates.get(i, []):
+                if text not in seen and done:
+                    seen.add(text)
+                    unique.append((text, done, unfired))
+            result.n_candidates = len(unique)
+            if not unique:
+                result.error = "every replacement reproduced the preferred answer: no dispreferred response"
+                continue
+            sims = self.similarity([text for text, _, _ in unique], result.chosen)
+            severity = [len(done) for _, done, _ in unique] if params.severity_order else None
+            selection = select_levels(sims, params.n_levels, params.min_similarity_gap, severity)
+            result.shortfall = selection.shortfall
+            for level, k in enumerate(selection.indices, start=1):
+                text, done, unfired = unique[k]
+                result.levels.append(Level(
+                    level=level, text=text, n_replacements=len(done), similarity=float(sims[k]),
+                    unfired=unfired,
+                    replacements=[{"position": step, "original": backend.decode([r.original]),
+                                   "replacement": backend.decode([r.token]), "reward": r.reward, "shift": r.shift}
+                                  for step, r in done]))
+        return self.results

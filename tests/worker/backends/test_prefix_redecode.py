@@ -15,7 +15,7 @@ import torch
 from hscr_client import HSCRParams
 from hscr_worker.backends.base import GenerateRequest
 from hscr_worker.core.replace import ForcedDecoder, Replacement
-from hscr_worker.pipeline import reproduced_prefix, run_hscr
+from hscr_worker.pipeline import reproduced_prefix, run_hscr, run_hscr_stream
 from hscr_worker.similarity import get_similarity
 
 N_ITEMS = 16  # held-out items per comparison: enough levels (asserted) at a few seconds per run
@@ -164,3 +164,46 @@ def test_hook_contract_carries_the_prefix():
     hook.HSCRForcing.validate_params(params(spec, max_tokens=1))
     with pytest.raises(ValueError, match="beyond max_tokens \\(1\\) after the 3-token prefix"):
         hook.HSCRForcing.validate_params(params({**spec, "plan": [[4, 5, 9, 0.0, 0.0]]}, max_tokens=1))
+
+
+# ---- run_hscr_stream: batch k's re-decode shares engine calls with batch k+1's own answers ----
+def _same_as_batch_by_batch(backend, items, params, batch_size=6):
+    similarity = get_similarity(params.similarity)
+    batches = [(start, items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
+    calls = []
+    generate = backend.generate
+
+    def counted(requests):
+        calls.append(len(requests))
+        return generate(requests)
+
+    backend.generate = counted  # instance attribute: shadows the method for this test only
+    try:
+        streamed = list(run_hscr_stream(backend, iter(batches), params, similarity, overlap=True))
+    finally:
+        del backend.generate
+    assert [key for key, _ in streamed] == [key for key, _ in batches]
+    # one call per batch plus the last re-decode; every middle call carries both kinds of request
+    assert len(calls) == len(batches) + 1
+    assert all(n > batch_size for n in calls[1:-1])
+    for (key, batch), (_, results) in zip(batches, streamed, strict=True):
+        alone = run_hscr(backend, batch, params, similarity)
+        differ = [a.custom_id for a, b in zip(results, alone, strict=True) if _results(a) != _results(b)]
+        assert not differ, f"overlapping batches changed the results of {differ[:5]} (batch {key})"
+    assert sum(len(r.levels) for _, results in streamed for r in results) >= 10
+
+
+def test_stream_without_overlap_on_transformers_is_batch_by_batch(hf_backend):
+    assert hf_backend.continuous_batching is False  # padded static batches: merging them buys nothing
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_transformers_overlapped_stream_gives_the_batch_results(hf_backend, heldout_items, setting):
+    _same_as_batch_by_batch(hf_backend, heldout_items[:N_ITEMS], SETTINGS[setting])
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_vllm_overlapped_stream_gives_the_batch_results(vllm_backend, heldout_items, setting):
+    assert vllm_backend.continuous_batching is True
+    _same_as_batch_by_batch(vllm_backend, heldout_items[:N_ITEMS + 2], SETTINGS[setting])

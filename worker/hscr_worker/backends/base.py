@@ -49,6 +49,9 @@ class Backend(ABC):
     model_path: str
     eos_token_id: int
     special_token_ids: frozenset[int]
+    # True when requests of any length share engine steps without padding (vLLM's scheduler):
+    # then ``run_hscr_stream`` overlaps one batch's re-decode with the next batch's own answers.
+    continuous_batching: bool = False
 
     @abstractmethod
     def prompt_ids(self, question: str) -> list[int]:
