@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hscr_client import HSCRParams
+from hscr_client.items import parse_items_lines
 from hscr_client.manifest import finalize
 from hscr_client.storage import open_location
 
@@ -33,21 +33,10 @@ class ItemError:
 
 def read_items(path: str) -> tuple[list[dict], list[ItemError]]:
     """Parse an items JSONL file; a malformed line becomes an error of its own, never fatal."""
-    items, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                if not isinstance(item, dict):
-                    raise ValueError("each line must be a JSON object")
-            except ValueError as exc:
-                errors.append(ItemError(f"line-{number}", f"malformed JSON on line {number}: {exc}"))
-                continue
-            item.setdefault("custom_id", f"line-{number}")
-            items.append(item)
-    return items, errors
+    with open(path, "rb") as f:
+        parsed = parse_items_lines(f)
+    items = [item for item in parsed if "error" not in item]
+    return items, [ItemError(item["custom_id"], item["error"]) for item in parsed if "error" in item]
 
 
 def prepare(item: dict, *, base_dir: str | None, limits: ImageLimits) -> PreparedItem:
