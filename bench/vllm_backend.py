@@ -70,15 +70,6 @@ def step_counter(backend: VLLMBackend):
 
 def engine_steps(backend: VLLMBackend, items, batch_sizes, min_rows: int, params, similarity) -> list[dict]:
     """Engine steps (``LLMEngine.step`` calls) of plain, HSCR and HSCR with full re-decode per batch size."""
-    engine = backend.llm.llm_engine
-    step = engine.step
-    count = 0
-
-    def counted_step(*args, **kwargs):
-        nonlocal count
-        count += 1
-        return step(*args, **kwargs)
-
     run_engine = backend._run
     redecode_prompt_tokens = cached_tokens = 0
 
@@ -91,26 +82,29 @@ def engine_steps(backend: VLLMBackend, items, batch_sizes, min_rows: int, params
                 cached_tokens += out.num_cached_tokens or 0
         return outputs
 
-    engine.step, backend._run = counted_step, counted_run
+    backend._run = counted_run
     try:
         out = []
-        for batch_size in batch_sizes:
-            row = {"batch_size": batch_size}
-            for name, run in (("plain", lambda chunk: plain_greedy(backend, chunk, params.max_new_tokens)),
-                              ("hscr", lambda chunk: run_hscr(backend, chunk, params, similarity)),
-                              ("hscr_full_redecode", lambda chunk: full_redecode(backend, chunk, params, similarity))):
-                count = redecode_prompt_tokens = cached_tokens = 0
-                rows = items[:rows_for(batch_size, min_rows)]
-                for start in range(0, len(rows), batch_size):
-                    run(rows[start:start + batch_size])
-                row[name] = count
-                if name == "hscr":
-                    row["redecode_prompt_tokens"] = redecode_prompt_tokens
-                    row["redecode_prompt_tokens_cached"] = cached_tokens
-            out.append(row)
+        with step_counter(backend) as steps:
+            for batch_size in batch_sizes:
+                row = {"batch_size": batch_size}
+                for name, run in (("plain", lambda chunk: plain_greedy(backend, chunk, params.max_new_tokens)),
+                                  ("hscr", lambda chunk: run_hscr(backend, chunk, params, similarity)),
+                                  ("hscr_full_redecode",
+                                   lambda chunk: full_redecode(backend, chunk, params, similarity))):
+                    before = steps()
+                    redecode_prompt_tokens = cached_tokens = 0
+                    rows = items[:rows_for(batch_size, min_rows)]
+                    for start in range(0, len(rows), batch_size):
+                        run(rows[start:start + batch_size])
+                    row[name] = steps() - before
+                    if name == "hscr":
+                        row["redecode_prompt_tokens"] = redecode_prompt_tokens
+                        row["redecode_prompt_tokens_cached"] = cached_tokens
+                out.append(row)
         return out
     finally:
-        engine.step, backend._run = step, run_engine
+        backend._run = run_engine
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,8 +35,9 @@ def read_items(path: str) -> tuple[list[dict], list[ItemError]]:
     """Parse an items JSONL file; a malformed line becomes an error of its own, never fatal."""
     with open(path, "rb") as f:
         parsed = parse_items_lines(f)
-    items = [item for item in parsed if "error" not in item]
-    return items, [ItemError(item["custom_id"], item["error"]) for item in parsed if "error" in item]
+    failed = [item for item in parsed if item.keys() == {"custom_id", "error"}]  # the parser's error rows
+    items = [item for item in parsed if item.keys() != {"custom_id", "error"}]
+    return items, [ItemError(item["custom_id"], item["error"]) for item in failed]
 
 
 def prepare(item: dict, *, base_dir: str | None, limits: ImageLimits) -> PreparedItem:

@@ -150,6 +150,7 @@ class HSCRBatch:
                                 for p, v in zip(self.prompts, self.visual, strict=True)]
         self.redecode_requests: list[GenerateRequest] = []
         self.results: list[ItemResult] = []
+        self.corrupted: list[list[int]] = []  # per item: the response that gets corrupted
         self._jobs: list[tuple[int, list[Replacement]]] = []  # (item, level plan) per candidate
         self._decoders: list[ForcedDecoder] = []
 
@@ -157,11 +158,10 @@ class HSCRBatch:
         """Steps 3-7 from the own answers; returns (and keeps) the re-decode requests."""
         backend, items, params = self.backend, self.items, self.params
         prompts, visual = self.prompts, self.visual
-        corrupted = [
+        self.corrupted = corrupted = [
             backend.encode_text(it.preferred) if params.corrupt == "preferred" and it.preferred else ids
             for it, ids in zip(items, own, strict=True)
         ]
-        self.corrupted = corrupted
 
         # Step 4: the full image and n_masks dropped variants, scored in one batched call.
         dropped_visual = []
