@@ -9,8 +9,10 @@ same GPU, every response forced to ``--max-new-tokens`` (random weights would st
 
 Prints tokens/s, rows/s, GPU-seconds per 1,000 rows (a row = one item with its levels), the ratio
 HSCR / plain and peak GPU memory, per backend: transformers always, vLLM where
-``hscr_worker.backends.vllm`` imports and CUDA is present. ``--tiny`` runs a tiny config on the CPU
-(what CI tests).
+``hscr_worker.backends.vllm`` imports and CUDA is present. For vLLM also ``stream``: plain vs HSCR
+over ``--stream-chunks`` chunks per batch size, batch by batch and overlapped (chunk k's re-decode
+in the same engine call as chunk k+1's own answers, what ``hscr generate`` does on vLLM).
+``--tiny`` runs a tiny config on the CPU (what CI tests).
 
     python bench/gpu_scale.py --out gpu_scale.json            # on a GPU machine
     python bench/gpu_scale.py --tiny --batch-sizes 1 2 --min-rows 1 --out /tmp/gpu_scale.json
@@ -32,7 +34,7 @@ from hscr_worker.backends.transformers import TransformersBackend  # first: make
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import env_block, measure, rows_for, write_json  # noqa: E402
+from common import env_block, measure, measure_stream, rows_for, write_json  # noqa: E402
 from hscr_client import HSCRParams  # noqa: E402
 from PIL import Image  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
@@ -178,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: transformers, plus vllm on CUDA (on the CPU vllm runs only when named here)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="passes over the items per batch size (the ratio is of the totals)")
+    parser.add_argument("--stream-chunks", type=int, default=4,
+                        help="vLLM: also time plain vs HSCR over a stream of this many chunks per batch size, "
+                             "chunk k's re-decode overlapped with chunk k+1's own answers (0: skip)")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="one untimed plain + HSCR pass first (CUDA kernels, allocator)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -199,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     similarity = get_similarity(params.similarity)
     config = model_config(args.tiny)
     processor = build_processor(config)
-    items = synthetic_items(max(rows_for(b, min_rows) for b in args.batch_sizes), config, args.question_words, 0)
+    n_items = max(max(rows_for(b, min_rows), b * args.stream_chunks) for b in args.batch_sizes)
+    items = synthetic_items(n_items, config, args.question_words, 0)
     report: dict = {"benchmark": "gpu_scale", "env": env_block(device), "tiny": args.tiny, "dtype": str(dtype),
                     "max_new_tokens": args.max_new_tokens, "question_words": args.question_words,
                     "visual_tokens": config.image_seq_length, "profile": PROFILE, "params": params.model_dump(),
@@ -244,6 +250,16 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     entry["results"] = measure(backend, items, args.batch_sizes, params, similarity, device,
                                                min_rows=min_rows, warmup=args.warmup, repeats=args.repeats)
+                    if args.stream_chunks:
+                        entry["stream"] = []
+                        for b in args.batch_sizes:
+                            row = measure_stream(backend, items[:b * args.stream_chunks], b, params, similarity,
+                                                 device, repeats=args.repeats)
+                            entry["stream"].append(row)
+                            print(f"        vllm stream of {row['chunks']} chunks of {b}: HSCR/plain "
+                                  f"{row['hscr_overlapped_over_plain_time']:.2f}x overlapped, "
+                                  f"{row['hscr_batch_by_batch_over_plain_time']:.2f}x batch by batch", flush=True)
+                            save()
                 except Exception as exc:  # keep the transformers figures and say what broke
                     entry["failed"] = f"{type(exc).__name__}: {exc}"
                     print(f"        vllm failed: {entry['failed']}", flush=True)
