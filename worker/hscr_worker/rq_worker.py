@@ -10,6 +10,11 @@
 - :func:`run_chunk` is the unit of work and of retry: it reads ``inputs/<job>/part-<chunk>.jsonl`` and
   writes that chunk's immutable shards with :func:`hscr_worker.dataset.write_chunk`, so a re-run
   overwrites its own files. Its counts are settled in Redis exactly once (``Store.settle_chunk``).
+- Pipelining: inside :class:`HSCRWorker`, a chunk's commit (shards, counts, RQ's success bookkeeping) runs
+  on one background thread (:class:`ChunkCommitter`) while the main thread dequeues and computes the next
+  chunk. One commit at a time, in order; the chunk stays in RQ's started registry with its heartbeat until
+  its commit is done, so its RQ job succeeds only after its shards are written, and a SIGKILL mid-commit
+  re-queues it like any running chunk.
 - The chunk that settles last enqueues :func:`finalize_job`, which writes the manifest and card last
   and only then marks the job ``completed`` (or ``cancelled``).
 
@@ -20,9 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
+import queue as queue_module
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -30,7 +38,7 @@ import click
 from rq import Callback, Queue, Retry, SimpleWorker, get_current_job
 from rq.job import Job as RQJob
 from rq.scheduler import RQScheduler
-from rq.worker import WorkerStatus
+from rq.timeouts import BaseDeathPenalty, JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 
 log = logging.getLogger("hscr_worker.rq")
 
@@ -106,7 +114,102 @@ return 0
 """
 
 
+class _Heartbeats:
+    """One thread per worker that keeps the RQ heartbeat of each chunk it holds, computing or committing
+    (SimpleWorker does not beat mid-job). One long-lived thread: starting a thread per chunk costs a context
+    switch on a loaded machine."""
+
+    def __init__(self, worker: HSCRWorker) -> None:
+        self._worker = worker
+        self._held: dict[str, tuple[RQJob, object]] = {}  # execution id -> (job, execution)
+        self._lock = threading.Lock()  # held while beating, so a removed chunk is never beaten afterwards
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, job: RQJob, execution) -> None:
+        with self._lock:
+            self._held[execution.id] = (job, execution)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="hscr-heartbeat", daemon=True)
+            self._thread.start()
+
+    def remove(self, execution) -> None:
+        with self._lock:
+            self._held.pop(execution.id, None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._worker.heartbeat_interval):
+            with self._lock:
+                for job, execution in list(self._held.values()):
+                    try:
+                        self._worker.maintain_heartbeats(job, execution)
+                    except Exception as exc:  # Redis restarting: the next beat retries
+                        log.warning("heartbeat failed: %s", exc)
+
+
+class _MainOrTimerDeathPenalty(BaseDeathPenalty):
+    """RQ's job timeout on any thread: SIGALRM on the main thread (RQ's default, no thread per job), a timer
+    thread elsewhere (a failure callback run on the commit thread; signals work only on the main thread)."""
+
+    def __init__(self, timeout, exception=JobTimeoutException, **kwargs) -> None:
+        super().__init__(timeout, exception, **kwargs)
+        on_main = threading.current_thread() is threading.main_thread()
+        self._impl = (UnixSignalDeathPenalty if on_main else TimerDeathPenalty)(timeout, exception, **kwargs)
+
+    def setup_death_penalty(self) -> None:
+        self._impl.setup_death_penalty()
+
+    def cancel_death_penalty(self) -> None:
+        self._impl.cancel_death_penalty()
+
+
+class ChunkCommitter:
+    """One background thread that commits computed chunks (shards, counts, RQ's success bookkeeping) in order.
+
+    Bounded: :meth:`submit` first waits for the previous commit, so at most one commit overlaps the next
+    chunk's compute and results never pile up in memory.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: queue_module.SimpleQueue[Callable[[], None]] = queue_module.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, task: Callable[[], None]) -> None:
+        self._idle.wait()
+        self._idle.clear()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="hscr-commit", daemon=True)
+            self._thread.start()
+        self._tasks.put(task)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the submitted commit is done; False if it still runs after ``timeout`` seconds."""
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            task = self._tasks.get()
+            try:
+                task()
+            except Exception:  # the task records its own failure; never let the thread die
+                log.exception("chunk commit failed")
+            finally:
+                self._idle.set()
+
+
+_defer = threading.local()  # set while HSCRWorker performs a job: run_chunk may hand its commit back
+
+
 class HSCRWorker(SimpleWorker):
+    # A chunk's success or failure handling (with its failure callback's timeout) may run on the commit thread.
+    death_penalty_class = _MainOrTimerDeathPenalty
+    pipeline_commits = True  # commit chunk k on a background thread while chunk k+1 computes
+    commit_flush_timeout = 300.0  # seconds a stopping worker waits for its last commit
     heartbeat_interval = 5.0
     storage_uri: str | None = None  # the storage root, for the upload sweep (None: no sweep)
     abort_uploads_after: timedelta | None = timedelta(hours=24)
@@ -154,25 +257,87 @@ class HSCRWorker(SimpleWorker):
         except Exception as exc:  # Redis or storage unreachable: the next maintenance tries again
             log.warning("expiry sweep failed: %s", exc)
 
+    _committer: ChunkCommitter | None = None
+    _beats: _Heartbeats | None = None
+    _running = None  # the execution of the job the main thread performs
+    _worker_beat_at = float("-inf")  # monotonic time of the last worker heartbeat
+    _burst = False
+
+    @property
+    def committer(self) -> ChunkCommitter:
+        if self._committer is None:
+            self._committer = ChunkCommitter()
+        return self._committer
+
+    @property
+    def heartbeats(self) -> _Heartbeats:
+        if self._beats is None:
+            self._beats = _Heartbeats(self)
+        return self._beats
+
+    def work(self, burst: bool = False, *args, **kwargs):
+        self._burst = burst  # burst mode must see the finalize job the last commit enqueues: commit inline
+        return super().work(burst, *args, **kwargs)
+
     def execute_job(self, job: RQJob, queue: Queue):
         execution = self.prepare_execution(job)
         runtime().stop.clear()
-        done = threading.Event()
-        beat = threading.Thread(target=self._beat, args=(job, execution, done), name="hscr-heartbeat", daemon=True)
-        beat.start()
+        self.heartbeats.add(job, execution)
+        self._running = execution
+        _defer.enabled = self.pipeline_commits and not self._burst
         try:
             self.perform_job(job, queue, execution)
         finally:
-            done.set()
-            beat.join(timeout=5)
-        self.set_state(WorkerStatus.IDLE)
+            _defer.enabled = False
+            if self._running is not None:  # not handed to the committer: the job has ended
+                self._running = None
+                self.heartbeats.remove(execution)
+        # No set_state(IDLE) here (SimpleWorker's): the dequeue that follows at once sets it, one write per chunk.
 
-    def _beat(self, job: RQJob, execution, done: threading.Event) -> None:
-        while not done.wait(self.heartbeat_interval):
+    def heartbeat(self, timeout: int | None = None, pipeline=None):
+        # RQ beats the worker key up to three times between two chunks (after a job, before and after a dequeue),
+        # each a round trip on the critical path. Its TTL is worker_ttl + 60 s: one plain beat a second is plenty.
+        # Beats with a timeout or inside a pipeline (job start, the heartbeat thread) always go through.
+        if timeout is None and pipeline is None and time.monotonic() - self._worker_beat_at < 1.0:
+            return
+        super().heartbeat(timeout, pipeline)
+        self._worker_beat_at = time.monotonic()
+
+    def _finalize_success(self, job: RQJob, queue: Queue, execution, return_value) -> None:
+        if not isinstance(return_value, ChunkCommit):
+            return super()._finalize_success(job, queue, execution, return_value)
+        # A computed chunk: the commit thread writes it and only then finishes the RQ job; the chunk keeps its
+        # heartbeat (and its entry in the started registry) until then.
+        self._running = None
+        self.committer.submit(lambda: self._commit(job, queue, execution, return_value))
+
+    def _commit(self, job: RQJob, queue: Queue, execution, commit: ChunkCommit) -> None:
+        """On the commit thread: what RQ's perform_job does after the function returns, for a deferred chunk."""
+        try:
             try:
-                self.maintain_heartbeats(job, execution)
-            except Exception as exc:  # Redis restarting: the next beat retries
-                log.warning("heartbeat failed: %s", exc)
+                result = commit()
+                self.heartbeats.remove(execution)  # before RQ removes it from the started registry
+                super()._finalize_success(job, queue, execution, result)
+            except Exception:  # storage down: RQ retries the chunk with backoff, as if run_chunk had raised
+                self.heartbeats.remove(execution)
+                self._finalize_failure(job, queue, execution, sys.exc_info())
+        except Exception:  # Redis down too: no more heartbeats, the chunk expires and is re-queued
+            log.exception("cannot record the end of %s", job.id)
+        finally:
+            self.heartbeats.remove(execution)
+
+    def get_current_job_id(self) -> str | None:
+        # RQ's stop-job command targets the chunk being computed, not one whose commit is finishing.
+        running = self._running
+        return running.job_id if running is not None else super().get_current_job_id()
+
+    def teardown(self):
+        if self._committer is not None and not self._committer.flush(self.commit_flush_timeout):
+            log.warning("a chunk commit still runs after %.0f s; its chunk will be re-queued",
+                        self.commit_flush_timeout)
+        if self._beats is not None:
+            self._beats.stop()
+        super().teardown()
 
     def get_heartbeat_ttl(self, job: RQJob, working_time: float = 0.0) -> int:
         # Short: an abandoned chunk (worker killed) expires from the started registry in seconds.
@@ -221,36 +386,38 @@ def _read_chunk_input(record, chunk: int) -> list[dict]:
     return [json.loads(line) for line in data.splitlines() if line.strip()]
 
 
-def _stop_reason(store, record) -> str | None:
+def _stop_reason(store, record, status: str | None = None) -> str | None:
     """Why this chunk must stop: ``skipped`` (cancel, or an operator's stop), ``expired`` (the job's completion
-    window ended), or None."""
-    if runtime().stop.is_set() or store.status(record.tenant, record.id) in ("cancelling", "cancelled"):
+    window ended), or None. ``status``: the job's status if just read (else it is read here)."""
+    if runtime().stop.is_set() or (status or store.status(record.tenant, record.id)) in ("cancelling", "cancelled"):
         return "skipped"
     if record.expires_at is not None and time.time() >= record.expires_at:
         return "expired"
     return None
 
 
-def run_chunk(tenant: str, job_id: str, chunk: int) -> dict:
-    """Run HSCR over one chunk and write its shards; settle its counts once; the last chunk finalizes."""
-    from hscr_client import HSCRParams
-    from hscr_client.storage import open_location
+def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
+    """Run HSCR over one chunk and write its shards; settle its counts once; the last chunk finalizes.
 
-    from .dataset import write_chunk
+    Inside :class:`HSCRWorker` the write is handed back as a :class:`ChunkCommit` that the worker's commit
+    thread runs (and only then marks the RQ job done) while this thread computes the next chunk.
+    """
+    from hscr_client import HSCRParams
+
     from .generate import prepare_all
     from .pipeline import run_hscr
 
     store = _store()
-    record = store.get_record(tenant, job_id)
+    record, settled, status = store.chunk_context(tenant, job_id, chunk)  # one round trip
     if record is None:
         return {"outcome": "job gone"}
-    if store.chunk_settled(tenant, job_id, chunk):  # a re-run of a chunk that already counted
+    if settled:  # a re-run of a chunk that already counted
         _maybe_finalize(record)
         return {"outcome": "already settled"}
     rt = runtime()
     if record.model != rt.model_name:
         raise RuntimeError(f"job wants model {record.model!r}; this worker serves {rt.model_name!r}")
-    if reason := _stop_reason(store, record):
+    if reason := _stop_reason(store, record, status):
         return _skip(record, chunk, reason)
     rows = _read_chunk_input(record, chunk)
     pre_errors = [{"custom_id": r["custom_id"], "error": r["error"]} for r in rows if "error" in r]
@@ -262,18 +429,39 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict:
     similarity = rt.similarity(params.similarity)
     results = []
     for start in range(0, len(prepared), rt.micro_batch):
-        if reason := _stop_reason(store, record):
+        if start and (reason := _stop_reason(store, record)):  # the first micro-batch was checked above
             return _skip(record, chunk, reason)
         results += run_hscr(rt.backend, prepared[start:start + rt.micro_batch], params, similarity)
-    try:
-        sidecar = write_chunk(open_location(record.dataset_uri), chunk, results,
-                              pre_errors + [e.as_dict() for e in errors])
-    except OSError as exc:
-        raise TransientError(f"cannot write the shards: {exc}") from exc
-    store.set_model_info(tenant, job_id, rt.model_info)
-    store.settle_chunk(tenant, job_id, chunk, completed=sidecar["completed"], failed=sidecar["failed"])
-    _maybe_finalize(record)
-    return {"outcome": "written", "completed": sidecar["completed"], "failed": sidecar["failed"]}
+    commit = ChunkCommit(record, chunk, results, pre_errors + [e.as_dict() for e in errors], get_current_job())
+    return commit if getattr(_defer, "enabled", False) else commit()
+
+
+@dataclass
+class ChunkCommit:
+    """A computed chunk still to be committed: its shards and error file, then its counts (once), then maybe the
+    job's finalize. Calling it does all three and returns run_chunk's result."""
+
+    record: object  # hscr_service.core.store.JobRecord
+    chunk: int
+    results: list
+    errors: list[dict]
+    rq_job: RQJob | None  # the chunk's RQ job: its retry policy is the finalize job's
+
+    def __call__(self) -> dict:
+        from hscr_client.storage import open_location
+
+        from .dataset import write_chunk
+
+        try:
+            sidecar = write_chunk(open_location(self.record.dataset_uri), self.chunk, self.results, self.errors)
+        except OSError as exc:
+            raise TransientError(f"cannot write the shards: {exc}") from exc
+        rt = runtime()
+        _, done = rt.store.settle_chunk(self.record.tenant, self.record.id, self.chunk,
+                                        completed=sidecar["completed"], failed=sidecar["failed"],
+                                        model=rt.model_info)
+        _maybe_finalize(self.record, done=done, rq_job=self.rq_job)
+        return {"outcome": "written", "completed": sidecar["completed"], "failed": sidecar["failed"]}
 
 
 def _skip(record, chunk: int, reason: str) -> dict:
@@ -286,13 +474,17 @@ def _skip(record, chunk: int, reason: str) -> dict:
     raise RuntimeError("stopped by an operator's stop command")
 
 
-def _maybe_finalize(record) -> None:
+def _maybe_finalize(record, *, done: int | None = None, rq_job: RQJob | None = None) -> None:
+    """Enqueue the job's finalize once every chunk has settled. ``done``: the settled count if just known;
+    ``rq_job``: the calling chunk's RQ job (RQ's current job is per thread)."""
+    if done is not None and done < record.n_chunks:
+        return
     store = _store()
     job = store.get_job(record.tenant, record.id)
     if job is None or job.is_terminal or job.chunk_counts.done < record.n_chunks:
         return
     queue = Queue(runtime().queue, connection=store.redis)
-    current = get_current_job()
+    current = rq_job or get_current_job()
     retry = Retry(max=current.retries_left or 3, interval=current.retry_intervals or [2, 5, 10]) if current else None
     queue.enqueue("hscr_worker.rq_worker.finalize_job", record.tenant, record.id,
                   job_id=f"{record.id}-finalize", retry=retry, result_ttl=3600,

@@ -48,8 +48,10 @@ return 0
 """
 
 # A chunk's counts are added exactly once, however often the chunk runs. Returns {newly, chunks_done}.
+# ARGV[5] (optional): the worker's model info, kept if none is recorded yet (one round trip for both).
 _SETTLE_CHUNK = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+if ARGV[5] then redis.call('HSETNX', KEYS[1], 'model', ARGV[5]) end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'completed', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'failed', ARGV[4])
@@ -239,12 +241,23 @@ class Store:
     def chunk_settled(self, tenant: str, job_id: str, chunk: int) -> bool:
         return bool(self.redis.hexists(self.job_key(tenant, job_id) + ":chunks", str(chunk)))
 
+    def chunk_context(self, tenant: str, job_id: str, chunk: int) -> tuple[JobRecord | None, bool, str | None]:
+        """(record, chunk already settled, job status) in one round trip: what a worker checks before a chunk."""
+        key = self.job_key(tenant, job_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(key, "doc", "status")
+            pipe.hexists(key + ":chunks", str(chunk))
+            (doc, status), settled = pipe.execute()
+        return (JobRecord(**json.loads(doc)) if doc else None), bool(settled), _text(status)
+
     def settle_chunk(self, tenant: str, job_id: str, chunk: int, *, completed: int, failed: int,
-                     outcome: str = "written") -> tuple[bool, int]:
-        """Record a chunk's counts once. Returns (newly settled, chunks settled so far)."""
+                     outcome: str = "written", model: dict | None = None) -> tuple[bool, int]:
+        """Record a chunk's counts once (and ``model``, the worker's model info, if the job has none yet).
+        Returns (newly settled, chunks settled so far)."""
         key = self.job_key(tenant, job_id)
         counts = json.dumps({"completed": completed, "failed": failed, "outcome": outcome, "at": time.time()})
-        newly, done = self._settle(keys=[key, key + ":chunks"], args=[chunk, counts, completed, failed])
+        args = [chunk, counts, completed, failed] + ([json.dumps(model)] if model is not None else [])
+        newly, done = self._settle(keys=[key, key + ":chunks"], args=args)
         if newly == 1:
             self.publish(tenant, job_id, "job.shard" if outcome == "written" else "job.progress", chunk=chunk)
         return newly == 1, int(done)
