@@ -85,15 +85,20 @@ def reproduced_prefix(full: torch.Tensor, response: Sequence[int]) -> int:
 
 
 def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams,
-             similarity: Similarity, *, prefix_redecode: bool = True) -> list[ItemResult]:
+             similarity: Similarity, *, prefix_redecode: bool = True,
+             full_scores_from_decode: bool = True) -> list[ItemResult]:
     """Run HSCR on ``items``; each result carries its levels or an ``error`` for that item alone.
 
     ``prefix_redecode=False`` re-decodes every level from the start of the response: the same
     results at a higher cost (kept to check and measure exactly that).
+    ``full_scores_from_decode=False`` scores the own answer under the full image in a second,
+    teacher-forced pass instead of keeping the decode's own logits: the same decisions from logits
+    that differ only in float rounding (about 1e-5), at the cost of that pass.
     """
     if not items:
         return []
-    batch = HSCRBatch(backend, items, params, similarity, prefix_redecode=prefix_redecode)
+    batch = HSCRBatch(backend, items, params, similarity, prefix_redecode=prefix_redecode,
+                      full_scores_from_decode=full_scores_from_decode)
     batch.plan(backend.generate(batch.answer_requests))
     return batch.finish(backend.generate(batch.redecode_requests))
 
@@ -141,13 +146,18 @@ class HSCRBatch:
     """
 
     def __init__(self, backend: Backend, items: Sequence[PreparedItem], params: HSCRParams,
-                 similarity: Similarity, *, prefix_redecode: bool = True):
+                 similarity: Similarity, *, prefix_redecode: bool = True, full_scores_from_decode: bool = True):
         self.backend, self.items, self.params, self.similarity = backend, list(items), params, similarity
         self.prefix_redecode = prefix_redecode
         self.visual = backend.encode_images([it.image for it in items]) if items else []
         self.prompts = [backend.prompt_ids(it.question) for it in items]
-        self.answer_requests = [GenerateRequest(p, v, params.max_new_tokens)
-                                for p, v in zip(self.prompts, self.visual, strict=True)]
+        # Where the own answer is the response to corrupt, its full-image score rows are the logits
+        # the greedy decode already computed: the decode returns them, and no second pass is needed.
+        self.answer_requests = [
+            GenerateRequest(p, v, params.max_new_tokens,
+                            return_logits=full_scores_from_decode and not (params.corrupt == "preferred"
+                                                                           and it.preferred))
+            for p, v, it in zip(self.prompts, self.visual, items, strict=True)]
         self.redecode_requests: list[GenerateRequest] = []
         self.results: list[ItemResult] = []
         self.corrupted: list[list[int]] = []  # per item: the response that gets corrupted
@@ -163,17 +173,23 @@ class HSCRBatch:
             for it, ids in zip(items, own, strict=True)
         ]
 
-        # Step 4: the full image and n_masks dropped variants, scored in one batched call.
+        # Step 4: the full image (unless the decode returned its rows) and n_masks dropped variants,
+        # scored in one batched call.
+        full_logits = {i: request.logits for i, request in enumerate(self.answer_requests)
+                       if corrupted[i] and request.logits is not None}
+        if any(full_logits[i].shape[0] != len(corrupted[i]) for i in full_logits):
+            raise RuntimeError("the backend returned decode logits that do not match its answer")
         dropped_visual = []
         for it, v in zip(items, visual, strict=True):
             masks = keep_masks(v.shape[0], params.dropout_ratio, params.n_masks,
                                mask_generator(params.mask_seed, it.custom_id))
             dropped_visual.append([apply_dropout(v, keep, params.dropout_mode) for keep in masks])
-        requests = [ScoreRequest(p, v, r) for p, v, r in zip(prompts, visual, corrupted, strict=True) if r]
+        unscored = [i for i, r in enumerate(corrupted) if r and i not in full_logits]
+        requests = [ScoreRequest(prompts[i], visual[i], corrupted[i]) for i in unscored]
         requests += [ScoreRequest(p, dv, r)
                      for p, dvs, r in zip(prompts, dropped_visual, corrupted, strict=True) if r for dv in dvs]
         scores = iter(backend.score(requests))
-        full_logits = {i: next(scores) for i, r in enumerate(corrupted) if r}
+        full_logits |= {i: next(scores) for i in unscored}
         dropped_logits = {i: torch.stack([next(scores) for _ in range(params.n_masks)]).mean(0)
                           for i, r in enumerate(corrupted) if r}
 

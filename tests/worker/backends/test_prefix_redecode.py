@@ -1,10 +1,16 @@
-"""Prefix re-decode: a level re-decodes from its first replaced position, with the same results.
+"""Ways of running HSCR cheaper that must keep its decisions, on both backends.
 
-Up to a level's first planned replacement a re-decode only reproduces the response, so
-``run_hscr`` puts that part in the prompt (``GenerateRequest.response_prefix``) and the decoder
-counts steps from the start of the response (``ForcedDecoder.response_prefix``). These tests pin
-that both backends honour the prefix and that ``run_hscr`` gives exactly the results of a full
-re-decode (``prefix_redecode=False``), field by field, floats included.
+- Prefix re-decode: up to a level's first planned replacement a re-decode only reproduces the
+  response, so ``run_hscr`` puts that part in the prompt (``GenerateRequest.response_prefix``) and
+  the decoder counts steps from the start of the response (``ForcedDecoder.response_prefix``): the
+  results are exactly those of a full re-decode (``prefix_redecode=False``), field by field, floats
+  included.
+- Overlapped stream (``run_hscr_stream``): batch k's re-decode in the same engine call as batch
+  k+1's own answers.
+- Full-image score rows from the own answer's decode (``GenerateRequest.return_logits``) instead of
+  a second, teacher-forced pass (``full_scores_from_decode=False``).
+The last two move float rounding (batch composition, decode vs prefill kernels): decisions are
+compared exactly, shifts and rewards within 1e-4.
 """
 
 from __future__ import annotations
@@ -93,6 +99,26 @@ def _results(result) -> tuple:
               for lv in result.levels]
     return (result.own_answer, result.corrupted, result.coupled, levels, result.n_candidates, result.shortfall,
             result.error)
+
+
+def _decisions(result) -> tuple:
+    """Everything but the floats (shifts, rewards): texts, positions, tokens, counts, errors."""
+    levels = [(lv.level, lv.text, lv.n_replacements, lv.unfired,
+               [(r["position"], r["original"], r["replacement"]) for r in lv.replacements]) for lv in result.levels]
+    coupled = [(c["position"], c["token"]) for c in result.coupled]
+    return (result.own_answer, result.corrupted, coupled, levels, result.n_candidates, result.shortfall, result.error)
+
+
+def _floats(result) -> list[float]:
+    return ([c["shift"] for c in result.coupled]
+            + [x for lv in result.levels for r in lv.replacements for x in (r["reward"], r["shift"])])
+
+
+def _same_decisions(results, reference, what: str, tolerance: float) -> None:
+    differ = [a.custom_id for a, b in zip(results, reference, strict=True) if _decisions(a) != _decisions(b)]
+    assert not differ, f"{what} changed the decisions of {len(differ)} items: {differ[:5]}"
+    for a, b in zip(results, reference, strict=True):
+        assert _floats(a) == pytest.approx(_floats(b), abs=tolerance), a.custom_id
 
 
 def _same_as_full_redecode(backend, items, params):
@@ -187,9 +213,9 @@ def _same_as_batch_by_batch(backend, items, params, batch_size=6):
     assert len(calls) == len(batches) + 1
     assert all(n > batch_size for n in calls[1:-1])
     for (key, batch), (_, results) in zip(batches, streamed, strict=True):
-        alone = run_hscr(backend, batch, params, similarity)
-        differ = [a.custom_id for a, b in zip(results, alone, strict=True) if _results(a) != _results(b)]
-        assert not differ, f"overlapping batches changed the results of {differ[:5]} (batch {key})"
+        # The own answers' full-image rows come from their decode, and a decode batch that also holds
+        # longer re-decode prompts is padded differently (transformers): rounding moves, decisions must not.
+        _same_decisions(results, run_hscr(backend, batch, params, similarity), f"overlapping (batch {key})", 1e-4)
     assert sum(len(r.levels) for _, results in streamed for r in results) >= 10
 
 
@@ -207,3 +233,56 @@ def test_transformers_overlapped_stream_gives_the_batch_results(hf_backend, held
 def test_vllm_overlapped_stream_gives_the_batch_results(vllm_backend, heldout_items, setting):
     assert vllm_backend.continuous_batching is True
     _same_as_batch_by_batch(vllm_backend, heldout_items[:N_ITEMS + 2], SETTINGS[setting])
+
+
+# ---- the own answer's full-image score rows come from its decode ----
+def _decode_logits_are_the_score_rows(backend, items):
+    from hscr_worker.backends.base import ScoreRequest
+
+    visual = backend.encode_images([it.image for it in items])
+    prompts = [backend.prompt_ids(it.question) for it in items]
+    requests = [GenerateRequest(p, v, 64, return_logits=True) for p, v in zip(prompts, visual, strict=True)]
+    answers = backend.generate(requests)
+    scored = backend.score([ScoreRequest(p, v, a) for p, v, a in zip(prompts, visual, answers, strict=True)])
+    for request, answer, rows in zip(requests, answers, scored, strict=True):
+        assert request.logits.shape == rows.shape == (len(answer), rows.shape[1])
+        assert torch.equal(request.logits.argmax(-1), torch.tensor(answer))  # greedy: each row's argmax was emitted
+        assert (request.logits - rows).abs().max() <= 1e-4
+
+
+def _same_decisions_as_a_second_pass(backend, items, params):
+    similarity = get_similarity(params.similarity)
+    from_decode = run_hscr(backend, items, params, similarity)
+    second_pass = run_hscr(backend, items, params, similarity, full_scores_from_decode=False)
+    _same_decisions(from_decode, second_pass, "full-image rows from the decode", 1e-4)
+    assert sum(len(r.levels) for r in from_decode) >= 10
+
+
+def test_return_logits_needs_a_plain_decode():
+    decoder = ForcedDecoder([1, 2, 3], [Replacement(2, 3, 4, 0.0, 0.0)])
+    with pytest.raises(ValueError, match="return_logits"):
+        GenerateRequest([0], torch.zeros(1, 1), 4, forced=decoder, return_logits=True)
+    with pytest.raises(ValueError, match="return_logits"):
+        GenerateRequest([0], torch.zeros(1, 1), 4, response_prefix=[1], return_logits=True)
+
+
+def test_transformers_decode_logits_are_the_score_rows(hf_backend, heldout_items):
+    _decode_logits_are_the_score_rows(hf_backend, heldout_items[:8])
+
+
+@pytest.mark.parametrize("setting", ["shipped", "paper"])
+def test_transformers_full_rows_from_the_decode_give_the_same_decisions(hf_backend, heldout_items, setting):
+    params = HSCRParams() if setting == "shipped" else HSCRParams.paper()
+    _same_decisions_as_a_second_pass(hf_backend, heldout_items[:N_ITEMS], params)
+
+
+@pytest.mark.vllm
+def test_vllm_decode_logits_are_the_score_rows(vllm_backend, heldout_items):
+    _decode_logits_are_the_score_rows(vllm_backend, heldout_items[:8])
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("setting", ["shipped", "paper"])
+def test_vllm_full_rows_from_the_decode_give_the_same_decisions(vllm_backend, heldout_items, setting):
+    params = HSCRParams() if setting == "shipped" else HSCRParams.paper()
+    _same_decisions_as_a_second_pass(vllm_backend, heldout_items[:N_ITEMS], params)

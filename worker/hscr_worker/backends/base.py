@@ -29,10 +29,17 @@ class GenerateRequest:
     max_new_tokens: int
     forced: ForcedDecoder | None = None
     response_prefix: list[int] = field(default_factory=list)
+    # With ``return_logits`` the backend also fills ``logits``: the raw logits ``float[T, V]`` of the
+    # T decode steps that produced the response, row t predicting response token t. That is what
+    # ``Backend.score`` would return for the response under the same image, without a second pass.
+    return_logits: bool = False
+    logits: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.forced is not None and list(self.forced.response_prefix) != list(self.response_prefix):
             raise ValueError("the forced decoder's response_prefix differs from the request's")
+        if self.return_logits and (self.forced is not None or self.response_prefix):
+            raise ValueError("return_logits is for plain greedy decodes (no forcing, no response prefix)")
 
 
 @dataclass
@@ -64,7 +71,7 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
         """Greedy responses (without the end-of-sequence token, each starting with its request's
-        ``response_prefix``), batched."""
+        ``response_prefix``), batched; fills ``request.logits`` where ``return_logits`` is set."""
 
     @abstractmethod
     def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:

@@ -95,18 +95,23 @@ class TransformersBackend(ProcessorBackend):
             mask[row, length - e.shape[0]:] = 1
         max_new = max(r.max_new_tokens for r in requests)
         forcing = [_ForceTokens(requests, self.eos_token_id)] if any(r.forced is not None for r in requests) else []
-        generated = self.model.generate(
+        output = self.model.generate(
             inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
             num_beams=1, logits_processor=forcing, eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id, top_p=None, top_k=None, temperature=None,
             min_new_tokens=max_new if self.ignore_eos else None,
+            return_dict_in_generate=True, output_logits=any(r.return_logits for r in requests),
         )
         responses = []
         for row, r in enumerate(requests):
-            ids = generated[row].tolist()
+            ids = output.sequences[row].tolist()
             if self.eos_token_id in ids:
                 ids = ids[: ids.index(self.eos_token_id)]
-            responses.append([*r.response_prefix, *ids[: r.max_new_tokens]])
+            ids = ids[: r.max_new_tokens]
+            if r.return_logits:  # output.logits: one [batch, V] tensor per step, before any processor
+                r.logits = torch.stack([output.logits[t][row] for t in range(len(ids))]).float().cpu() if ids \
+                    else torch.empty(0, output.logits[0].shape[-1])
+            responses.append([*r.response_prefix, *ids])
         return responses
 
     @torch.inference_mode()

@@ -31,6 +31,7 @@ from hscr_worker._compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
@@ -147,9 +148,10 @@ class VLLMBackend(ProcessorBackend):
                 if any(rep.token >= self.vocab_size for rep in r.forced.plan):
                     raise ValueError(f"request {k}: a forced replacement token is outside the model's vocabulary")
                 extra = force_args(r.forced)
+            # Forced: the rank-1 raw logit of every step, for the replay. Logits wanted: the score rows.
+            logprobs = 1 if r.forced is not None else (self._row_width if r.return_logits else None)
             sampling = SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens, detokenize=False,
-                                      logprobs=1 if r.forced is not None else None, flat_logprobs=True,
-                                      extra_args=extra)
+                                      logprobs=logprobs, flat_logprobs=True, extra_args=extra)
             try:
                 parse_force_args(sampling)  # the hook's own admission check, before anything is submitted
             except ValueError as exc:
@@ -167,7 +169,10 @@ class VLLMBackend(ProcessorBackend):
                 _replay(r, ids, completion.logprobs)
             if self.eos_token_id in ids:
                 ids = ids[: ids.index(self.eos_token_id)]
-            responses.append([*r.response_prefix, *ids[: r.max_new_tokens]])
+            ids = ids[: r.max_new_tokens]
+            if r.return_logits:  # step t's raw logits predict response token t, as a score row does
+                r.logits = self._rows(completion.logprobs[: len(ids)])
+            responses.append([*r.response_prefix, *ids])
         return responses
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
@@ -175,10 +180,9 @@ class VLLMBackend(ProcessorBackend):
 
         if not requests:
             return []
-        k = -1 if self.score_top_k is None else self.score_top_k
         # Flat logprobs: a few flat lists per request instead of one dict of Logprob objects per
         # prompt position (visual tokens included), which was a tenth of HSCR's time at batch 32.
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=k, detokenize=False,
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=self._row_width, detokenize=False,
                                 flat_logprobs=True)
         prompts = []
         for r in requests:
@@ -194,13 +198,25 @@ class VLLMBackend(ProcessorBackend):
             expanded = out.prompt_token_ids
             if list(expanded[-n:]) != list(r.response_ids):
                 raise RuntimeError("vLLM's expanded prompt does not end with the scored response")
-            entries = out.prompt_logprobs[-n:]  # FlatLogprobs: each position's (token, logit) pairs in a run
-            per_row = torch.tensor(entries.end_indices) - torch.tensor(entries.start_indices)
-            logits = torch.full((n, self.vocab_size), float("-inf"))
-            logits[torch.arange(n).repeat_interleave(per_row), torch.tensor(entries.token_ids, dtype=torch.long)] = \
-                torch.tensor(entries.logprobs, dtype=torch.float32)
-            rows.append(logits)
+            rows.append(self._rows(out.prompt_logprobs[-n:]))
         return rows
+
+    @property
+    def _row_width(self) -> int:
+        """``logprobs``/``prompt_logprobs`` per score row: the whole vocabulary (-1) or the top k."""
+        return -1 if self.score_top_k is None else self.score_top_k
+
+    def _rows(self, entries) -> torch.Tensor:
+        """``float[n, V]`` raw logits from a ``FlatLogprobs`` slice of n positions (-inf where not returned).
+
+        A slice's indices start at 0, and each position's (token, logit) pairs lie in one run.
+        """
+        n = len(entries)
+        per_row = np.asarray(entries.end_indices, dtype=np.int64) - np.asarray(entries.start_indices, dtype=np.int64)
+        logits = torch.full((n, self.vocab_size), float("-inf"))
+        logits[torch.from_numpy(np.repeat(np.arange(n), per_row)), torch.tensor(entries.token_ids, dtype=torch.long)] \
+            = torch.tensor(entries.logprobs, dtype=torch.float32)
+        return logits
 
 
 def _replay(request: GenerateRequest, ids: Sequence[int], logprobs) -> None:
