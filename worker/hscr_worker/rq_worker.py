@@ -428,11 +428,13 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
     params = HSCRParams(**record.params)
     similarity = rt.similarity(params.similarity)
     results = []
+    began = time.perf_counter()
     for start in range(0, len(prepared), rt.micro_batch):
         if start and (reason := _stop_reason(store, record)):  # the first micro-batch was checked above
             return _skip(record, chunk, reason)
         results += run_hscr(rt.backend, prepared[start:start + rt.micro_batch], params, similarity)
-    commit = ChunkCommit(record, chunk, results, pre_errors + [e.as_dict() for e in errors], get_current_job())
+    commit = ChunkCommit(record, chunk, results, pre_errors + [e.as_dict() for e in errors], get_current_job(),
+                         compute_s=time.perf_counter() - began)
     return commit if getattr(_defer, "enabled", False) else commit()
 
 
@@ -446,6 +448,7 @@ class ChunkCommit:
     results: list
     errors: list[dict]
     rq_job: RQJob | None  # the chunk's RQ job: its retry policy is the finalize job's
+    compute_s: float = 0.0  # seconds in run_hscr (in the chunk's RQ result: what the rest of the time went to)
 
     def __call__(self) -> dict:
         from hscr_client.storage import open_location
@@ -461,7 +464,8 @@ class ChunkCommit:
                                         completed=sidecar["completed"], failed=sidecar["failed"],
                                         model=rt.model_info)
         _maybe_finalize(self.record, done=done, rq_job=self.rq_job)
-        return {"outcome": "written", "completed": sidecar["completed"], "failed": sidecar["failed"]}
+        return {"outcome": "written", "completed": sidecar["completed"], "failed": sidecar["failed"],
+                "compute_s": round(self.compute_s, 4)}
 
 
 def _skip(record, chunk: int, reason: str) -> dict:
