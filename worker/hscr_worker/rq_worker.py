@@ -405,7 +405,7 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
     from hscr_client import HSCRParams
 
     from .generate import prepare_all
-    from .pipeline import run_hscr
+    from .pipeline import run_hscr_stream
 
     store = _store()
     record, settled, status = store.chunk_context(tenant, job_id, chunk)  # one round trip
@@ -427,12 +427,22 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
         raise TransientError(next(e.error for e in errors if e.error.startswith(TRANSIENT_READ)))
     params = HSCRParams(**record.params)
     similarity = rt.similarity(params.similarity)
+    stopped: list[str] = []
+
+    def micro_batches():
+        for start in range(0, len(prepared), rt.micro_batch):
+            if start and (reason := _stop_reason(store, record)):  # the first micro-batch was checked above
+                stopped.append(reason)
+                return
+            yield start, prepared[start:start + rt.micro_batch]
+
     results = []
     began = time.perf_counter()
-    for start in range(0, len(prepared), rt.micro_batch):
-        if start and (reason := _stop_reason(store, record)):  # the first micro-batch was checked above
-            return _skip(record, chunk, reason)
-        results += run_hscr(rt.backend, prepared[start:start + rt.micro_batch], params, similarity)
+    # On vLLM a micro-batch's re-decode shares engine steps with the next one's own answers.
+    for _, batch_results in run_hscr_stream(rt.backend, micro_batches(), params, similarity):
+        results += batch_results
+    if stopped:
+        return _skip(record, chunk, stopped[0])
     commit = ChunkCommit(record, chunk, results, pre_errors + [e.as_dict() for e in errors], get_current_job(),
                          compute_s=time.perf_counter() - began)
     return commit if getattr(_defer, "enabled", False) else commit()
@@ -448,7 +458,7 @@ class ChunkCommit:
     results: list
     errors: list[dict]
     rq_job: RQJob | None  # the chunk's RQ job: its retry policy is the finalize job's
-    compute_s: float = 0.0  # seconds in run_hscr (in the chunk's RQ result: what the rest of the time went to)
+    compute_s: float = 0.0  # seconds in run_hscr_stream (in the chunk's RQ result: what the rest of the time went to)
 
     def __call__(self) -> dict:
         from hscr_client.storage import open_location
