@@ -30,6 +30,8 @@ def _service_stack():
     path = Path(__file__).resolve().parents[1] / "service" / "conftest.py"
     if not path.is_file():
         return None
+    if str(path.parent) not in sys.path:  # its helpers module (service_helpers.py) imports by name
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("hscr_tests_service_stack", path)
     module = importlib.util.module_from_spec(spec)
     try:

@@ -7,7 +7,7 @@ import io
 import json
 
 import pytest
-from conftest import inline_items, wait_for_job
+from service_helpers import inline_items, wait_for_job
 
 
 def upload(client, data: bytes, purpose: str = "image", name: str = "x.png"):

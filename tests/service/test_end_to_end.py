@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import inline_items, wait_for_job
+from service_helpers import inline_items, wait_for_job
 
 
 def upload_items_file(client, root, n: int, prefix: str) -> str:

@@ -10,7 +10,7 @@ import json
 import signal
 import time
 
-from conftest import FAST_PARAMS, inline_items, stop, wait_for_job, wait_until
+from service_helpers import FAST_PARAMS, inline_items, stop, wait_for_job, wait_until
 
 
 def all_ids_exactly_once(client, job: dict, expected: set[str], *, complete: bool = True) -> None:

@@ -4,7 +4,7 @@ import io
 import json
 import os
 
-from conftest import BUCKET
+from service_helpers import BUCKET
 
 from hscr_client import HSCRParams
 from hscr_client.storage import open_location

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import FAST_PARAMS, inline_items, wait_for_job
+from service_helpers import FAST_PARAMS, inline_items, wait_for_job
 from test_failures import all_ids_exactly_once
 
 

@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 
 import pytest
 from click.testing import CliRunner
-from conftest import BUCKET
+from service_helpers import BUCKET
 
 
 def test_abort_uploads_left_by_killed_writers(stack_env):

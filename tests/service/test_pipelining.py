@@ -7,10 +7,10 @@ import threading
 import time
 import uuid
 
-from conftest import FAST_PARAMS, inline_items, wait_for_job
 from redis import Redis
 from rq import Queue
 from rq.job import Job as RQJob
+from service_helpers import FAST_PARAMS, inline_items, wait_for_job
 
 from hscr_service.core.jobs import rq_job_id
 from hscr_service.core.store import FileRecord, JobRecord, Store

@@ -9,7 +9,7 @@ import sys
 
 import httpx
 import psutil
-from conftest import FAST_PARAMS, free_port, inline_items, stop, wait_until
+from service_helpers import FAST_PARAMS, free_port, inline_items, stop, wait_until
 
 
 def test_hscr_serve_runs_a_job_and_stops_cleanly(tmp_path, fixture_items):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from conftest import inline_items
+from service_helpers import inline_items
 
 
 def test_other_tenants_see_nothing(alice, bob, api, fixture_items):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import KEYS
+from service_helpers import KEYS
 
 
 def test_openapi_fuzz_no_server_errors(api, tmp_path):
