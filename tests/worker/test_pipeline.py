@@ -18,3 +18,18 @@ def test_preferred_answer_longer_than_the_budget_only_couples_inside_it(fixture_
         assert all(c["position"] < 6 for c in result.coupled)
         for level in result.levels:
             assert all(r["position"] < 6 for r in level.replacements)
+
+
+def test_an_item_beyond_the_context_fails_alone(fixture_backend):
+    """A question too long for the model's context (256 tokens for the fixture) is that item's error;
+    the others come out as they would without it, in input order."""
+    examples = synthetic.make_examples(3, 52)
+    items = [PreparedItem(f"ctx-{i}", e.question, e.image.convert("RGB")) for i, e in enumerate(examples)]
+    long_item = PreparedItem("ctx-long", "what is seen " * 300, examples[0].image.convert("RGB"))
+    params = HSCRParams()
+    alone = run_hscr(fixture_backend, items, params, lexical)
+    mixed = run_hscr(fixture_backend, [items[0], long_item, *items[1:]], params, lexical)
+    assert [r.custom_id for r in mixed] == ["ctx-0", "ctx-long", "ctx-1", "ctx-2"]
+    assert "context of 256 tokens" in mixed[1].error and not mixed[1].levels
+    assert [(r.error, [lv.text for lv in r.levels]) for r in (mixed[0], *mixed[2:])] == \
+        [(r.error, [lv.text for lv in r.levels]) for r in alone]

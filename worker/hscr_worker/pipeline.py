@@ -147,10 +147,19 @@ class HSCRBatch:
 
     def __init__(self, backend: Backend, items: Sequence[PreparedItem], params: HSCRParams,
                  similarity: Similarity, *, prefix_redecode: bool = True, full_scores_from_decode: bool = True):
-        self.backend, self.items, self.params, self.similarity = backend, list(items), params, similarity
+        self.backend, self.params, self.similarity = backend, params, similarity
         self.prefix_redecode = prefix_redecode
-        self.visual = backend.encode_images([it.image for it in items]) if items else []
-        self.prompts = [backend.prompt_ids(it.question) for it in items]
+        visual = backend.encode_images([it.image for it in items]) if items else []
+        prompts = [backend.prompt_ids(it.question) for it in items]
+        # An item that cannot fit the model's context fails alone (an engine would refuse the whole call).
+        too_long = [_too_long(backend, it, p, v, params) for it, p, v in zip(items, prompts, visual, strict=True)]
+        self._rejected = {k: ItemResult(custom_id=it.custom_id, question=it.question, image=it.image,
+                                        chosen=it.preferred or "", own_answer="", corrupted="", coupled=[], error=why)
+                          for k, (it, why) in enumerate(zip(items, too_long, strict=True)) if why is not None}
+        self._size = len(items)
+        keep = [k for k in range(len(items)) if k not in self._rejected]
+        self.items = items = [items[k] for k in keep]
+        self.visual, self.prompts = [visual[k] for k in keep], [prompts[k] for k in keep]
         # Where the own answer is the response to corrupt, its full-image score rows are the logits
         # the greedy decode already computed: the decode returns them, and no second pass is needed.
         self.answer_requests = [
@@ -285,4 +294,24 @@ class HSCRBatch:
                     replacements=[{"position": step, "original": backend.decode([r.original]),
                                    "replacement": backend.decode([r.token]), "reward": r.reward, "shift": r.shift}
                                   for step, r in done]))
-        return self.results
+        return self._in_input_order()
+
+    def _in_input_order(self) -> list[ItemResult]:
+        """The results of the items that ran, with the rejected ones back in their input positions."""
+        ran = iter(self.results)
+        return [self._rejected[k] if k in self._rejected else next(ran) for k in range(self._size)]
+
+
+def _too_long(backend: Backend, item: PreparedItem, prompt: list[int], visual: torch.Tensor,
+              params: HSCRParams) -> str | None:
+    """Why ``item`` cannot fit the backend's context, or None when it fits."""
+    if backend.max_context_tokens is None:
+        return None
+    prompt_tokens = len(prompt) - 1 + visual.shape[0]  # the image placeholder expands to the visual tokens
+    response = params.max_new_tokens
+    if params.corrupt == "preferred" and item.preferred:
+        response = max(response, len(backend.encode_text(item.preferred)))
+    if prompt_tokens + response <= backend.max_context_tokens:
+        return None
+    return (f"the question and image take {prompt_tokens} tokens and the response up to {response}: more than the "
+            f"model's context of {backend.max_context_tokens} tokens; shorten the question (or lower max_new_tokens)")

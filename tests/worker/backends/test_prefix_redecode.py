@@ -286,3 +286,18 @@ def test_vllm_decode_logits_are_the_score_rows(vllm_backend, heldout_items):
 def test_vllm_full_rows_from_the_decode_give_the_same_decisions(vllm_backend, heldout_items, setting):
     params = HSCRParams() if setting == "shipped" else HSCRParams.paper()
     _same_decisions_as_a_second_pass(vllm_backend, heldout_items[:N_ITEMS], params)
+
+
+@pytest.mark.vllm
+def test_vllm_an_item_beyond_the_context_fails_alone_in_a_stream(vllm_backend, heldout_items):
+    """vLLM refuses a whole engine call holding one over-long prompt; the pipeline keeps it out."""
+    from dataclasses import replace
+
+    params = HSCRParams()
+    similarity = get_similarity(params.similarity)
+    long_item = replace(heldout_items[0], custom_id="too-long", question="what is seen " * 300)
+    batches = [(0, [*heldout_items[:3], long_item]), (1, heldout_items[3:6])]
+    streamed = dict(run_hscr_stream(vllm_backend, iter(batches), params, similarity, overlap=True))
+    assert "context of" in streamed[0][3].error
+    _same_decisions(streamed[0][:3], run_hscr(vllm_backend, heldout_items[:3], params, similarity), "a long item", 1e-4)
+    _same_decisions(streamed[1], run_hscr(vllm_backend, heldout_items[3:6], params, similarity), "a long item", 1e-4)

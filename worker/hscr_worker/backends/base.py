@@ -59,6 +59,8 @@ class Backend(ABC):
     # True when requests of any length share engine steps without padding (vLLM's scheduler):
     # then ``run_hscr_stream`` overlaps one batch's re-decode with the next batch's own answers.
     continuous_batching: bool = False
+    # Prompt (visual tokens expanded) plus response must fit in this many tokens; None: no limit known.
+    max_context_tokens: int | None = None
 
     @abstractmethod
     def prompt_ids(self, question: str) -> list[int]:

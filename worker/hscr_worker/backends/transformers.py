@@ -58,6 +58,8 @@ class TransformersBackend(ProcessorBackend):
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         config = self.model.config
+        # Positions beyond the trained range give garbage (or an error), as in vLLM's max_model_len.
+        self.max_context_tokens = getattr(config.get_text_config(), "max_position_embeddings", None)
         self.image_token_id = int(config.image_token_id)
         self.eos_token_id = int(self.tokenizer.eos_token_id)
         self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None

@@ -101,6 +101,7 @@ class VLLMBackend(ProcessorBackend):
         options.update(engine_options)
         options["logits_processors"] = [_forcing_processor(options)]
         self.llm = LLM(**options)
+        self.max_context_tokens = int(self.llm.llm_engine.model_config.max_model_len)
 
     # ---- images (text: ProcessorBackend) ----
     def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
