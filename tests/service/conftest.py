@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from _s3server import S3Server, free_port  # tests/_s3server.py
-from service_helpers import BUCKET, CHUNK_SIZE, KEYS, S3_KEY, S3_SECRET, stop, wait_until
+from service_helpers import BUCKET, CHUNK_SIZE, KEYS, S3_KEY, S3_SECRET, start_api, stop, wait_until
 
 from hscr_service.core.security import hash_key
 
@@ -84,18 +84,6 @@ def stack_env(tmp_path_factory):
             os.environ[k] = v
     s3.stop()
     redis_server.stop()
-
-
-def start_api(stack_env, name: str, **env: str):
-    """The API under uvicorn in its own process; returns (process, base URL)."""
-    port = free_port()
-    log = open(stack_env["root"] / f"{name}.log", "ab")
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "hscr_service.main:app", "--host", "127.0.0.1",
-                                "--port", str(port), "--log-level", "warning"],
-                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 30, f"the API ({name})")
-    return process, url
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import httpx
-from _s3server import free_port  # noqa: F401  (re-exported: tests/_s3server.py)
+from _s3server import free_port  # tests/_s3server.py (test_serve.py imports it from here)
 
 S3_KEY, S3_SECRET, BUCKET = "hscr-test-key", "hscr-test-secret", "hscr-test"
 KEYS = {"alice": "key-alice-" + uuid.uuid4().hex, "bob": "key-bob-" + uuid.uuid4().hex}
@@ -69,3 +70,15 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 300) -> dic
         return job if job["status"] in ("completed", "failed", "cancelled", "expired") else None
 
     return wait_until(finished, timeout, f"job {job_id}", interval=0.5)
+
+
+def start_api(stack_env, name: str, **env: str):
+    """The API under uvicorn in its own process; returns (process, base URL)."""
+    port = free_port()
+    log = open(stack_env["root"] / f"{name}.log", "ab")
+    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "hscr_service.main:app", "--host", "127.0.0.1",
+                                "--port", str(port), "--log-level", "warning"],
+                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 30, f"the API ({name})")
+    return process, url
