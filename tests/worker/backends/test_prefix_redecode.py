@@ -258,6 +258,9 @@ def _same_decisions_as_a_second_pass(backend, items, params):
     assert sum(len(r.levels) for r in from_decode) >= 10
 
 
+DECODE_ROW_SETTINGS = {"shipped": HSCRParams(), "paper": HSCRParams.paper()}
+
+
 def test_return_logits_needs_a_plain_decode():
     decoder = ForcedDecoder([1, 2, 3], [Replacement(2, 3, 4, 0.0, 0.0)])
     with pytest.raises(ValueError, match="return_logits"):
@@ -270,10 +273,9 @@ def test_transformers_decode_logits_are_the_score_rows(hf_backend, heldout_items
     _decode_logits_are_the_score_rows(hf_backend, heldout_items[:8])
 
 
-@pytest.mark.parametrize("setting", ["shipped", "paper"])
+@pytest.mark.parametrize("setting", sorted(DECODE_ROW_SETTINGS))
 def test_transformers_full_rows_from_the_decode_give_the_same_decisions(hf_backend, heldout_items, setting):
-    params = HSCRParams() if setting == "shipped" else HSCRParams.paper()
-    _same_decisions_as_a_second_pass(hf_backend, heldout_items[:N_ITEMS], params)
+    _same_decisions_as_a_second_pass(hf_backend, heldout_items[:N_ITEMS], DECODE_ROW_SETTINGS[setting])
 
 
 @pytest.mark.vllm
@@ -282,10 +284,9 @@ def test_vllm_decode_logits_are_the_score_rows(vllm_backend, heldout_items):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("setting", ["shipped", "paper"])
+@pytest.mark.parametrize("setting", sorted(DECODE_ROW_SETTINGS))
 def test_vllm_full_rows_from_the_decode_give_the_same_decisions(vllm_backend, heldout_items, setting):
-    params = HSCRParams() if setting == "shipped" else HSCRParams.paper()
-    _same_decisions_as_a_second_pass(vllm_backend, heldout_items[:N_ITEMS], params)
+    _same_decisions_as_a_second_pass(vllm_backend, heldout_items[:N_ITEMS], DECODE_ROW_SETTINGS[setting])
 
 
 @pytest.mark.vllm
