@@ -151,8 +151,12 @@ class HSCRBatch:
         self.prefix_redecode = prefix_redecode
         visual = backend.encode_images([it.image for it in items]) if items else []
         prompts = [backend.prompt_ids(it.question) for it in items]
+        # The preferred answer's ids where it is the response to corrupt (teacher forced); None: the own answer.
+        preferred = [backend.encode_text(it.preferred) if params.corrupt == "preferred" and it.preferred else None
+                     for it in items]
         # An item that cannot fit the model's context fails alone (an engine would refuse the whole call).
-        too_long = [_too_long(backend, it, p, v, params) for it, p, v in zip(items, prompts, visual, strict=True)]
+        too_long = [_too_long(backend, p, v, ids, params.max_new_tokens)
+                    for p, v, ids in zip(prompts, visual, preferred, strict=True)]
         self._rejected = {k: ItemResult(custom_id=it.custom_id, question=it.question, image=it.image,
                                         chosen=it.preferred or "", own_answer="", corrupted="", coupled=[], error=why)
                           for k, (it, why) in enumerate(zip(items, too_long, strict=True)) if why is not None}
@@ -160,13 +164,12 @@ class HSCRBatch:
         keep = [k for k in range(len(items)) if k not in self._rejected]
         self.items = items = [items[k] for k in keep]
         self.visual, self.prompts = [visual[k] for k in keep], [prompts[k] for k in keep]
+        self.preferred_ids = [preferred[k] for k in keep]
         # Where the own answer is the response to corrupt, its full-image score rows are the logits
         # the greedy decode already computed: the decode returns them, and no second pass is needed.
         self.answer_requests = [
-            GenerateRequest(p, v, params.max_new_tokens,
-                            return_logits=full_scores_from_decode and not (params.corrupt == "preferred"
-                                                                           and it.preferred))
-            for p, v, it in zip(self.prompts, self.visual, items, strict=True)]
+            GenerateRequest(p, v, params.max_new_tokens, return_logits=full_scores_from_decode and ids is None)
+            for p, v, ids in zip(self.prompts, self.visual, self.preferred_ids, strict=True)]
         self.redecode_requests: list[GenerateRequest] = []
         self.results: list[ItemResult] = []
         self.corrupted: list[list[int]] = []  # per item: the response that gets corrupted
@@ -177,10 +180,8 @@ class HSCRBatch:
         """Steps 3-7 from the own answers; returns (and keeps) the re-decode requests."""
         backend, items, params = self.backend, self.items, self.params
         prompts, visual = self.prompts, self.visual
-        self.corrupted = corrupted = [
-            backend.encode_text(it.preferred) if params.corrupt == "preferred" and it.preferred else ids
-            for it, ids in zip(items, own, strict=True)
-        ]
+        self.corrupted = corrupted = [ids if preferred is None else preferred
+                                      for ids, preferred in zip(own, self.preferred_ids, strict=True)]
 
         # Step 4: the full image (unless the decode returned its rows) and n_masks dropped variants,
         # scored in one batched call.
@@ -240,7 +241,7 @@ class HSCRBatch:
         if params.replace_mode == "redecode":
             # The own answer is the greedy decode itself; a preferred answer is followed only as long
             # as the model's greedy choice agrees with it (beyond that the re-decode goes its own way).
-            teacher_forced = {i for i, it in enumerate(items) if params.corrupt == "preferred" and it.preferred}
+            teacher_forced = {i for i, preferred in enumerate(self.preferred_ids) if preferred is not None}
             followed = {i: reproduced_prefix(full_logits[i], corrupted[i]) if i in teacher_forced
                         else len(corrupted[i]) for i, _ in self._jobs}
             for i, plan in self._jobs:
@@ -302,15 +303,13 @@ class HSCRBatch:
         return [self._rejected[k] if k in self._rejected else next(ran) for k in range(self._size)]
 
 
-def _too_long(backend: Backend, item: PreparedItem, prompt: list[int], visual: torch.Tensor,
-              params: HSCRParams) -> str | None:
-    """Why ``item`` cannot fit the backend's context, or None when it fits."""
+def _too_long(backend: Backend, prompt: list[int], visual: torch.Tensor, preferred: list[int] | None,
+              max_new_tokens: int) -> str | None:
+    """Why an item cannot fit the backend's context, or None when it fits."""
     if backend.max_context_tokens is None:
         return None
     prompt_tokens = len(prompt) - 1 + visual.shape[0]  # the image placeholder expands to the visual tokens
-    response = params.max_new_tokens
-    if params.corrupt == "preferred" and item.preferred:
-        response = max(response, len(backend.encode_text(item.preferred)))
+    response = max_new_tokens if preferred is None else max(max_new_tokens, len(preferred))
     if prompt_tokens + response <= backend.max_context_tokens:
         return None
     return (f"the question and image take {prompt_tokens} tokens and the response up to {response}: more than the "
