@@ -144,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                     "params_preset": args.params, "params": params.model_dump(), "target_ratio": TARGET_RATIO}
     vllm = VLLMBackend(args.model, profile=args.profile, **({"block_size": args.block_size} if args.block_size else {}))
     print(f"vllm_backend: {args.model}, batch sizes {args.batch_sizes}, {args.params} params", flush=True)
-    if args.stream_chunks:
-        warm = items[:min(args.batch_sizes)]
-        plain_greedy(vllm, warm, params.max_new_tokens)
-        run_hscr(vllm, warm, params, similarity)
+    if args.stream_chunks:  # measure_stream warms up each batch size itself
         report["stream"] = []
         with step_counter(vllm) as steps:
             for batch_size in args.batch_sizes:
