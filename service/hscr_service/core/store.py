@@ -182,10 +182,6 @@ class Store:
         members = self.redis.zrangebyscore(self.deadlines_key, 0, time.time() if now is None else now)
         return [tuple(json.loads(m)) for m in members]
 
-    def set_model_info(self, tenant: str, job_id: str, info: dict) -> None:
-        """The model a worker ran the job with (first one wins), for a manifest the API writes."""
-        self.redis.hsetnx(self.job_key(tenant, job_id), "model", json.dumps(info))
-
     def model_info(self, tenant: str, job_id: str) -> dict | None:
         raw = self.redis.hget(self.job_key(tenant, job_id), "model")
         return json.loads(raw) if raw else None
@@ -248,9 +244,6 @@ class Store:
 
     def status(self, tenant: str, job_id: str) -> str | None:
         return _text(self.redis.hget(self.job_key(tenant, job_id), "status"))
-
-    def chunk_settled(self, tenant: str, job_id: str, chunk: int) -> bool:
-        return bool(self.redis.hexists(self.job_key(tenant, job_id) + ":chunks", str(chunk)))
 
     def chunk_context(self, tenant: str, job_id: str, chunk: int) -> tuple[JobRecord | None, bool, str | None]:
         """(record, chunk already settled, job status) in one round trip: what a worker checks before a chunk."""
