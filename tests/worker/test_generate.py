@@ -104,12 +104,17 @@ def test_ranked_rows_record_coupling_and_replacements(dataset):
                 assert words[rep["position"]] == rep["replacement"] != rep["original"]
 
 
+def _hscr_generate(tmp_path, *options: str) -> subprocess.CompletedProcess:
+    """`hscr generate` in a fresh process on tmp_path/items.jsonl, writing tmp_path/out."""
+    return subprocess.run(
+        [sys.executable, "-c", "from hscr_client._cli import main; main()", "generate", "--input",
+         str(tmp_path / "items.jsonl"), "--output", str(tmp_path / "out"), *options],
+        capture_output=True, text=True, timeout=600)
+
+
 def test_cli_generate_prints_summary(tmp_path):
     write_items(3, 32, tmp_path / "items.jsonl", tmp_path / "img")
-    result = subprocess.run(
-        [sys.executable, "-c", "from hscr_client._cli import main; main()", "generate", "--input",
-         str(tmp_path / "items.jsonl"), "--output", str(tmp_path / "out"), "--n-masks", "2"],
-        capture_output=True, text=True, timeout=600)
+    result = _hscr_generate(tmp_path, "--n-masks", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "items: 3 total" in result.stdout
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -118,8 +123,5 @@ def test_cli_generate_prints_summary(tmp_path):
 
 def test_cli_rejects_out_of_range_parameters(tmp_path):
     write_items(1, 33, tmp_path / "items.jsonl", tmp_path / "img")
-    result = subprocess.run(
-        [sys.executable, "-c", "from hscr_client._cli import main; main()", "generate", "--input",
-         str(tmp_path / "items.jsonl"), "--output", str(tmp_path / "out"), "--dropout-ratio", "1.5"],
-        capture_output=True, text=True, timeout=600)
+    result = _hscr_generate(tmp_path, "--dropout-ratio", "1.5")
     assert result.returncode == 2 and "dropout_ratio" in result.stderr
