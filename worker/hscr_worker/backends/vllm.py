@@ -150,9 +150,11 @@ class VLLMBackend(ProcessorBackend):
                     raise ValueError(f"request {k}: a forced replacement token is outside the model's vocabulary")
                 extra = force_args(r.forced)
             # Forced: the rank-1 raw logit of every step, for the replay. Logits wanted: the score rows.
+            # skip_clone: each request gets fresh params that nothing touches after submission, so the
+            # engine's deep copy of them (and of the plan in extra_args) is pure cost, as in vLLM's server.
             logprobs = 1 if r.forced is not None else (self._row_width if r.return_logits else None)
             sampling = SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens, detokenize=False,
-                                      logprobs=logprobs, flat_logprobs=True, extra_args=extra)
+                                      logprobs=logprobs, flat_logprobs=True, extra_args=extra, skip_clone=True)
             try:
                 parse_force_args(sampling)  # the hook's own admission check, before anything is submitted
             except ValueError as exc:
@@ -181,16 +183,16 @@ class VLLMBackend(ProcessorBackend):
 
         if not requests:
             return []
-        # Flat logprobs: a few flat lists per request instead of one dict of Logprob objects per
-        # prompt position (visual tokens included), which was a tenth of HSCR's time at batch 32.
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=self._row_width, detokenize=False,
-                                flat_logprobs=True)
-        prompts = []
+        prompts, params = [], []
         for r in requests:
             if not r.response_ids:
                 raise ValueError("cannot score an empty response")
             prompts.append(self._prompt(list(r.prompt_ids) + list(r.response_ids), r.visual))
-        outputs = self._run(prompts, [params] * len(prompts))
+            # Flat logprobs: a few flat lists per request instead of one dict of Logprob objects per
+            # prompt position (visual tokens included), which was a tenth of HSCR's time at batch 32.
+            params.append(SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=self._row_width,
+                                         detokenize=False, flat_logprobs=True, skip_clone=True))
+        outputs = self._run(prompts, params)
         rows = []
         for r, out in zip(requests, outputs, strict=True):
             n = len(r.response_ids)
