@@ -1,4 +1,4 @@
-"""Worker-side ``hscr`` commands: generate, fixture, quality."""
+"""Worker-side ``hscr`` commands: generate, fixture, quality, convert-llava."""
 
 from __future__ import annotations
 
@@ -121,7 +121,29 @@ def quality(model, n, seed, paper, **options):
     click.echo(json.dumps(measure(model or DEFAULT_MODEL, params, n=n, seed=seed), indent=2))
 
 
+@click.command("convert-llava")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--vision-tower", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Local CLIP checkpoint directory [default: the config's mm_vision_tower, if a local directory].")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Cast the weights [default: keep the checkpoint's].")
+def convert_llava(source, out_dir, vision_tower, dtype):
+    """Convert an original LLaVA / LLaVA-Med v1.5 checkpoint to the HF LLaVA format, offline."""
+    import torch
+
+    from .convert import ConversionError, convert_llava_checkpoint
+
+    try:
+        report = convert_llava_checkpoint(source, out_dir, vision_tower=vision_tower,
+                                          dtype=getattr(torch, dtype) if dtype else None)
+    except ConversionError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report.summary())
+    click.echo(f"run it with: hscr generate --backend vllm --model {out_dir} --profile llava-med ...")
+
+
 def commands() -> list[click.Command]:
     from .rq_worker import worker
 
-    return [generate, fixture, quality, worker]
+    return [generate, fixture, quality, worker, convert_llava]

@@ -1,0 +1,264 @@
+"""``hscr convert-llava``: an original LLaVA-Med checkpoint in, an HF LLaVA one out, checked against LLaVA's forward.
+
+The source is a small LLaVA-Med-shaped checkpoint written here (Mistral language model with
+grouped-query attention, CLIP tower loaded from a separate directory, ``mlp2x_gelu`` projector,
+``mm_vision_select_layer=-2``, ``patch`` features, two weight shards, stray vision-tower and
+``inv_freq`` tensors). Random weights are right here: the point is that the converted model
+computes what LLaVA computes from the original tensors, not what it answers.
+
+The reference forward is LLaVA's (``llava_arch.prepare_inputs_labels_for_multimodal``) written
+out with transformers' Mistral and CLIP models: CLIP hidden state ``select_layer`` without CLS,
+the projector, the features spliced in place of the image placeholder, the language model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from hscr_worker._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+from transformers import (  # noqa: E402
+    AutoModelForImageTextToText,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from hscr_worker.convert import ConversionError, convert_llava_checkpoint  # noqa: E402
+
+WORDS = ["[", "]", "INST", "/", "what", "is", "the", "organ", "shown", "?", "a", "liver", "lung", "no", "yes",
+         "there", "lesion", "in", "left", "right", "normal", "."]
+SELECT_LAYER = -2
+QUESTION = "what organ is shown ?"
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _original_config(vocab: int, clip_dir: str) -> dict:
+    """What LLaVA-Med v1.5's config.json holds, at toy sizes."""
+    return {"architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral", "vocab_size": vocab,
+            "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 256, "rope_theta": 1000000.0, "sliding_window": None,
+            "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+            "torch_dtype": "float32", "image_aspect_ratio": "pad", "mm_hidden_size": 64,
+            "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+            "mm_vision_select_feature": "patch", "mm_vision_select_layer": SELECT_LAYER,
+            "mm_vision_tower": clip_dir, "tokenizer_model_max_length": 256, "tune_mm_mlp_adapter": False,
+            "use_mm_proj": True}
+
+
+class OriginalLlava:
+    """LLaVA's forward over the original checkpoint's modules (the reference)."""
+
+    def __init__(self, root, seed: int = 0):
+        from safetensors.torch import save_file
+
+        torch.manual_seed(seed)
+        self.source, self.clip_dir = root / "llava-med-toy", root / "clip-vit-toy"
+        self.tokenizer = _tokenizer()
+        vocab = len(self.tokenizer)
+        config = _original_config(vocab, str(self.clip_dir))
+        text_fields = {k: v for k, v in config.items() if not k.startswith("mm_") and k not in (
+            "architectures", "model_type", "image_aspect_ratio", "tokenizer_model_max_length",
+            "tune_mm_mlp_adapter", "use_mm_proj")}
+        self.language = MistralForCausalLM(MistralConfig(**text_fields)).eval()
+        self.vision = CLIPVisionModel(CLIPVisionConfig(
+            image_size=56, patch_size=14, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, projection_dim=32)).eval()
+        self.projector = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 128))
+        self.image_processor = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+
+        self.source.mkdir()
+        (self.source / "config.json").write_text(json.dumps(config))
+        self.tokenizer.save_pretrained(self.source)
+        state = {f"model.{k}": v for k, v in self.language.model.state_dict().items()}
+        state["lm_head.weight"] = self.language.lm_head.weight
+        state.update({f"model.mm_projector.{k}": v for k, v in self.projector.state_dict().items()})
+        # what LLaVA's trainer may leave behind; LLaVA itself ignores both at load time
+        state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)
+        state["model.vision_tower.vision_tower.vision_model.post_layernorm.weight"] = torch.zeros(64)
+        names = sorted(state)
+        for part, half in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+            save_file({k: state[k].detach().contiguous() for k in half},
+                      self.source / f"model-0000{part + 1}-of-00002.safetensors")
+        self.vision.save_pretrained(self.clip_dir)
+        self.image_processor.save_pretrained(self.clip_dir)
+
+    @torch.no_grad()
+    def logits(self, question: str, image: Image.Image) -> torch.Tensor:
+        """LLaVA-Med's mistral_instruct prompt with the image spliced in; logits at every position."""
+        before, after = "[INST] ", f"\n{question} [/INST]"
+        ids_before = self.tokenizer(before, add_special_tokens=False)["input_ids"]
+        ids_after = self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        hidden = self.vision(pixels, output_hidden_states=True).hidden_states[SELECT_LAYER][:, 1:]
+        features = self.projector(hidden)[0]
+        embed = self.language.get_input_embeddings()
+        embeds = torch.cat([embed(torch.tensor(ids_before)), features, embed(torch.tensor(ids_after))])
+        return self.language(inputs_embeds=embeds[None]).logits[0]
+
+
+def _image(seed: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (40, 64, 3), generator=generator, dtype=torch.uint8)  # not square
+    return Image.fromarray(pixels.numpy())
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> OriginalLlava:
+    return OriginalLlava(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="module")
+def converted(original, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "llava-med-toy-hf"
+    report = convert_llava_checkpoint(original.source, out, shard_bytes=200_000)  # several output shards
+    return out, report
+
+
+def test_converted_layout(converted, original):
+    out, report = converted
+    vocab = len(original.tokenizer)
+    assert report.vocab_size == vocab + 2 and report.image_token_id == vocab  # <image>, then <pad>
+    assert report.text_model_type == "mistral"
+    assert report.skipped["vision tower in the LLaVA checkpoint"] == 1 and report.skipped["unused"] == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_feature_layer"] == SELECT_LAYER and config["vision_feature_select_strategy"] == "default"
+    assert config["text_config"]["num_key_value_heads"] == 2 and config["image_token_index"] == vocab
+    assert not any(k.startswith("mm_") for k in config["text_config"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out / s).exists() for s in shards)
+    assert not list(out.glob("part-*"))
+
+
+def test_converted_model_computes_what_llava_computes(converted, original):
+    """Transformers' LlavaForConditionalGeneration on the output == LLaVA's forward on the input (original vocab)."""
+    from transformers import AutoProcessor
+
+    out, _ = converted
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    vocab = len(original.tokenizer)
+    for seed in range(3):
+        image = _image(seed)
+        text = f"[INST] {processor.image_token}\n{QUESTION} [/INST]"
+        inputs = processor(images=[image], text=text, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0]
+        expected = original.logits(QUESTION, image)
+        assert logits.shape[0] == expected.shape[0]  # the placeholder expanded to the tower's 16 patches
+        torch.testing.assert_close(logits[:, :vocab], expected, atol=1e-5, rtol=1e-5)
+
+
+def _with_config(original: OriginalLlava, directory, **changes):
+    """The original checkpoint (linked) under ``directory`` with ``changes`` to its config."""
+    directory.mkdir()
+    for f in original.source.iterdir():
+        if f.name != "config.json":
+            (directory / f.name).symlink_to(f)
+    config = json.loads((original.source / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+    return directory
+
+
+def test_conversion_refuses_what_it_cannot_express(original, tmp_path):
+    with pytest.raises(ConversionError, match="--vision-tower"):
+        convert_llava_checkpoint(original.source, tmp_path / "a", vision_tower=tmp_path / "nowhere")
+    for k, (change, message) in enumerate(((dict(mm_projector_type="linear"), "mlp2x_gelu"),
+                                           (dict(mm_use_im_start_end=True), "mm_use_im_start_end"),
+                                           (dict(model_type="llava_mpt"), "not an original LLaVA checkpoint"))):
+        with pytest.raises(ConversionError, match=message):
+            convert_llava_checkpoint(_with_config(original, tmp_path / f"bad-{k}", **change), tmp_path / "out")
+    target = tmp_path / "full"
+    target.mkdir()
+    (target / "x").write_text("")
+    with pytest.raises(ConversionError, match="not empty"):
+        convert_llava_checkpoint(original.source, target)
+
+
+@pytest.mark.vllm
+def test_converted_model_runs_in_both_backends(converted, original):
+    """The output as a user runs it: ``--profile llava-med`` in both backends, scores within the parity tolerance."""
+    from hscr_worker.backends.base import GenerateRequest, ScoreRequest
+    from hscr_worker.backends.transformers import TransformersBackend
+    from hscr_worker.backends.vllm import VLLMBackend
+
+    out, report = converted
+    hf = TransformersBackend(str(out), device="cpu", profile="llava-med")
+    engine = VLLMBackend(str(out), profile="llava-med")
+    assert engine.profile.name == hf.profile.name == "llava-med"
+    images = [_image(seed) for seed in range(4)]
+    visual = hf.encode_images(images)
+    assert all(torch.equal(a, b) for a, b in zip(engine.encode_images(images), visual, strict=True))
+    assert all(v.shape == (16, 128) for v in visual)  # 4x4 patches of the padded-to-square image, CLS dropped
+    prompt = hf.prompt_ids(QUESTION)
+    assert engine.prompt_ids(QUESTION) == prompt and prompt.count(report.image_token_id) == 1
+    requests = [GenerateRequest(prompt, v, 8) for v in visual]
+    answers = engine.generate(requests)
+    assert answers == hf.generate(requests) and all(answers)
+    rows_vllm = engine.score([ScoreRequest(prompt, v, a) for v, a in zip(visual, answers, strict=True)])
+    rows_hf = hf.score([ScoreRequest(prompt, v, a) for v, a in zip(visual, answers, strict=True)])
+    worst = max(float((a - b).abs().max()) for a, b in zip(rows_vllm, rows_hf, strict=True))
+    assert worst <= 1e-4, f"largest logit difference {worst:.2e}"
+
+
+def test_cli_converts_and_explains_a_missing_vision_tower(original, tmp_path):
+    import subprocess
+    import sys
+
+    hscr = [sys.executable, "-c", "from hscr_client._cli import main; main()"]
+    done = subprocess.run([*hscr, "convert-llava", str(original.source), str(tmp_path / "out"), "--dtype", "bfloat16"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "llava-med" in done.stdout and "vocabulary" in done.stdout
+    from safetensors import safe_open
+
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    for name in ("language_model.lm_head.weight", "vision_tower.vision_model.embeddings.patch_embedding.weight"):
+        with safe_open(str(tmp_path / "out" / index["weight_map"][name]), "pt") as f:
+            assert f.get_tensor(name).dtype == torch.bfloat16
+    bad = _with_config(original, tmp_path / "no-clip", mm_vision_tower="openai/clip-vit-large-patch14-336")
+    done = subprocess.run([*hscr, "convert-llava", str(bad), str(tmp_path / "out2")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert "openai/clip-vit-large-patch14-336" in done.stderr and "--vision-tower" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_pickled_shards_and_tied_embeddings(original, converted, tmp_path):
+    """LLaVA-1.5's ``pytorch_model-*.bin`` shards (read with weights_only) and a config with tied embeddings."""
+    from safetensors.torch import load_file
+
+    source = _with_config(original, tmp_path / "bin", tie_word_embeddings=True)
+    state = {}
+    for shard in sorted(source.glob("*.safetensors")):
+        state.update(load_file(shard))
+        shard.unlink()
+    del state["lm_head.weight"]
+    torch.save(state, source / "pytorch_model-00001-of-00001.bin")
+    convert_llava_checkpoint(source, tmp_path / "out")
+
+    def tensors(directory):
+        return {k: v for f in sorted(directory.glob("model-*.safetensors")) for k, v in load_file(f).items()}
+
+    mine, reference = tensors(tmp_path / "out"), tensors(converted[0])
+    assert set(mine) == set(reference)
+    assert torch.equal(mine["language_model.lm_head.weight"], mine["language_model.model.embed_tokens.weight"])
+    assert all(torch.equal(mine[k], reference[k]) for k in mine if k != "language_model.lm_head.weight")
