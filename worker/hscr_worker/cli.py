@@ -51,6 +51,8 @@ def generate(model, input_path, output, backend, device, profile, batch_size, pa
     backend_options = {"device": device} if backend == "transformers" and device else {}
     if profile:
         backend_options["profile"] = profile
+    if backend == "vllm" and params.shift == "logit":  # the raw-logit shift needs raw logits in top-k rows too
+        backend_options["score_values"] = "logits"
     engine = load_backend(backend, model, **backend_options)
     total = len(read_items(input_path)[0])
     with tqdm(total=total, unit="item", desc="hscr generate") as bar:

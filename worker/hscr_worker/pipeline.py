@@ -147,6 +147,7 @@ class HSCRBatch:
 
     def __init__(self, backend: Backend, items: Sequence[PreparedItem], params: HSCRParams,
                  similarity: Similarity, *, prefix_redecode: bool = True, full_scores_from_decode: bool = True):
+        check_shift_supported(backend, params)
         self.backend, self.params, self.similarity = backend, params, similarity
         self.prefix_redecode = prefix_redecode
         visual = backend.encode_images([it.image for it in items]) if items else []
@@ -216,7 +217,7 @@ class HSCRBatch:
                 continue
             response = torch.tensor(corrupted[i])
             full, dropped = full_logits[i], dropped_logits[i]
-            shift = token_shift(full, dropped, response, params.shift)
+            shift = token_shift(full, dropped, response, params.shift, values=backend.score_values)
             # A replacement must fall inside the re-decode budget (a long preferred answer may exceed it).
             eligible = torch.tensor([t not in backend.special_token_ids and position < params.max_new_tokens
                                      for position, t in enumerate(corrupted[i])])
@@ -301,6 +302,14 @@ class HSCRBatch:
         """The results of the items that ran, with the rejected ones back in their input positions."""
         ran = iter(self.results)
         return [self._rejected[k] if k in self._rejected else next(ran) for k in range(self._size)]
+
+
+def check_shift_supported(backend: Backend, params: HSCRParams) -> None:
+    """Refuse a shift the backend's score rows cannot give exactly (before any item runs)."""
+    if params.shift == "logit" and backend.score_values != "logits":
+        raise ValueError(f"shift='logit' (the paper's raw-logit shift) needs raw logits, but this {backend.name} "
+                         f"backend returns log-probabilities (its score rows hold the top-k tokens only); start it "
+                         f"with score_values='logits' (hscr worker --score-values logits), or use shift='logprob'")
 
 
 def _too_long(backend: Backend, prompt: list[int], visual: torch.Tensor, preferred: list[int] | None,

@@ -84,7 +84,7 @@ _runtime: Runtime | None = None
 
 
 def load_runtime(*, model: str, model_name: str, backend: str, device: str | None, micro_batch: int,
-                 redis_url: str, queue: str) -> Runtime:
+                 redis_url: str, queue: str, profile: str | None = None, score_values: str | None = None) -> Runtime:
     """Load the model once per process; later calls (a worker restarted after a Redis outage) reuse it."""
     global _runtime
     if _runtime is None:
@@ -92,6 +92,10 @@ def load_runtime(*, model: str, model_name: str, backend: str, device: str | Non
         from .generate import load_backend
 
         options = {"device": device} if backend == "transformers" and device else {}
+        if profile:
+            options["profile"] = profile
+        if score_values:
+            options["score_values"] = score_values
         engine = load_backend(backend, model, **options)
         _runtime = Runtime(backend=engine, model_name=model_name, micro_batch=micro_batch, redis_url=redis_url,
                            queue=queue, model_info={"name": model_name, "path": engine.model_path,
@@ -576,6 +580,11 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
 @click.option("--backend", envvar="HSCR_WORKER_BACKEND", type=click.Choice(["transformers", "vllm"]),
               default="transformers", show_default=True)
 @click.option("--device", envvar="HSCR_WORKER_DEVICE", default=None, help="torch device (transformers backend).")
+@click.option("--profile", envvar="HSCR_WORKER_PROFILE", type=click.Choice(["fixture", "llava-1.5", "llava-med"]),
+              default=None, help="Model family: prompt template and image preprocessing [default: detected].")
+@click.option("--score-values", envvar="HSCR_WORKER_SCORE_VALUES", type=click.Choice(["logits", "logprobs"]),
+              default=None, help="vLLM: what top-k score rows hold. logprobs (the default with top-k rows) keeps "
+                                 "the logprob shift exact; jobs with shift=logit need logits.")
 @click.option("--torch-threads", envvar="HSCR_WORKER_TORCH_THREADS", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: torch's, one per core]. 1 suits a small model on a shared "
                    "CPU: idle OpenMP threads spinning against other processes can slow it many times over.")
@@ -592,8 +601,9 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
 @click.option("--abort-uploads-after", default="24h", show_default=True,
               help="Age (90s, 30m, 24h, 7d) at which an incomplete upload under datasets/ is aborted.")
 @click.option("--burst", is_flag=True, help="Quit when the queue is empty.")
-def worker(redis_url, queue, model, model_name, backend, device, torch_threads, micro_batch, with_scheduler,
-           worker_ttl, maintenance_interval, heartbeat_interval, storage_uri, abort_uploads_after, burst):
+def worker(redis_url, queue, model, model_name, backend, device, profile, score_values, torch_threads, micro_batch,
+           with_scheduler, worker_ttl, maintenance_interval, heartbeat_interval, storage_uri, abort_uploads_after,
+           burst):
     """Run one HSCR worker (one per GPU: set CUDA_VISIBLE_DEVICES). Loads the model once."""
     from hscr_service.cli import parse_duration
     from hscr_service.core.store import connect
@@ -606,8 +616,10 @@ def worker(redis_url, queue, model, model_name, backend, device, torch_threads, 
         import torch
 
         torch.set_num_threads(torch_threads)
+    if score_values and backend != "vllm":
+        raise click.BadParameter("only the vllm backend has top-k score rows", param_hint="--score-values")
     load_runtime(model=model or DEFAULT_MODEL, model_name=model_name, backend=backend, device=device,
-                 micro_batch=micro_batch, redis_url=redis_url, queue=queue)
+                 micro_batch=micro_batch, redis_url=redis_url, queue=queue, profile=profile, score_values=score_values)
     HSCRWorker.heartbeat_interval = heartbeat_interval
     HSCRWorker.storage_uri = storage_uri
     HSCRWorker.abort_uploads_after = upload_age

@@ -33,6 +33,27 @@ def vllm_backend(fixture_model):
 
 
 @pytest.fixture(scope="session")
+def vllm_engine():
+    """Further in-process engines (another model or other options), each built once and kept for the session.
+
+    Shutting an in-process engine down tears down vLLM's process-wide parallel state, which every
+    other engine in the process still uses: so none is released before the session ends.
+    """
+    pytest.importorskip("vllm")
+    from hscr_worker.backends.vllm import VLLMBackend
+
+    engines: dict[tuple, VLLMBackend] = {}
+
+    def get(model: str, **options) -> VLLMBackend:
+        key = (str(model), tuple(sorted(options.items())))
+        if key not in engines:
+            engines[key] = VLLMBackend(model, **options)
+        return engines[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def hf_backend(fixture_model):
     from hscr_worker.backends.transformers import TransformersBackend
 

@@ -167,6 +167,13 @@ def test_converted_model_computes_what_llava_computes(converted, original):
         torch.testing.assert_close(logits[:, :vocab], expected, atol=1e-5, rtol=1e-5)
 
 
+def _tensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a converted checkpoint, by name."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(directory.glob("model-*.safetensors")) for k, v in load_file(f).items()}
+
+
 def _with_config(original: OriginalLlava, directory, **changes):
     """The original checkpoint (linked) under ``directory`` with ``changes`` to its config."""
     directory.mkdir()
@@ -194,15 +201,14 @@ def test_conversion_refuses_what_it_cannot_express(original, tmp_path):
 
 
 @pytest.mark.vllm
-def test_converted_model_runs_in_both_backends(converted, original):
+def test_converted_model_runs_in_both_backends(converted, original, vllm_engine):
     """The output as a user runs it: ``--profile llava-med`` in both backends, scores within the parity tolerance."""
     from hscr_worker.backends.base import GenerateRequest, ScoreRequest
     from hscr_worker.backends.transformers import TransformersBackend
-    from hscr_worker.backends.vllm import VLLMBackend
 
     out, report = converted
     hf = TransformersBackend(str(out), device="cpu", profile="llava-med")
-    engine = VLLMBackend(str(out), profile="llava-med")
+    engine = vllm_engine(str(out), profile="llava-med")
     assert engine.profile.name == hf.profile.name == "llava-med"
     images = [_image(seed) for seed in range(4)]
     visual = hf.encode_images(images)
@@ -255,10 +261,28 @@ def test_pickled_shards_and_tied_embeddings(original, converted, tmp_path):
     torch.save(state, source / "pytorch_model-00001-of-00001.bin")
     convert_llava_checkpoint(source, tmp_path / "out")
 
-    def tensors(directory):
-        return {k: v for f in sorted(directory.glob("model-*.safetensors")) for k, v in load_file(f).items()}
-
-    mine, reference = tensors(tmp_path / "out"), tensors(converted[0])
+    mine, reference = _tensors(tmp_path / "out"), _tensors(converted[0])
     assert set(mine) == set(reference)
     assert torch.equal(mine["language_model.lm_head.weight"], mine["language_model.model.embed_tokens.weight"])
     assert all(torch.equal(mine[k], reference[k]) for k in mine if k != "language_model.lm_head.weight")
+
+
+def test_vision_tower_from_a_full_clip_checkpoint(original, converted, tmp_path):
+    """The hub's CLIP checkpoints are whole CLIPModels: ``vision_model.*`` is the tower, the rest is left out."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    vision_config = original.vision.config
+    text = CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, projection_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    clip = CLIPModel(CLIPConfig(text_config=text.to_dict(),
+                                vision_config=vision_config.to_dict(), projection_dim=32))
+    clip.vision_model.load_state_dict(original.vision.state_dict())  # transformers 5: the model is the tower
+    clip.save_pretrained(tmp_path / "clip-full")
+    original.image_processor.save_pretrained(tmp_path / "clip-full")
+    report = convert_llava_checkpoint(original.source, tmp_path / "out", vision_tower=tmp_path / "clip-full")
+    assert report.skipped["CLIP text side"] > 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vision_config"]["num_hidden_layers"] == vision_config.num_hidden_layers
+
+    mine, reference = _tensors(tmp_path / "out"), _tensors(converted[0])
+    assert set(mine) == set(reference) and all(torch.equal(mine[k], reference[k]) for k in mine)

@@ -37,3 +37,26 @@ def test_contrastive_reward_is_the_vcd_form():
     full, dropped = rows([1.0, 2.0]), rows([3.0, -1.0])
     assert torch.allclose(contrastive_reward(full, dropped, 0.9), rows([1.9 - 2.7, 3.8 + 0.9]))
     assert torch.equal(contrastive_reward(full, dropped, 0.0), full)
+
+
+def test_logprob_shift_from_top_k_logprob_rows_is_exact():
+    """Rows holding exact log-probabilities of a few tokens (-inf elsewhere) give the dense logprob shift;
+    raw logits of the same tokens, renormalised over them, do not (the mass outside is unknown)."""
+    generator = torch.Generator().manual_seed(3)
+    full, dropped = torch.randn(6, 40, generator=generator) * 3, torch.randn(6, 40, generator=generator) * 3
+    response = torch.randint(0, 40, (6,), generator=generator)
+    exact = token_shift(full, dropped, response, "logprob")
+
+    def top_k(rows: torch.Tensor, k: int = 4) -> torch.Tensor:
+        keep = torch.zeros_like(rows, dtype=torch.bool)
+        keep.scatter_(-1, rows.topk(k, -1).indices, True)
+        keep.scatter_(-1, response.unsqueeze(-1), True)
+        return rows.masked_fill(~keep, float("-inf"))
+
+    from_logprobs = token_shift(top_k(full.log_softmax(-1)), top_k(dropped.log_softmax(-1)), response, "logprob",
+                                values="logprobs")
+    torch.testing.assert_close(from_logprobs, exact)
+    renormalised = token_shift(top_k(full), top_k(dropped), response, "logprob")
+    assert (renormalised - exact).abs().max() > 0.1
+    with pytest.raises(ValueError, match="raw logits"):
+        token_shift(full.log_softmax(-1), dropped.log_softmax(-1), response, "logit", values="logprobs")

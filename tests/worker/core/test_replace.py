@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -82,3 +84,14 @@ def test_forced_decoder_never_forces_where_the_model_wants_something_else():
     out = drive(decoder, lambda p: 1 if not p else after_no.get(tuple(p)))
     assert out == [7, 9]
     assert len(decoder.fired) == 1 and decoder.unfired == [plan[1]]
+
+
+def test_candidate_missing_from_a_top_k_row_gets_a_finite_bounded_reward():
+    """A top-k engine leaves -inf where it returned nothing; the reward must stay finite (the hook refuses inf)."""
+    inf = float("-inf")
+    dropped = torch.tensor([5.0, 4.0, 3.9, inf, inf])  # candidates 1 and 2 (0 is the original)
+    full = torch.tensor([6.0, inf, 2.0, 1.0, inf])  # token 1 is below the full image's top-k
+    token, reward = hallucinated_token(full, dropped, original=0, beta=0.9, top_k=3)
+    # token 1: the full row's smallest known score (1.0) bounds it: 1.9 * 1.0 - 0.9 * 4.0 = -1.7 < token 2's 0.29
+    assert token == 1 and math.isfinite(reward)
+    assert reward == pytest.approx(1.9 * 1.0 - 0.9 * 4.0)

@@ -10,11 +10,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from PIL import Image
 
 from hscr_worker.core.replace import ForcedDecoder
+
+# What score rows (``score``, and the decode rows of ``GenerateRequest.return_logits``) hold: raw
+# ``logits``, or ``logprobs`` normalised over the whole vocabulary (exact even where a row carries
+# only the top-k tokens and -inf elsewhere, which raw logits cannot be normalised from).
+ScoreValues = Literal["logits", "logprobs"]
 
 
 @dataclass
@@ -61,6 +67,7 @@ class Backend(ABC):
     continuous_batching: bool = False
     # Prompt (visual tokens expanded) plus response must fit in this many tokens; None: no limit known.
     max_context_tokens: int | None = None
+    score_values: ScoreValues = "logits"
 
     @abstractmethod
     def prompt_ids(self, question: str) -> list[int]:

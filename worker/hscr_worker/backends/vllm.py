@@ -9,16 +9,18 @@
 - ``generate``: greedy. A request with a ``ForcedDecoder`` travels with ``force_args(decoder)``
   in ``SamplingParams.extra_args``; the engine-side hook (``vllm_hook``) forces the replacements
   with the same decision function. The engine returns the pre-processor top-1 token of every step
-  (``logprobs=1`` with ``logprobs_mode="raw_logits"``), and the backend replays the caller's
-  decoder over the output with those greedy choices: the caller's ``decoder.fired`` ends up
-  exactly as the engine decided, and any disagreement raises.
-- ``score``: ``prompt_logprobs`` over prompt + response, raw logits. Rows are dense ``[T, V]``
-  logits over the whole vocabulary when ``score_top_k`` is None (the default for vocabularies up
-  to ``FULL_VOCAB_LIMIT`` tokens, e.g. the fixture). For large vocabularies set ``score_top_k=k``
-  (the default there is 20): each row holds the raw logits of the top-k tokens plus the response
-  token and -inf elsewhere. What that limits: hallucination candidates come from the top-k of
-  each distribution (keep ``top_k_candidates <= k``); the ``logit`` shift and the contrastive
-  reward stay exact; the ``logprob`` shift normalises over the known tokens only.
+  (``logprobs=1``: rank 1 of the raw logits or log-probabilities), and the backend replays the
+  caller's decoder over the output with those greedy choices: the caller's ``decoder.fired`` ends
+  up exactly as the engine decided, and any disagreement raises.
+- ``score``: ``prompt_logprobs`` over prompt + response. Rows are dense ``[T, V]`` raw logits over
+  the whole vocabulary when ``score_top_k`` is None (the default for vocabularies up to
+  ``FULL_VOCAB_LIMIT`` tokens, e.g. the fixture). For large vocabularies (``score_top_k``, default
+  20) each row holds the top-k tokens plus the response token and -inf elsewhere, and by default
+  (``score_values="logprobs"``, vLLM's ``raw_logprobs`` mode) their exact log-probabilities: the
+  ``logprob`` shift stays exact, which raw top-k logits could not give (the mass outside the top-k
+  is unknown). The ``logit`` shift needs ``score_values="logits"``. Either way hallucination
+  candidates come from the top-k of each distribution (keep ``top_k_candidates <= k``), and the
+  contrastive reward sees -inf for a candidate outside the full image's top-k.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from ._vision import encode_images  # noqa: E402
-from .base import GenerateRequest, ProcessorBackend, ScoreRequest  # noqa: E402
+from .base import GenerateRequest, ProcessorBackend, ScoreRequest, ScoreValues  # noqa: E402
 from .profiles import resolve_profile  # noqa: E402
 
 FULL_VOCAB_LIMIT = 4096  # dense score rows up to this vocabulary size; top-k rows above
@@ -49,7 +51,8 @@ class VLLMBackend(ProcessorBackend):
     continuous_batching = True
 
     def __init__(self, model_path: str, *, profile: str | None = None, dtype: str | None = None,
-                 vision_device: str | None = None, score_top_k: int | None = None, batch_size: int = 32,
+                 vision_device: str | None = None, score_top_k: int | None = None,
+                 score_values: ScoreValues | None = None, batch_size: int = 32,
                  enforce_eager: bool | None = None, seed: int = 0, **engine_options):
         """``engine_options`` go to ``vllm.LLM`` as they are (e.g. ``gpu_memory_utilization``,
         ``max_model_len``, ``tensor_parallel_size``)."""
@@ -89,13 +92,19 @@ class VLLMBackend(ProcessorBackend):
         if score_top_k is not None and score_top_k < 1:
             raise ValueError(f"score_top_k must be >= 1 (or None for full-vocabulary rows), got {score_top_k}")
         self.score_top_k = score_top_k
+        if score_values is None:  # dense rows normalise exactly either way; top-k rows only as log-probabilities
+            score_values = "logits" if score_top_k is None else "logprobs"
+        if score_values not in ("logits", "logprobs"):
+            raise ValueError(f"score_values must be 'logits' or 'logprobs', got {score_values!r}")
+        self.score_values = score_values
 
         options = dict(
             model=self.model_path, tokenizer=self.model_path, seed=seed,
             dtype=dtype or ("float32" if on_cpu else "auto"),
             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
             enable_mm_embeds=True, limit_mm_per_prompt={"image": 1},
-            logprobs_mode="raw_logits",  # scores and the returned greedy choices are raw, pre-processor logits
+            # scores and the returned greedy choices come from the raw, pre-processor logits
+            logprobs_mode="raw_logits" if score_values == "logits" else "raw_logprobs",
             max_logprobs=-1 if score_top_k is None else max(score_top_k, DEFAULT_SCORE_TOP_K),
         )
         options.update(engine_options)

@@ -11,18 +11,25 @@ from typing import Literal
 import torch
 
 ShiftKind = Literal["logit", "logprob"]
+RowValues = Literal["logits", "logprobs"]
 
 
 def token_shift(full: torch.Tensor, dropped: torch.Tensor, response: torch.Tensor,
-                kind: ShiftKind = "logit") -> torch.Tensor:
+                kind: ShiftKind = "logit", *, values: RowValues = "logits") -> torch.Tensor:
     """Shift of each response token, ``float[T]``: score under the full image minus the dropped one.
 
     ``kind='logit'`` compares raw logits; ``'logprob'`` compares log-softmax values (immune to a
-    per-position offset of all logits).
+    per-position offset of all logits). ``values``: what the rows hold, raw ``logits`` or
+    ``logprobs`` already normalised over the whole vocabulary (used as they are: a top-k row cannot
+    be renormalised without losing the mass outside it).
     """
     if kind == "logprob":
-        full, dropped = full.log_softmax(-1), dropped.log_softmax(-1)
-    elif kind != "logit":
+        if values == "logits":
+            full, dropped = full.log_softmax(-1), dropped.log_softmax(-1)
+    elif kind == "logit":
+        if values != "logits":
+            raise ValueError("the raw-logit shift needs rows of raw logits; these rows hold log-probabilities")
+    else:
         raise ValueError(f"unknown shift kind {kind!r}")
     index = response.long().unsqueeze(-1)
     return (full.gather(-1, index) - dropped.gather(-1, index)).squeeze(-1).float()

@@ -35,6 +35,10 @@ def hallucinated_token(full_row: torch.Tensor, dropped_row: torch.Tensor, origin
     default: what the model finds plausible when it sees the image poorly), minus ``original`` and
     ``banned``, that pass the adaptive plausibility test ``p(v) >= plausibility * max p``. The winner
     has the lowest contrastive reward: plausible, yet disfavoured by the image.
+
+    Rows from an engine that returns only the top-k tokens hold -inf elsewhere; a candidate missing
+    from the other row gets that row's smallest known score, the most it can be (a token the full
+    image ranks below its top-k is, if anything, more disfavoured than this bound says).
     """
     from .coupling import contrastive_reward
 
@@ -49,9 +53,17 @@ def hallucinated_token(full_row: torch.Tensor, dropped_row: torch.Tensor, origin
     top = top[allowed[top]]
     if top.numel() == 0:
         return None
-    reward = contrastive_reward(full_row[top], dropped_row[top], beta)
+    reward = contrastive_reward(_bounded(full_row)[top], _bounded(dropped_row)[top], beta)
     best = int(torch.argmin(reward))
     return int(top[best]), float(reward[best])
+
+
+def _bounded(row: torch.Tensor) -> torch.Tensor:
+    """``row`` with each -inf (a token the engine did not return) raised to the smallest finite score."""
+    known = torch.isfinite(row)
+    if bool(known.all()) or not bool(known.any()):
+        return row
+    return row.masked_fill(~known, row[known].min())
 
 
 def level_plans(replacements: Sequence[Replacement]) -> list[list[Replacement]]:
