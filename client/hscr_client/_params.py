@@ -27,7 +27,8 @@ class HSCRParams(BaseModel):
                     "'zero' zeroes their embeddings and keeps their positions. Paper: token dropout, mode unstated.")
     n_masks: int = Field(
         1, ge=1, le=32,
-        description="[choice] Independent dropout masks whose dropped-image logits are averaged. Paper: 1.")
+        description="[choice] Independent dropout masks; the shift is averaged over them (their scores "
+                    "too, for the candidates and the reward). Paper: 1.")
     mask_seed: int = Field(0, ge=0, description="[choice] Seed of the dropout masks (per item: seed + item hash).")
     contrast_beta: float = Field(
         0.9, ge=0.0, le=10.0,

@@ -201,8 +201,12 @@ class HSCRBatch:
                      for p, dvs, r in zip(prompts, dropped_visual, corrupted, strict=True) if r for dv in dvs]
         scores = iter(backend.score(requests))
         full_logits |= {i: next(scores) for i in unscored}
-        dropped_logits = {i: torch.stack([next(scores) for _ in range(params.n_masks)]).mean(0)
-                          for i, r in enumerate(corrupted) if r}
+        # Per item: one row set per mask; the shift is averaged over the masks (method.md, step 1), the
+        # rows for the candidates and the reward (a per-position offset between logits and
+        # log-probabilities, which leaves those choices unchanged).
+        dropped_by_mask = {i: torch.stack([next(scores) for _ in range(params.n_masks)])
+                           for i, r in enumerate(corrupted) if r}
+        dropped_logits = {i: rows.mean(0) for i, rows in dropped_by_mask.items()}
 
         plans_by_item: list[list[list[Replacement]]] = []
         for i, it in enumerate(items):
@@ -217,7 +221,8 @@ class HSCRBatch:
                 continue
             response = torch.tensor(corrupted[i])
             full, dropped = full_logits[i], dropped_logits[i]
-            shift = token_shift(full, dropped, response, params.shift, values=backend.score_values)
+            shift = torch.stack([token_shift(full, rows, response, params.shift, values=backend.score_values)
+                                 for rows in dropped_by_mask[i]]).mean(0)
             # A replacement must fall inside the re-decode budget (a long preferred answer may exceed it).
             eligible = torch.tensor([t not in backend.special_token_ids and position < params.max_new_tokens
                                      for position, t in enumerate(corrupted[i])])

@@ -72,8 +72,10 @@ def test_rows_are_exact_log_probabilities_of_the_top_k(top_k_backend, vllm_backe
     assert worst_old > 1e-2  # the renormalised top-k logits this replaces were measurably off
 
 
-def test_hscr_finds_the_same_coupled_positions_as_dense_rows(top_k_backend, vllm_backend, heldout_items):
-    params = HSCRParams(top_k_candidates=TOP_K)
+@pytest.mark.parametrize("n_masks", [1, 3])
+def test_hscr_finds_the_same_coupled_positions_as_dense_rows(top_k_backend, vllm_backend, heldout_items, n_masks):
+    """Shifts averaged over the masks (method.md) agree between log-probability and logit rows."""
+    params = HSCRParams(top_k_candidates=TOP_K, n_masks=n_masks)
     similarity = get_similarity(params.similarity)
     items = heldout_items[:N_ITEMS]
     dense, top_k = run_hscr(vllm_backend, items, params, similarity), run_hscr(top_k_backend, items, params,

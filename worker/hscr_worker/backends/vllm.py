@@ -19,8 +19,8 @@
   (``score_values="logprobs"``, vLLM's ``raw_logprobs`` mode) their exact log-probabilities: the
   ``logprob`` shift stays exact, which raw top-k logits could not give (the mass outside the top-k
   is unknown). The ``logit`` shift needs ``score_values="logits"``. Either way hallucination
-  candidates come from the top-k of each distribution (keep ``top_k_candidates <= k``), and the
-  contrastive reward sees -inf for a candidate outside the full image's top-k.
+  candidates come from the top-k of each distribution (keep ``top_k_candidates <= k``), and a
+  candidate outside the other image's top-k gets that row's smallest returned score in the reward.
 """
 
 from __future__ import annotations
