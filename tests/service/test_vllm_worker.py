@@ -2,11 +2,14 @@
 
 Its own queue and API (the session's transformers workers never see these jobs). Chunks of 4 items in
 micro-batches of 2: inside a chunk the second micro-batch's own answers share engine calls with the
-first one's re-decode (run_hscr_stream).
+first one's re-decode (run_hscr_stream). The worker runs with ``--score-values logprobs`` (what a
+32k-vocabulary model gets by default): a job asking for the raw-logit shift then fails its items at
+once, each with the reason and the fix, instead of computing a wrong shift.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +30,8 @@ def test_a_vllm_worker_completes_a_job(stack_env, fixture_items):
     log = open(stack_env["root"] / "vllm-worker.log", "ab")
     worker = subprocess.Popen(
         [sys.executable, "-c", "from hscr_client._cli import main; main()", "worker", "--queue", queue,
-         "--backend", "vllm", "--micro-batch", "2", "--torch-threads", "1", "--heartbeat-interval", "1"],
+         "--backend", "vllm", "--profile", "fixture", "--score-values", "logprobs", "--micro-batch", "2",
+         "--torch-threads", "1", "--heartbeat-interval", "1"],
         env={**os.environ}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60) as alice:
@@ -42,6 +46,15 @@ def test_a_vllm_worker_completes_a_job(stack_env, fixture_items):
             info = DatasetInfo.model_validate(alice.get(f"/v1/jobs/{job.id}/dataset").json())
             assert info.complete and info.manifest["model"]["backend"] == "vllm"
             assert info.manifest["configs"]["pairs"]["rows"] > 0
+
+            paper = alice.post("/v1/jobs", json={"items": inline_items(fixture_items, 6, "vllm-logit-"),
+                                                 "params": {**FAST_PARAMS, "shift": "logit"}})
+            assert paper.status_code == 201, paper.text
+            refused = Job.model_validate(wait_for_job(alice, paper.json()["id"], timeout=120))
+            assert refused.request_counts.failed == 6 and refused.request_counts.completed == 0
+            lines = alice.get(f"/v1/jobs/{refused.id}/errors").text.splitlines()
+            errors = [json.loads(line)["error"] for line in lines]
+            assert len(errors) == 6 and all("--score-values logits" in e and "after retries" not in e for e in errors)
     finally:
         stop(worker)
         stop(api)

@@ -409,7 +409,7 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
     from hscr_client import HSCRParams
 
     from .generate import prepare_all
-    from .pipeline import run_hscr_stream
+    from .pipeline import check_shift_supported, run_hscr_stream
 
     store = _store()
     record, settled, status = store.chunk_context(tenant, job_id, chunk)  # one round trip
@@ -430,6 +430,11 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
         # Uploaded images were checked at upload: a read failure means storage is down, not a bad item.
         raise TransientError(next(e.error for e in errors if e.error.startswith(TRANSIENT_READ)))
     params = HSCRParams(**record.params)
+    try:  # a setting this worker's model server cannot give: no retry can help, so the items fail now
+        check_shift_supported(rt.backend, params)
+    except ValueError as exc:
+        _fail_chunk(record, chunk, str(exc))
+        return {"outcome": "failed (unsupported setting)"}
     similarity = rt.similarity(params.similarity)
     stopped: list[str] = []
 
@@ -539,24 +544,27 @@ def on_chunk_failure(job: RQJob, connection, exc_type, exc_value, traceback) -> 
     """Retries exhausted: the chunk's items fail with the reason, and the job goes on without them."""
     if job.retries_left:
         return  # RQ retries it
+    tenant, job_id, chunk = job.args
+    record = _store().get_record(tenant, job_id)
+    if record is not None:
+        _fail_chunk(record, chunk, f"chunk {chunk} failed after retries: {exc_type.__name__}: {exc_value}")
+
+
+def _fail_chunk(record, chunk: int, reason: str) -> None:
+    """Every item of the chunk fails with ``reason`` (errors.jsonl); the job goes on without them."""
     from hscr_client.storage import open_location
 
     from .dataset import write_chunk
 
-    tenant, job_id, chunk = job.args
     store = _store()
-    record = store.get_record(tenant, job_id)
-    if record is None:
-        return
-    reason = f"chunk {chunk} failed after retries: {exc_type.__name__}: {exc_value}"
     try:
         rows = _read_chunk_input(record, chunk)
         write_chunk(open_location(record.dataset_uri), chunk, [],
                     [{"custom_id": r["custom_id"], "error": r.get("error") or reason} for r in rows])
     except Exception as exc:  # storage still down: the counts below still let the job end
-        log.error("cannot record the failure of %s chunk %s: %s", job_id, chunk, exc)
+        log.error("cannot record the failure of %s chunk %s: %s", record.id, chunk, exc)
     n_items = min(record.chunk_size, record.total - chunk * record.chunk_size)
-    store.settle_chunk(tenant, job_id, chunk, completed=0, failed=n_items, outcome="failed")
+    store.settle_chunk(record.tenant, record.id, chunk, completed=0, failed=n_items, outcome="failed")
     _maybe_finalize(record)
 
 
