@@ -1,8 +1,9 @@
 """The vLLM backend: the language model in a vLLM engine, the vision side in the worker.
 
 - ``encode_images``: the checkpoint's own vision tower and projector, loaded once with
-  transformers (its language model is dropped after loading), so the worker applies visual-token
-  dropout itself and hands vLLM ``image_embeds`` of shape ``(1, n, hidden)`` (``enable_mm_embeds``).
+  transformers (with a zero-layer language model: the checkpoint's layers are never read), so
+  the worker applies visual-token dropout itself and hands vLLM ``image_embeds`` of shape
+  ``(1, n, hidden)`` (``enable_mm_embeds``).
   The prompt carries exactly one image placeholder; vLLM expands it to ``n`` positions. Each
   visual tensor gets a content-hash ``multi_modal_uuids`` entry, so the prefix cache never mixes
   the full image with a dropped one.
@@ -25,6 +26,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import os
 from collections.abc import Sequence
@@ -36,7 +39,7 @@ ensure_torchvision_importable()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from ._vision import encode_images  # noqa: E402
 from .base import GenerateRequest, ProcessorBackend, ScoreRequest, ScoreValues  # noqa: E402
@@ -73,16 +76,22 @@ class VLLMBackend(ProcessorBackend):
         self.profile = resolve_profile(profile, self.model_path, self.processor)
         self.batch_size = batch_size
 
-        # The vision side, in the worker: the full transformers model, then its language model is
-        # dropped (get_image_features only needs the vision tower and the projector).
+        # The vision side, in the worker: the transformers model with a zero-layer language model, so
+        # the checkpoint's language-model layers (a 7B's 14 GB, materialised in RAM whenever the
+        # checkpoint's dtype differs from the vision dtype) are never read; get_image_features only
+        # needs the vision tower and the projector.
         self.vision_device = torch.device(vision_device or ("cuda" if torch.cuda.is_available() else "cpu"))
         vision_dtype = torch.float32 if self.vision_device.type == "cpu" else torch.bfloat16
-        vision = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=vision_dtype)
+        config = AutoConfig.from_pretrained(self.model_path)
+        vision_config = copy.deepcopy(config)
+        vision_config.text_config.num_hidden_layers = 0
+        with _transformers_quiet():  # the layers it leaves out would be listed as "unexpected" weights
+            vision = AutoModelForImageTextToText.from_pretrained(self.model_path, config=vision_config,
+                                                                 dtype=vision_dtype)
         vision.model.language_model = torch.nn.Identity()
         vision.lm_head = torch.nn.Identity()
         self.vision = vision.to(self.vision_device).eval()
 
-        config = vision.config
         self.image_token_id = int(config.image_token_id)
         self.vocab_size = int(config.text_config.vocab_size)
         self.eos_token_id = int(self.tokenizer.eos_token_id)
@@ -229,6 +238,18 @@ class VLLMBackend(ProcessorBackend):
         logits[torch.from_numpy(np.repeat(np.arange(n), per_row)), torch.tensor(entries.token_ids, dtype=torch.long)] \
             = torch.tensor(entries.logprobs, dtype=torch.float32)
         return logits
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _replay(request: GenerateRequest, ids: Sequence[int], logprobs) -> None:
