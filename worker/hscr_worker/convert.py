@@ -168,15 +168,7 @@ def convert_llava_checkpoint(source: str | Path, out_dir: str | Path, *, vision_
     when that is a local directory. ``dtype``: cast floating-point weights (default: keep theirs).
     """
     ensure_torchvision_importable()
-    from transformers import (
-        AddedToken,
-        AutoConfig,
-        AutoTokenizer,
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaProcessor,
-    )
+    from transformers import AddedToken, AutoConfig, AutoTokenizer, CLIPVisionConfig, LlavaConfig
 
     source, out_dir = Path(source), Path(out_dir)
     config = _read_json(source / "config.json")
@@ -211,6 +203,19 @@ def convert_llava_checkpoint(source: str | Path, out_dir: str | Path, *, vision_
     llava_config.architectures = ["LlavaForConditionalGeneration"]
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write(source, out_dir, vision_dir, tokenizer, llava_config, text_type, dtype, shard_bytes)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)  # nothing half-written that looks like a checkpoint
+        raise
+
+
+def _write(source: Path, out_dir: Path, vision_dir: Path, tokenizer, llava_config, text_type: str,
+           dtype: torch.dtype | None, shard_bytes: int) -> ConversionReport:
+    """Write the weights, the config and the processor (``convert_llava_checkpoint`` has checked the inputs)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    vocab_size = llava_config.text_config.vocab_size
     writer = _ShardWriter(out_dir, shard_bytes)
     # what was left out, by reason: LLaVA reloads the tower from the CLIP directory, so do we
     skipped = {"vision tower in the LLaVA checkpoint": 0, "unused": 0, "CLIP text side": 0}
@@ -239,16 +244,18 @@ def convert_llava_checkpoint(source: str | Path, out_dir: str | Path, *, vision_
     writer.close()
     _check_complete(writer.names, llava_config)
 
-    llava_config.torch_dtype = dtype or first_dtype
+    llava_config.dtype = dtype or first_dtype
     llava_config.save_pretrained(out_dir)
     image_processor = CLIPImageProcessor.from_pretrained(vision_dir)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
+                               patch_size=llava_config.vision_config.patch_size,
+                               vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
                                image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
     processor.save_pretrained(out_dir)
     if (source / "generation_config.json").exists():
         shutil.copy(source / "generation_config.json", out_dir / "generation_config.json")
-    return ConversionReport(out_dir, text_type, vocab_size, image_token_id, len(writer.names), skipped)
+    return ConversionReport(out_dir, text_type, vocab_size, llava_config.image_token_index, len(writer.names),
+                            skipped)
 
 
 def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:

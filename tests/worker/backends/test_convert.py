@@ -14,6 +14,7 @@ the projector, the features spliced in place of the image placeholder, the langu
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -193,6 +194,16 @@ def test_conversion_refuses_what_it_cannot_express(original, tmp_path):
                                            (dict(model_type="llava_mpt"), "not an original LLaVA checkpoint"))):
         with pytest.raises(ConversionError, match=message):
             convert_llava_checkpoint(_with_config(original, tmp_path / f"bad-{k}", **change), tmp_path / "out")
+    # a CLIP directory without its encoder: refused after writing started, and nothing is left behind
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "clip-partial"
+    shutil.copytree(original.clip_dir, partial)
+    tower = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in tower.items() if not k.startswith("encoder.")}, partial / "model.safetensors")
+    with pytest.raises(ConversionError, match="required tensors"):
+        convert_llava_checkpoint(original.source, tmp_path / "partial-out", vision_tower=partial)
+    assert not (tmp_path / "partial-out").exists()
     target = tmp_path / "full"
     target.mkdir()
     (target / "x").write_text("")
