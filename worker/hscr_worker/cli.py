@@ -9,6 +9,8 @@ import click
 
 from hscr_client import HSCRParams
 
+from .backends.profiles import PROFILES
+
 
 def _param_options(func):
     """One ``--flag`` per HSCR parameter, its help text taken from the parameter's description."""
@@ -31,7 +33,7 @@ def params_from_options(options: dict, paper: bool) -> HSCRParams:
 @click.option("--output", required=True, help="Output directory or s3://bucket/prefix.")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default=None, help="torch device for the transformers backend [default: cuda if present].")
-@click.option("--profile", type=click.Choice(["fixture", "llava-1.5", "llava-med"]), default=None,
+@click.option("--profile", type=click.Choice(sorted(PROFILES)), default=None,
               help="Model family: prompt template and image preprocessing [default: detected from the model].")
 @click.option("--batch-size", default=32, show_default=True, help="Items per chunk (one shard per chunk).")
 @click.option("--paper", is_flag=True, help="Start from the paper's setting (one mask removing 70 %, raw-logit "
@@ -142,7 +144,9 @@ def convert_llava(source, out_dir, vision_tower, dtype):
     except ConversionError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(report.summary())
-    click.echo(f"run it with: hscr generate --backend vllm --model {out_dir} --profile llava-med ...")
+    # LLaVA-Med v1.5 is the Mistral one; Llama-based checkpoints are LLaVA-1.5's (USER: ... ASSISTANT:)
+    profile = "llava-med" if report.text_model_type == "mistral" else "llava-1.5"
+    click.echo(f"run it with: hscr generate --backend vllm --model {out_dir} --profile {profile} ...")
 
 
 def commands() -> list[click.Command]:

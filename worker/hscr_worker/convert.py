@@ -99,6 +99,8 @@ def map_vision_key(key: str) -> str | None:
     The hub's CLIP checkpoints hold ``vision_model.*`` (and ``text_model.*``); a CLIPVisionModel saved
     by transformers 5 holds the tower's keys bare (``embeddings.*``, ``encoder.*``, ...).
     """
+    if key.endswith(".position_ids"):  # a buffer older CLIP checkpoints store; vLLM's loader rejects it
+        return None
     if key.startswith("vision_model."):
         return "vision_tower." + key
     if key.split(".")[0] in CLIP_TOWER_PARTS:
@@ -155,6 +157,13 @@ def _check_supported(config: dict) -> None:
     if config.get("mm_use_im_start_end") or config.get("mm_use_im_patch_token"):
         raise ConversionError("mm_use_im_start_end / mm_use_im_patch_token checkpoints wrap images in extra tokens, "
                               "which the HF LLaVA format cannot express")
+    if str(config.get("image_aspect_ratio", "")).startswith("anyres") or \
+            config.get("mm_patch_merge_type", "flat") != "flat":
+        raise ConversionError("anyres / spatial patch merging (LLaVA-NeXT, v1.6) is a different architecture "
+                              "(LlavaNext); this converter handles LLaVA-1.5-style checkpoints such as LLaVA-Med v1.5")
+    if config.get("unfreeze_mm_vision_tower"):
+        raise ConversionError("unfreeze_mm_vision_tower: the checkpoint fine-tuned its own vision tower, which "
+                              "this converter does not take yet (it takes the CLIP directory's)")
     if config.get("mm_vision_select_feature", "patch") not in SELECT_STRATEGY:
         raise ConversionError(f"mm_vision_select_feature {config['mm_vision_select_feature']!r}: expected one of "
                               f"{sorted(SELECT_STRATEGY)}")
@@ -187,6 +196,8 @@ def convert_llava_checkpoint(source: str | Path, out_dir: str | Path, *, vision_
     vision_config = CLIPVisionConfig.from_pretrained(vision_dir)
     text_type = TEXT_MODEL_TYPES[config["model_type"]]
     text_fields = {k: v for k, v in config.items() if not k.startswith("mm_") and k not in LLAVA_ONLY_KEYS}
+    if "torch_dtype" in text_fields:  # transformers 5's name
+        text_fields["dtype"] = text_fields.pop("torch_dtype")
     vocab_size = max(int(config["vocab_size"]), len(tokenizer))
     text_fields["vocab_size"] = vocab_size
     text_fields["pad_token_id"] = tokenizer.pad_token_id
@@ -202,11 +213,16 @@ def convert_llava_checkpoint(source: str | Path, out_dir: str | Path, *, vision_
     llava_config.pad_token_id = tokenizer.pad_token_id
     llava_config.architectures = ["LlavaForConditionalGeneration"]
 
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _write(source, out_dir, vision_dir, tokenizer, llava_config, text_type, dtype, shard_bytes)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)  # nothing half-written that looks like a checkpoint
+    except BaseException:  # nothing half-written that looks like a checkpoint
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:  # the user's (empty) directory stays
+            for child in out_dir.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
 
 
@@ -232,13 +248,16 @@ def _write(source: Path, out_dir: Path, vision_dir: Path, tokenizer, llava_confi
                 embeddings = tensor if name == EMBEDDINGS else embeddings
             first_dtype = first_dtype or tensor.dtype
             writer.add(name, _cast(tensor, dtype))
-    if LM_HEAD not in writer.names and embeddings is not None:  # tied embeddings: the HF checkpoint stores the head
-        writer.add(LM_HEAD, _cast(embeddings.clone(), dtype))
+    if LM_HEAD not in writer.names:
+        if not llava_config.tie_word_embeddings or embeddings is None:
+            raise ConversionError("the checkpoint has no lm_head.weight and its config does not tie it to the "
+                                  "embeddings: is a weight shard missing?")
+        writer.add(LM_HEAD, _cast(embeddings.clone(), dtype))  # tied: the HF checkpoint stores the head too
     for path in _tensor_files(vision_dir):
         for key, tensor in _read_tensors(path):
             name = map_vision_key(key)
             if name is None:
-                skipped["CLIP text side"] += 1
+                skipped["unused" if key.endswith(".position_ids") else "CLIP text side"] += 1
                 continue
             writer.add(name, _cast(tensor, dtype or first_dtype))
     writer.close()

@@ -40,6 +40,8 @@ from rq.job import Job as RQJob
 from rq.scheduler import RQScheduler
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 
+from .backends.profiles import PROFILES
+
 log = logging.getLogger("hscr_worker.rq")
 
 CHUNK_INPUT = "part-{chunk:05d}.jsonl"
@@ -423,18 +425,18 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
         raise RuntimeError(f"job wants model {record.model!r}; this worker serves {rt.model_name!r}")
     if reason := _stop_reason(store, record, status):
         return _skip(record, chunk, reason)
-    rows = _read_chunk_input(record, chunk)
-    pre_errors = [{"custom_id": r["custom_id"], "error": r["error"]} for r in rows if "error" in r]
-    prepared, errors = prepare_all([r for r in rows if "error" not in r], base_dir=None)
-    if any(e.error.startswith(TRANSIENT_READ) for e in errors):
-        # Uploaded images were checked at upload: a read failure means storage is down, not a bad item.
-        raise TransientError(next(e.error for e in errors if e.error.startswith(TRANSIENT_READ)))
     params = HSCRParams(**record.params)
     try:  # a setting this worker's model server cannot give: no retry can help, so the items fail now
         check_shift_supported(rt.backend, params)
     except ValueError as exc:
         _fail_chunk(record, chunk, str(exc))
         return {"outcome": "failed (unsupported setting)"}
+    rows = _read_chunk_input(record, chunk)
+    pre_errors = [{"custom_id": r["custom_id"], "error": r["error"]} for r in rows if "error" in r]
+    prepared, errors = prepare_all([r for r in rows if "error" not in r], base_dir=None)
+    if any(e.error.startswith(TRANSIENT_READ) for e in errors):
+        # Uploaded images were checked at upload: a read failure means storage is down, not a bad item.
+        raise TransientError(next(e.error for e in errors if e.error.startswith(TRANSIENT_READ)))
     similarity = rt.similarity(params.similarity)
     stopped: list[str] = []
 
@@ -588,7 +590,7 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
 @click.option("--backend", envvar="HSCR_WORKER_BACKEND", type=click.Choice(["transformers", "vllm"]),
               default="transformers", show_default=True)
 @click.option("--device", envvar="HSCR_WORKER_DEVICE", default=None, help="torch device (transformers backend).")
-@click.option("--profile", envvar="HSCR_WORKER_PROFILE", type=click.Choice(["fixture", "llava-1.5", "llava-med"]),
+@click.option("--profile", envvar="HSCR_WORKER_PROFILE", type=click.Choice(sorted(PROFILES)),
               default=None, help="Model family: prompt template and image preprocessing [default: detected].")
 @click.option("--score-values", envvar="HSCR_WORKER_SCORE_VALUES", type=click.Choice(["logits", "logprobs"]),
               default=None, help="vLLM: what top-k score rows hold. logprobs (the default with top-k rows) keeps "

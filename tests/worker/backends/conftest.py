@@ -37,7 +37,8 @@ def vllm_engine():
     """Further in-process engines (another model or other options), each built once and kept for the session.
 
     Shutting an in-process engine down tears down vLLM's process-wide parallel state, which every
-    other engine in the process still uses: so none is released before the session ends.
+    other engine in the process still uses: so none is released before the session ends. (On a GPU
+    each engine would claim ``gpu_memory_utilization`` of the device again: pass a smaller one.)
     """
     pytest.importorskip("vllm")
     from hscr_worker.backends.vllm import VLLMBackend

@@ -42,13 +42,15 @@ SELECT_LAYER = -2
 QUESTION = "what organ is shown ?"
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
+def _tokenizer(pad: str | None = "<unk>") -> PreTrainedTokenizerFast:
+    """A word-level tokenizer; LLaVA-Med's pads with <unk>, so the converter adds <image> only."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token=pad)
 
 
 def _original_config(vocab: int, clip_dir: str) -> dict:
@@ -68,7 +70,7 @@ class OriginalLlava:
     """LLaVA's forward over the original checkpoint's modules (the reference)."""
 
     def __init__(self, root, seed: int = 0):
-        from safetensors.torch import save_file
+        from safetensors.torch import load_file, save_file
 
         torch.manual_seed(seed)
         self.source, self.clip_dir = root / "llava-med-toy", root / "clip-vit-toy"
@@ -100,6 +102,10 @@ class OriginalLlava:
                       self.source / f"model-0000{part + 1}-of-00002.safetensors")
         self.vision.save_pretrained(self.clip_dir)
         self.image_processor.save_pretrained(self.clip_dir)
+        # older hub CLIP checkpoints (openai's among them) also store this buffer, which vLLM refuses to load
+        tower = load_file(self.clip_dir / "model.safetensors")
+        tower["embeddings.position_ids"] = torch.arange(17).unsqueeze(0)
+        save_file(tower, self.clip_dir / "model.safetensors")
 
     @torch.no_grad()
     def logits(self, question: str, image: Image.Image) -> torch.Tensor:
@@ -136,9 +142,10 @@ def converted(original, tmp_path_factory):
 def test_converted_layout(converted, original):
     out, report = converted
     vocab = len(original.tokenizer)
-    assert report.vocab_size == vocab + 2 and report.image_token_id == vocab  # <image>, then <pad>
+    assert report.vocab_size == vocab + 1 and report.image_token_id == vocab  # <image>; <unk> stays the pad
     assert report.text_model_type == "mistral"
-    assert report.skipped["vision tower in the LLaVA checkpoint"] == 1 and report.skipped["unused"] == 1
+    # the stray tower tensor; inv_freq and CLIP's position_ids buffer
+    assert report.skipped["vision tower in the LLaVA checkpoint"] == 1 and report.skipped["unused"] == 2
     config = json.loads((out / "config.json").read_text())
     assert config["vision_feature_layer"] == SELECT_LAYER and config["vision_feature_select_strategy"] == "default"
     assert config["text_config"]["num_key_value_heads"] == 2 and config["image_token_index"] == vocab
@@ -191,7 +198,10 @@ def test_conversion_refuses_what_it_cannot_express(original, tmp_path):
         convert_llava_checkpoint(original.source, tmp_path / "a", vision_tower=tmp_path / "nowhere")
     for k, (change, message) in enumerate(((dict(mm_projector_type="linear"), "mlp2x_gelu"),
                                            (dict(mm_use_im_start_end=True), "mm_use_im_start_end"),
-                                           (dict(model_type="llava_mpt"), "not an original LLaVA checkpoint"))):
+                                           (dict(model_type="llava_mpt"), "not an original LLaVA checkpoint"),
+                                           (dict(image_aspect_ratio="anyres"), "LlavaNext"),
+                                           (dict(mm_patch_merge_type="spatial_unpad"), "LlavaNext"),
+                                           (dict(unfreeze_mm_vision_tower=True), "its own vision tower"))):
         with pytest.raises(ConversionError, match=message):
             convert_llava_checkpoint(_with_config(original, tmp_path / f"bad-{k}", **change), tmp_path / "out")
     # a CLIP directory without its encoder: refused after writing started, and nothing is left behind
@@ -204,6 +214,10 @@ def test_conversion_refuses_what_it_cannot_express(original, tmp_path):
     with pytest.raises(ConversionError, match="required tensors"):
         convert_llava_checkpoint(original.source, tmp_path / "partial-out", vision_tower=partial)
     assert not (tmp_path / "partial-out").exists()
+    (tmp_path / "mine").mkdir()  # an empty directory the user made stays, empty
+    with pytest.raises(ConversionError, match="required tensors"):
+        convert_llava_checkpoint(original.source, tmp_path / "mine", vision_tower=partial)
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
     target = tmp_path / "full"
     target.mkdir()
     (target / "x").write_text("")
@@ -276,6 +290,24 @@ def test_pickled_shards_and_tied_embeddings(original, converted, tmp_path):
     assert set(mine) == set(reference)
     assert torch.equal(mine["language_model.lm_head.weight"], mine["language_model.model.embed_tokens.weight"])
     assert all(torch.equal(mine[k], reference[k]) for k in mine if k != "language_model.lm_head.weight")
+    # without the tie, a missing head is a missing shard, not something to make up
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(ConversionError, match="no lm_head.weight"):
+        convert_llava_checkpoint(source, tmp_path / "untied")
+
+
+def test_a_tokenizer_without_pad_gets_one(original, tmp_path):
+    source = _with_config(original, tmp_path / "no-pad")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).exists():
+            (source / name).unlink()
+    _tokenizer(pad=None).save_pretrained(source)
+    report = convert_llava_checkpoint(source, tmp_path / "out")
+    vocab = len(original.tokenizer)
+    assert report.vocab_size == vocab + 2 and report.image_token_id == vocab
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["text_config"]["pad_token_id"] == vocab + 1
 
 
 def test_vision_tower_from_a_full_clip_checkpoint(original, converted, tmp_path):
@@ -297,3 +329,21 @@ def test_vision_tower_from_a_full_clip_checkpoint(original, converted, tmp_path)
 
     mine, reference = _tensors(tmp_path / "out"), _tensors(converted[0])
     assert set(mine) == set(reference) and all(torch.equal(mine[k], reference[k]) for k in mine)
+
+
+@pytest.mark.vllm
+def test_vllm_backend_refuses_a_checkpoint_missing_vision_weights(converted, tmp_path):
+    """The vision side loads quietly (it skips the language model's layers), so it checks what loaded itself."""
+    from safetensors.torch import load_file, save_file
+
+    from hscr_worker.backends.vllm import VLLMBackend
+
+    broken = tmp_path / "llava-med-broken"
+    shutil.copytree(converted[0], broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    shard = broken / index["weight_map"]["multi_modal_projector.linear_2.weight"]
+    save_file({k: v for k, v in load_file(shard).items() if k != "multi_modal_projector.linear_2.weight"}, shard)
+    del index["weight_map"]["multi_modal_projector.linear_2.weight"]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="do not load cleanly.*linear_2"):
+        VLLMBackend(str(broken), profile="llava-med")

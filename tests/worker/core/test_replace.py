@@ -95,3 +95,12 @@ def test_candidate_missing_from_a_top_k_row_gets_a_finite_bounded_reward():
     # token 1: the full row's smallest known score (1.0) bounds it: 1.9 * 1.0 - 0.9 * 4.0 = -1.7 < token 2's 0.29
     assert token == 1 and math.isfinite(reward)
     assert reward == pytest.approx(1.9 * 1.0 - 0.9 * 4.0)
+
+
+def test_tokens_no_row_returned_are_never_candidates():
+    """Even with the plausibility test off, a token the pool row did not return (-inf) cannot win on a bound."""
+    inf = float("-inf")
+    dropped = torch.tensor([5.0, 4.0, inf, inf])
+    full = torch.tensor([6.0, 3.0, 1.0, inf])
+    token, _ = hallucinated_token(full, dropped, original=0, beta=0.9, top_k=4, plausibility=0.0)
+    assert token == 1

@@ -35,9 +35,10 @@ class GenerateRequest:
     max_new_tokens: int
     forced: ForcedDecoder | None = None
     response_prefix: list[int] = field(default_factory=list)
-    # With ``return_logits`` the backend also fills ``logits``: the raw logits ``float[T, V]`` of the
-    # T decode steps that produced the response, row t predicting response token t. That is what
-    # ``Backend.score`` would return for the response under the same image, without a second pass.
+    # With ``return_logits`` the backend also fills ``logits``: the score rows ``float[T, V]`` (raw
+    # logits, or log-probabilities: ``Backend.score_values``) of the T decode steps that produced the
+    # response, row t predicting response token t. That is what ``Backend.score`` would return for
+    # the response under the same image, without a second pass.
     return_logits: bool = False
     logits: torch.Tensor | None = None
 

@@ -86,8 +86,15 @@ class VLLMBackend(ProcessorBackend):
         vision_config = copy.deepcopy(config)
         vision_config.text_config.num_hidden_layers = 0
         with _transformers_quiet():  # the layers it leaves out would be listed as "unexpected" weights
-            vision = AutoModelForImageTextToText.from_pretrained(self.model_path, config=vision_config,
-                                                                 dtype=vision_dtype)
+            vision, loading = AutoModelForImageTextToText.from_pretrained(
+                self.model_path, config=vision_config, dtype=vision_dtype, output_loading_info=True)
+        # ... so check here what the quiet load would not say: a vision weight missing from the
+        # checkpoint would silently be random, and so would every image's features.
+        problems = [*loading["missing_keys"], *loading["mismatched_keys"],
+                    *(k for k in loading["unexpected_keys"] if ".language_model.layers." not in k)]
+        if problems:
+            raise ValueError(f"{self.model_path}: the vision tower and projector do not load cleanly (missing, "
+                             f"mismatched or unexpected weights, e.g. {sorted(map(str, problems))[:3]})")
         vision.model.language_model = torch.nn.Identity()
         vision.lm_head = torch.nn.Identity()
         self.vision = vision.to(self.vision_device).eval()
@@ -167,7 +174,7 @@ class VLLMBackend(ProcessorBackend):
                 if any(rep.token >= self.vocab_size for rep in r.forced.plan):
                     raise ValueError(f"request {k}: a forced replacement token is outside the model's vocabulary")
                 extra = force_args(r.forced)
-            # Forced: the rank-1 raw logit of every step, for the replay. Logits wanted: the score rows.
+            # Forced: the rank-1 token of every step, for the replay. Logits wanted: the score rows.
             # skip_clone: each request gets fresh params that nothing touches after submission, so the
             # engine's deep copy of them (and of the plan in extra_args) is pure cost, as in vLLM's server.
             logprobs = 1 if r.forced is not None else (self._row_width if r.return_logits else None)
@@ -191,7 +198,7 @@ class VLLMBackend(ProcessorBackend):
             if self.eos_token_id in ids:
                 ids = ids[: ids.index(self.eos_token_id)]
             ids = ids[: r.max_new_tokens]
-            if r.return_logits:  # step t's raw logits predict response token t, as a score row does
+            if r.return_logits:  # step t's row predicts response token t, as a score row does
                 r.logits = self._rows(completion.logprobs[: len(ids)])
             responses.append([*r.response_prefix, *ids])
         return responses
@@ -228,7 +235,8 @@ class VLLMBackend(ProcessorBackend):
         return -1 if self.score_top_k is None else self.score_top_k
 
     def _rows(self, entries) -> torch.Tensor:
-        """``float[n, V]`` raw logits from a ``FlatLogprobs`` slice of n positions (-inf where not returned).
+        """``float[n, V]`` score rows (``score_values``) from a ``FlatLogprobs`` slice of n positions
+        (-inf where not returned).
 
         A slice's indices start at 0, and each position's (token, logit) pairs lie in one run.
         """

@@ -36,15 +36,16 @@ def hallucinated_token(full_row: torch.Tensor, dropped_row: torch.Tensor, origin
     ``banned``, that pass the adaptive plausibility test ``p(v) >= plausibility * max p``. The winner
     has the lowest contrastive reward: plausible, yet disfavoured by the image.
 
-    Rows from an engine that returns only the top-k tokens hold -inf elsewhere; a candidate missing
-    from the other row gets that row's smallest known score, the most it can be (a token the full
-    image ranks below its top-k is, if anything, more disfavoured than this bound says).
+    Rows from an engine that returns only the top-k tokens hold -inf elsewhere. Candidates are
+    tokens the pool row returned; in the reward, a candidate missing from the other row takes that
+    row's smallest returned score, an upper bound on its own (with the default dropped pool: a token
+    the full image ranks below its top-k is, if anything, more disfavoured than the bound says).
     """
     from .coupling import contrastive_reward
 
     source = dropped_row if pool == "dropped" else full_row
     probs = source.float().softmax(-1)
-    allowed = probs >= plausibility * probs.max()
+    allowed = (probs >= plausibility * probs.max()) & torch.isfinite(source)  # -inf: not returned by the engine
     allowed[original] = False
     if banned:
         allowed[list(banned)] = False
