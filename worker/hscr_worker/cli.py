@@ -140,7 +140,7 @@ def convert_llava(source, out_dir, vision_tower, dtype):
 
     try:
         report = convert_llava_checkpoint(source, out_dir, vision_tower=vision_tower,
-                                          dtype=getattr(torch, dtype) if dtype else None)
+                                          dtype=getattr(torch, dtype) if dtype else None, progress=True)
     except ConversionError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(report.summary())

@@ -170,11 +170,13 @@ def _check_supported(config: dict) -> None:
 
 
 def convert_llava_checkpoint(source: str | Path, out_dir: str | Path, *, vision_tower: str | Path | None = None,
-                             dtype: torch.dtype | None = None, shard_bytes: int = 5 << 30) -> ConversionReport:
+                             dtype: torch.dtype | None = None, shard_bytes: int = 5 << 30,
+                             progress: bool = False) -> ConversionReport:
     """Convert ``source`` (an original LLaVA / LLaVA-Med directory) into ``out_dir`` (HF LLaVA format).
 
     ``vision_tower``: a local CLIP checkpoint directory; by default the config's ``mm_vision_tower``
     when that is a local directory. ``dtype``: cast floating-point weights (default: keep theirs).
+    ``progress``: a progress bar over the weight files (a 7B takes minutes).
     """
     ensure_torchvision_importable()
     from transformers import AddedToken, AutoConfig, AutoTokenizer, CLIPVisionConfig, LlavaConfig
@@ -216,7 +218,8 @@ def convert_llava_checkpoint(source: str | Path, out_dir: str | Path, *, vision_
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _write(source, out_dir, vision_dir, tokenizer, llava_config, text_type, dtype, shard_bytes)
+        return _write(source, out_dir, vision_dir, tokenizer, llava_config, text_type, dtype, shard_bytes,
+                      progress)
     except BaseException:  # nothing half-written that looks like a checkpoint
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -227,16 +230,20 @@ def convert_llava_checkpoint(source: str | Path, out_dir: str | Path, *, vision_
 
 
 def _write(source: Path, out_dir: Path, vision_dir: Path, tokenizer, llava_config, text_type: str,
-           dtype: torch.dtype | None, shard_bytes: int) -> ConversionReport:
+           dtype: torch.dtype | None, shard_bytes: int, progress: bool) -> ConversionReport:
     """Write the weights, the config and the processor (``convert_llava_checkpoint`` has checked the inputs)."""
+    from tqdm import tqdm
     from transformers import CLIPImageProcessor, LlavaProcessor
+
+    language_files, vision_files = _tensor_files(source), _tensor_files(vision_dir)
+    bar = tqdm(total=len(language_files) + len(vision_files), unit="file", desc="convert-llava", disable=not progress)
 
     vocab_size = llava_config.text_config.vocab_size
     writer = _ShardWriter(out_dir, shard_bytes)
     # what was left out, by reason: LLaVA reloads the tower from the CLIP directory, so do we
     skipped = {"vision tower in the LLaVA checkpoint": 0, "unused": 0, "CLIP text side": 0}
     first_dtype = embeddings = None
-    for path in _tensor_files(source):
+    for path in language_files:
         for key, tensor in _read_tensors(path):
             name = map_language_key(key)
             if name is None:
@@ -248,18 +255,21 @@ def _write(source: Path, out_dir: Path, vision_dir: Path, tokenizer, llava_confi
                 embeddings = tensor if name == EMBEDDINGS else embeddings
             first_dtype = first_dtype or tensor.dtype
             writer.add(name, _cast(tensor, dtype))
+        bar.update(1)
     if LM_HEAD not in writer.names:
         if not llava_config.tie_word_embeddings or embeddings is None:
             raise ConversionError("the checkpoint has no lm_head.weight and its config does not tie it to the "
                                   "embeddings: is a weight shard missing?")
         writer.add(LM_HEAD, _cast(embeddings.clone(), dtype))  # tied: the HF checkpoint stores the head too
-    for path in _tensor_files(vision_dir):
+    for path in vision_files:
         for key, tensor in _read_tensors(path):
             name = map_vision_key(key)
             if name is None:
                 skipped["unused" if key.endswith(".position_ids") else "CLIP text side"] += 1
                 continue
             writer.add(name, _cast(tensor, dtype or first_dtype))
+        bar.update(1)
+    bar.close()
     writer.close()
     _check_complete(writer.names, llava_config)
 
