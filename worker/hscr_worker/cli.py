@@ -36,10 +36,12 @@ def params_from_options(options: dict, paper: bool) -> HSCRParams:
 @click.option("--profile", type=click.Choice(sorted(PROFILES)), default=None,
               help="Model family: prompt template and image preprocessing [default: detected from the model].")
 @click.option("--batch-size", default=32, show_default=True, help="Items per chunk (one shard per chunk).")
+@click.option("--score-top-k", type=click.IntRange(min=1), default=None,
+              help="vLLM: tokens per score row for large vocabularies [default: 20]; needs >= top_k_candidates.")
 @click.option("--paper", is_flag=True, help="Start from the paper's setting (one mask removing 70 %, raw-logit "
               "shift, no shift floor) instead of the shipped defaults.")
 @_param_options
-def generate(model, input_path, output, backend, device, profile, batch_size, paper, **options):
+def generate(model, input_path, output, backend, device, profile, batch_size, score_top_k, paper, **options):
     """Generate an HSCR preference dataset from an items JSONL file."""
     from tqdm import tqdm
 
@@ -55,6 +57,10 @@ def generate(model, input_path, output, backend, device, profile, batch_size, pa
         backend_options["profile"] = profile
     if backend == "vllm" and params.shift == "logit":  # the raw-logit shift needs raw logits in top-k rows too
         backend_options["score_values"] = "logits"
+    if score_top_k:
+        if backend != "vllm":
+            raise click.BadParameter("only the vllm backend has top-k score rows", param_hint="--score-top-k")
+        backend_options["score_top_k"] = score_top_k
     engine = load_backend(backend, model, **backend_options)
     total = len(read_items(input_path)[0])
     with tqdm(total=total, unit="item", desc="hscr generate") as bar:

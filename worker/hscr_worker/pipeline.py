@@ -147,7 +147,7 @@ class HSCRBatch:
 
     def __init__(self, backend: Backend, items: Sequence[PreparedItem], params: HSCRParams,
                  similarity: Similarity, *, prefix_redecode: bool = True, full_scores_from_decode: bool = True):
-        check_shift_supported(backend, params)
+        check_params_supported(backend, params)
         self.backend, self.params, self.similarity = backend, params, similarity
         self.prefix_redecode = prefix_redecode
         visual = backend.encode_images([it.image for it in items]) if items else []
@@ -309,12 +309,17 @@ class HSCRBatch:
         return [self._rejected[k] if k in self._rejected else next(ran) for k in range(self._size)]
 
 
-def check_shift_supported(backend: Backend, params: HSCRParams) -> None:
-    """Refuse a shift the backend's score rows cannot give exactly (before any item runs)."""
+def check_params_supported(backend: Backend, params: HSCRParams) -> None:
+    """Refuse a setting the backend's score rows cannot serve as asked (before any item runs)."""
     if params.shift == "logit" and backend.score_values != "logits":
         raise ValueError(f"shift='logit' (the paper's raw-logit shift) needs raw logits, but this {backend.name} "
                          f"backend returns log-probabilities (its score rows hold the top-k tokens only); start it "
                          f"with score_values='logits' (hscr worker --score-values logits), or use shift='logprob'")
+    if backend.score_top_k is not None and params.top_k_candidates > backend.score_top_k:
+        raise ValueError(f"top_k_candidates={params.top_k_candidates} exceeds the {backend.score_top_k} tokens "
+                         f"this {backend.name} backend returns per score row, so the candidates would silently come "
+                         f"from fewer; start it with score_top_k >= {params.top_k_candidates} (--score-top-k of "
+                         f"hscr worker or hscr generate), or lower top_k_candidates")
 
 
 def _too_long(backend: Backend, prompt: list[int], visual: torch.Tensor, preferred: list[int] | None,

@@ -86,7 +86,8 @@ _runtime: Runtime | None = None
 
 
 def load_runtime(*, model: str, model_name: str, backend: str, device: str | None, micro_batch: int,
-                 redis_url: str, queue: str, profile: str | None = None, score_values: str | None = None) -> Runtime:
+                 redis_url: str, queue: str, profile: str | None = None, score_values: str | None = None,
+                 score_top_k: int | None = None) -> Runtime:
     """Load the model once per process; later calls (a worker restarted after a Redis outage) reuse it."""
     global _runtime
     if _runtime is None:
@@ -98,6 +99,8 @@ def load_runtime(*, model: str, model_name: str, backend: str, device: str | Non
             options["profile"] = profile
         if score_values:
             options["score_values"] = score_values
+        if score_top_k:
+            options["score_top_k"] = score_top_k
         engine = load_backend(backend, model, **options)
         _runtime = Runtime(backend=engine, model_name=model_name, micro_batch=micro_batch, redis_url=redis_url,
                            queue=queue, model_info={"name": model_name, "path": engine.model_path,
@@ -411,7 +414,7 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
     from hscr_client import HSCRParams
 
     from .generate import prepare_all
-    from .pipeline import check_shift_supported, run_hscr_stream
+    from .pipeline import check_params_supported, run_hscr_stream
 
     store = _store()
     record, settled, status = store.chunk_context(tenant, job_id, chunk)  # one round trip
@@ -427,7 +430,7 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
         return _skip(record, chunk, reason)
     params = HSCRParams(**record.params)
     try:  # a setting this worker's model server cannot give: no retry can help, so the items fail now
-        check_shift_supported(rt.backend, params)
+        check_params_supported(rt.backend, params)
     except ValueError as exc:
         _fail_chunk(record, chunk, str(exc))
         return {"outcome": "failed (unsupported setting)"}
@@ -595,6 +598,9 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
 @click.option("--score-values", envvar="HSCR_WORKER_SCORE_VALUES", type=click.Choice(["logits", "logprobs"]),
               default=None, help="vLLM: what top-k score rows hold. logprobs (the default with top-k rows) keeps "
                                  "the logprob shift exact; jobs with shift=logit need logits.")
+@click.option("--score-top-k", envvar="HSCR_WORKER_SCORE_TOP_K", type=click.IntRange(min=1), default=None,
+              help="vLLM: tokens per score row for large vocabularies [default: 20]; jobs need top_k_candidates "
+                   "<= this.")
 @click.option("--torch-threads", envvar="HSCR_WORKER_TORCH_THREADS", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: torch's, one per core]. 1 suits a small model on a shared "
                    "CPU: idle OpenMP threads spinning against other processes can slow it many times over.")
@@ -611,9 +617,9 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
 @click.option("--abort-uploads-after", default="24h", show_default=True,
               help="Age (90s, 30m, 24h, 7d) at which an incomplete upload under datasets/ is aborted.")
 @click.option("--burst", is_flag=True, help="Quit when the queue is empty.")
-def worker(redis_url, queue, model, model_name, backend, device, profile, score_values, torch_threads, micro_batch,
-           with_scheduler, worker_ttl, maintenance_interval, heartbeat_interval, storage_uri, abort_uploads_after,
-           burst):
+def worker(redis_url, queue, model, model_name, backend, device, profile, score_values, score_top_k, torch_threads,
+           micro_batch, with_scheduler, worker_ttl, maintenance_interval, heartbeat_interval, storage_uri,
+           abort_uploads_after, burst):
     """Run one HSCR worker (one per GPU: set CUDA_VISIBLE_DEVICES). Loads the model once."""
     from hscr_service.cli import parse_duration
     from hscr_service.core.store import connect
@@ -626,10 +632,12 @@ def worker(redis_url, queue, model, model_name, backend, device, profile, score_
         import torch
 
         torch.set_num_threads(torch_threads)
-    if score_values and backend != "vllm":
-        raise click.BadParameter("only the vllm backend has top-k score rows", param_hint="--score-values")
+    if (score_values or score_top_k) and backend != "vllm":
+        raise click.BadParameter("only the vllm backend has top-k score rows",
+                                 param_hint="--score-values / --score-top-k")
     load_runtime(model=model or DEFAULT_MODEL, model_name=model_name, backend=backend, device=device,
-                 micro_batch=micro_batch, redis_url=redis_url, queue=queue, profile=profile, score_values=score_values)
+                 micro_batch=micro_batch, redis_url=redis_url, queue=queue, profile=profile, score_values=score_values,
+                 score_top_k=score_top_k)
     HSCRWorker.heartbeat_interval = heartbeat_interval
     HSCRWorker.storage_uri = storage_uri
     HSCRWorker.abort_uploads_after = upload_age

@@ -90,3 +90,11 @@ def test_raw_logit_shift_is_refused_on_log_probability_rows(top_k_backend, heldo
     assert params.shift == "logit"
     with pytest.raises(ValueError, match="score-values logits"):
         run_hscr(top_k_backend, heldout_items[:2], params, get_similarity(params.similarity))
+
+
+def test_more_candidates_than_a_row_holds_is_refused(top_k_backend, vllm_backend, heldout_items):
+    params = HSCRParams(top_k_candidates=TOP_K + 1)
+    with pytest.raises(ValueError, match=f"score_top_k >= {TOP_K + 1}"):
+        run_hscr(top_k_backend, heldout_items[:2], params, get_similarity(params.similarity))
+    assert vllm_backend.score_top_k is None  # dense rows hold every candidate
+    assert run_hscr(vllm_backend, heldout_items[:2], params, get_similarity(params.similarity))

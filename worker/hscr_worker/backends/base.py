@@ -69,6 +69,8 @@ class Backend(ABC):
     # Prompt (visual tokens expanded) plus response must fit in this many tokens; None: no limit known.
     max_context_tokens: int | None = None
     score_values: ScoreValues = "logits"
+    # Tokens per score row when rows hold only the top-k of the vocabulary (-inf elsewhere); None: dense.
+    score_top_k: int | None = None
 
     @abstractmethod
     def prompt_ids(self, question: str) -> list[int]:
