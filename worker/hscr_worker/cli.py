@@ -45,23 +45,21 @@ def generate(model, input_path, output, backend, device, profile, batch_size, sc
     """Generate an HSCR preference dataset from an items JSONL file."""
     from tqdm import tqdm
 
-    from .generate import DEFAULT_MODEL, generate_dataset, load_backend, read_items
+    from .generate import DEFAULT_MODEL, backend_options, generate_dataset, load_backend, read_items
 
     try:
         params = params_from_options(options, paper)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     model = model or DEFAULT_MODEL
-    backend_options = {"device": device} if backend == "transformers" and device else {}
-    if profile:
-        backend_options["profile"] = profile
-    if backend == "vllm" and params.shift == "logit":  # the raw-logit shift needs raw logits in top-k rows too
-        backend_options["score_values"] = "logits"
-    if score_top_k:
-        if backend != "vllm":
-            raise click.BadParameter("only the vllm backend has top-k score rows", param_hint="--score-top-k")
-        backend_options["score_top_k"] = score_top_k
-    engine = load_backend(backend, model, **backend_options)
+    # The raw-logit shift needs raw logits in vLLM's top-k rows too.
+    score_values = "logits" if backend == "vllm" and params.shift == "logit" else None
+    try:
+        engine_options = backend_options(backend, device=device, profile=profile, score_values=score_values,
+                                         score_top_k=score_top_k)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    engine = load_backend(backend, model, **engine_options)
     total = len(read_items(input_path)[0])
     with tqdm(total=total, unit="item", desc="hscr generate") as bar:
         manifest = generate_dataset(engine, input_path, output, params, chunk_size=batch_size, progress=bar.update)

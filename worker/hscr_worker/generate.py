@@ -76,6 +76,17 @@ def prepare_all(items: Sequence[dict], *, base_dir: str | None, limits: ImageLim
     return prepared, errors
 
 
+def backend_options(name: str, *, device: str | None = None, profile: str | None = None,
+                    score_values: str | None = None, score_top_k: int | None = None) -> dict:
+    """``load_backend`` keywords from command-line settings (None: not given); ValueError for one
+    the backend does not have."""
+    if name != "vllm" and (score_values or score_top_k):
+        raise ValueError("only the vllm backend has top-k score rows (--score-values, --score-top-k)")
+    given = {"device": device if name == "transformers" else None, "profile": profile,
+             "score_values": score_values, "score_top_k": score_top_k}
+    return {key: value for key, value in given.items() if value}
+
+
 def load_backend(name: str, model: str, **options) -> Backend:
     if name == "transformers":
         from .backends.transformers import TransformersBackend

@@ -85,23 +85,15 @@ class Runtime:
 _runtime: Runtime | None = None
 
 
-def load_runtime(*, model: str, model_name: str, backend: str, device: str | None, micro_batch: int,
-                 redis_url: str, queue: str, profile: str | None = None, score_values: str | None = None,
-                 score_top_k: int | None = None) -> Runtime:
+def load_runtime(*, model: str, model_name: str, backend: str, backend_options: dict, micro_batch: int,
+                 redis_url: str, queue: str) -> Runtime:
     """Load the model once per process; later calls (a worker restarted after a Redis outage) reuse it."""
     global _runtime
     if _runtime is None:
         from .dataset import model_digest
         from .generate import load_backend
 
-        options = {"device": device} if backend == "transformers" and device else {}
-        if profile:
-            options["profile"] = profile
-        if score_values:
-            options["score_values"] = score_values
-        if score_top_k:
-            options["score_top_k"] = score_top_k
-        engine = load_backend(backend, model, **options)
+        engine = load_backend(backend, model, **backend_options)
         _runtime = Runtime(backend=engine, model_name=model_name, micro_batch=micro_batch, redis_url=redis_url,
                            queue=queue, model_info={"name": model_name, "path": engine.model_path,
                                                     "backend": engine.name, "sha256": model_digest(engine.model_path)})
@@ -624,20 +616,21 @@ def worker(redis_url, queue, model, model_name, backend, device, profile, score_
     from hscr_service.cli import parse_duration
     from hscr_service.core.store import connect
 
-    from .generate import DEFAULT_MODEL
+    from .generate import DEFAULT_MODEL, backend_options
 
     upload_age = parse_duration(abort_uploads_after)  # a bad value fails before the model loads
+    try:
+        options = backend_options(backend, device=device, profile=profile, score_values=score_values,
+                                  score_top_k=score_top_k)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if torch_threads:
         import torch
 
         torch.set_num_threads(torch_threads)
-    if (score_values or score_top_k) and backend != "vllm":
-        raise click.BadParameter("only the vllm backend has top-k score rows",
-                                 param_hint="--score-values / --score-top-k")
-    load_runtime(model=model or DEFAULT_MODEL, model_name=model_name, backend=backend, device=device,
-                 micro_batch=micro_batch, redis_url=redis_url, queue=queue, profile=profile, score_values=score_values,
-                 score_top_k=score_top_k)
+    load_runtime(model=model or DEFAULT_MODEL, model_name=model_name, backend=backend, backend_options=options,
+                 micro_batch=micro_batch, redis_url=redis_url, queue=queue)
     HSCRWorker.heartbeat_interval = heartbeat_interval
     HSCRWorker.storage_uri = storage_uri
     HSCRWorker.abort_uploads_after = upload_age
