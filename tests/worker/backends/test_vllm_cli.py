@@ -32,3 +32,25 @@ def test_hscr_generate_with_the_vllm_backend(vllm_backend, heldout_dir, tmp_path
     assert manifest["model"]["backend"] == "vllm"
     assert manifest["request_counts"]["total"] == 8
     assert manifest["configs"]["pairs"]["rows"] > 0
+
+
+def test_the_cpu_engine_does_not_log_a_thread_warning_per_request(vllm_backend, heldout_items):
+    """vLLM's CPU worker logs "doesn't allow torch.set_num_threads" twice per image request in-process."""
+    import logging
+
+    from hscr_worker.backends.base import GenerateRequest
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    cpu_worker = logging.getLogger("vllm.v1.worker.cpu_worker")
+    cpu_worker.addHandler(handler)
+    try:
+        items = heldout_items[:2]
+        visual = vllm_backend.encode_images([it.image for it in items])
+        answers = vllm_backend.generate([GenerateRequest(vllm_backend.prompt_ids(it.question), v, 8)
+                                         for it, v in zip(items, visual, strict=True)])
+    finally:
+        cpu_worker.removeHandler(handler)
+    assert all(answers)
+    assert not [r for r in records if "set_num_threads" in r.getMessage()]
