@@ -23,7 +23,6 @@ from __future__ import annotations  # noqa: I001  (the torchvision shim must imp
 import argparse
 import gc
 import importlib.util
-import inspect
 import os
 import sys
 import tempfile
@@ -126,14 +125,6 @@ def write_random_checkpoint(config: LlavaConfig, processor: LlavaProcessor, dire
     return n_parameters
 
 
-def _accepted(cls: type, options: dict) -> dict:
-    """The options ``cls`` names in its signature (the vLLM backend is written in parallel: never assume
-    it; options it does not name would fall into its ``**engine_options`` and break ``vllm.LLM``)."""
-    parameters = inspect.signature(cls).parameters
-    return {k: v for k, v in options.items()
-            if k in parameters and parameters[k].kind is not inspect.Parameter.VAR_KEYWORD}
-
-
 def synthetic_items(n: int, config: LlavaConfig, question_words: int, seed: int) -> list[PreparedItem]:
     """Random-noise images at the vision tower's size and questions of random vocabulary words."""
     rng = np.random.default_rng(seed)
@@ -147,7 +138,7 @@ def synthetic_items(n: int, config: LlavaConfig, question_words: int, seed: int)
     return items
 
 
-def vllm_backend(model_dir: Path, batch_size: int, device: torch.device) -> tuple[object | None, str | None]:
+def vllm_backend(model_dir: Path, batch_size: int, device: torch.device) -> tuple[object | None, str]:
     """The vLLM backend on the same checkpoint, or None and the reason it cannot run here."""
     # In-process engine: its allocations (weights, the preallocated KV cache) then show in the peak.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -158,14 +149,11 @@ def vllm_backend(model_dir: Path, batch_size: int, device: torch.device) -> tupl
     except Exception as exc:  # another component, possibly absent or broken: never fatal here
         return None, f"hscr_worker.backends.vllm does not import: {type(exc).__name__}: {exc}"
     dtype = "float32" if device.type == "cpu" else "bfloat16"
-    options = _accepted(VLLMBackend, {"dtype": dtype, "ignore_eos": True, "profile": PROFILE, "batch_size": batch_size})
     try:
-        backend = VLLMBackend(str(model_dir), **options)
+        backend = VLLMBackend(str(model_dir), dtype=dtype, ignore_eos=True, profile=PROFILE, batch_size=batch_size)
     except Exception as exc:
         return None, f"VLLMBackend failed to start: {type(exc).__name__}: {exc}"
-    if "ignore_eos" not in options:
-        return backend, "VLLMBackend takes no ignore_eos: responses may stop early (see generated_tokens)"
-    return backend, None
+    return backend, ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if "transformers" in backends:
             began = time.perf_counter()
             backend = TransformersBackend(str(model_dir), device=str(device), batch_size=backend_batch,
-                                          **_accepted(TransformersBackend, {"ignore_eos": True, "profile": PROFILE}))
+                                          ignore_eos=True, profile=PROFILE)
             entry: dict = {"init_seconds": time.perf_counter() - began, "backend_batch_size": backend_batch}
             entry["results"] = measure(backend, items, args.batch_sizes, params, similarity, device,
                                        min_rows=min_rows, warmup=args.warmup, repeats=args.repeats)
@@ -242,11 +230,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if "vllm" in backends:
             began = time.perf_counter()
-            backend, note = vllm_backend(model_dir, backend_batch, device)
-            entry = {"skipped": note} if backend is None else {"init_seconds": time.perf_counter() - began}
+            backend, why_not = vllm_backend(model_dir, backend_batch, device)
+            entry = {"skipped": why_not} if backend is None else {"init_seconds": time.perf_counter() - began}
             if backend is not None:
-                if note:
-                    entry["note"] = note
                 try:
                     entry["results"] = measure(backend, items, args.batch_sizes, params, similarity, device,
                                                min_rows=min_rows, warmup=args.warmup, repeats=args.repeats)
@@ -265,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"        vllm failed: {entry['failed']}", flush=True)
             report["backends"]["vllm"] = entry
             if backend is None:
-                print(f"        vllm skipped: {note}", flush=True)
+                print(f"        vllm skipped: {why_not}", flush=True)
         else:
             report["backends"]["vllm"] = {"skipped": "not requested (on the CPU the vLLM backend's own tests cover it)"}
     save()

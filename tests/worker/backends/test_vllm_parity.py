@@ -87,3 +87,25 @@ def test_hscr_decisions_identical_on_every_item(vllm_backend, hf_backend, heldou
         assert _floats(a) == pytest.approx(_floats(b), abs=FLOAT_ATOL)
     # The comparison must cover real levels, not only errors.
     assert sum(len(r.levels) for r in from_vllm) >= 20
+
+
+def test_ignore_eos_decodes_every_response_to_its_budget(vllm_backend, hf_backend, encoded, monkeypatch):
+    """Benchmarks on random weights: both backends decode exactly max_new_tokens, forced re-decodes too."""
+    from hscr_worker.core.replace import ForcedDecoder, Replacement
+
+    prompts, visual = encoded
+    budget = 24  # the fixture's answers end at EOS well before this
+    natural = vllm_backend.generate([GenerateRequest(p, v, budget)
+                                     for p, v in zip(prompts[:4], visual[:4], strict=True)])
+    assert max(map(len, natural)) < budget
+    own = natural[0]
+    other = next(t for t in range(vllm_backend.vocab_size) if t != own[0] and t not in vllm_backend.special_token_ids)
+    for backend in (vllm_backend, hf_backend):
+        monkeypatch.setattr(backend, "ignore_eos", True)
+        forced = ForcedDecoder(own, [Replacement(0, own[0], other, 1.0, 1.0)])  # stateful: one per run
+        requests = [GenerateRequest(p, v, budget) for p, v in zip(prompts[:4], visual[:4], strict=True)]
+        responses = backend.generate([*requests, GenerateRequest(prompts[0], visual[0], budget, forced=forced)])
+        assert [len(r) for r in responses] == [budget] * 5, backend.name
+        assert responses[4][0] == other and len(forced.fired) == 1  # the replacement fired at step 0
+        for response, before in zip(responses, natural, strict=False):  # the same answer up to its old end
+            assert response[:len(before)] == before, backend.name

@@ -57,9 +57,11 @@ class VLLMBackend(ProcessorBackend):
     def __init__(self, model_path: str, *, profile: str | None = None, dtype: str | None = None,
                  vision_device: str | None = None, score_top_k: int | None = None,
                  score_values: ScoreValues | None = None, batch_size: int = 32,
-                 enforce_eager: bool | None = None, seed: int = 0, **engine_options):
+                 enforce_eager: bool | None = None, ignore_eos: bool = False, seed: int = 0, **engine_options):
         """``engine_options`` go to ``vllm.LLM`` as they are (e.g. ``gpu_memory_utilization``,
-        ``max_model_len``, ``tensor_parallel_size``)."""
+        ``max_model_len``, ``tensor_parallel_size``). ``ignore_eos``: benchmarks only, as in the
+        transformers backend (random weights would stop at a random EOS): every response decodes
+        exactly its ``max_new_tokens``, an EOS the model emits staying in it as an ordinary token."""
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -77,6 +79,7 @@ class VLLMBackend(ProcessorBackend):
         self.tokenizer = self.processor.tokenizer
         self.profile = resolve_profile(profile, self.model_path, self.processor)
         self.batch_size = batch_size
+        self.ignore_eos = ignore_eos
 
         # The vision side, in the worker: the transformers model with a zero-layer language model, so
         # the checkpoint's language-model layers (a 7B's 14 GB, materialised in RAM whenever the
@@ -181,7 +184,8 @@ class VLLMBackend(ProcessorBackend):
             # engine's deep copy of them (and of the plan in extra_args) is pure cost, as in vLLM's server.
             logprobs = 1 if r.forced is not None else (self._row_width if r.return_logits else None)
             sampling = SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens, detokenize=False,
-                                      logprobs=logprobs, flat_logprobs=True, extra_args=extra, skip_clone=True)
+                                      logprobs=logprobs, flat_logprobs=True, extra_args=extra, skip_clone=True,
+                                      ignore_eos=self.ignore_eos)
             try:
                 parse_force_args(sampling)  # the hook's own admission check, before anything is submitted
             except ValueError as exc:
@@ -197,7 +201,7 @@ class VLLMBackend(ProcessorBackend):
             ids = list(completion.token_ids)
             if r.forced is not None:
                 _replay(r, ids, completion.logprobs)
-            if self.eos_token_id in ids:
+            if self.eos_token_id in ids and not self.ignore_eos:
                 ids = ids[: ids.index(self.eos_token_id)]
             ids = ids[: r.max_new_tokens]
             if r.return_logits:  # step t's row predicts response token t, as a score row does
