@@ -158,11 +158,23 @@ class VLLMBackend(ProcessorBackend):
         for k, prompt in enumerate(prompts):
             groups.setdefault(prompt["multi_modal_data"]["image"].shape[1], []).append(k)
         outputs: list = [None] * len(prompts)
-        for indices in groups.values():
-            done = self.llm.generate([prompts[k] for k in indices], [params[k] for k in indices], use_tqdm=False)
-            for k, out in zip(indices, done, strict=True):
-                outputs[k] = out
+        try:
+            for indices in groups.values():
+                done = self.llm.generate([prompts[k] for k in indices], [params[k] for k in indices], use_tqdm=False)
+                for k, out in zip(indices, done, strict=True):
+                    outputs[k] = out
+        except BaseException:
+            # Interrupted mid-call (RQ's job timeout raises from SIGALRM; Ctrl-C; an engine error): the
+            # requests it added would stay in the engine, and the next call would schedule them forever.
+            self._abort_unfinished()
+            raise
         return outputs
+
+    def _abort_unfinished(self) -> None:
+        engine = self.llm.llm_engine
+        unfinished = list(engine.output_processor.request_states)  # internal request ids
+        if unfinished:
+            engine.abort_request(unfinished, internal=True)
 
     # ---- generation and scoring ----
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
