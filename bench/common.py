@@ -146,6 +146,12 @@ class CountingBackend(Backend):
         self.eos_token_id = inner.eos_token_id
         self.special_token_ids = inner.special_token_ids
         self.continuous_batching = inner.continuous_batching
+        # what the pipeline reads off a backend: without them it would skip the context check and treat
+        # top-k log-probability rows as raw logits
+        self.max_context_tokens = inner.max_context_tokens
+        self.score_values = inner.score_values
+        self.score_top_k = inner.score_top_k
+        self.image_token_id = inner.image_token_id
         self.generated_tokens = 0
         self.scored_tokens = 0
 

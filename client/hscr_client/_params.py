@@ -81,6 +81,9 @@ class HSCRParams(BaseModel):
         if self.n_levels > self.n_coupled:
             raise ValueError(f"n_levels ({self.n_levels}) cannot exceed n_coupled ({self.n_coupled}): "
                              "each level replaces one more coupled token")
+        if self.dropout_mode == "remove" and self.dropout_ratio >= 1.0:
+            raise ValueError("dropout_ratio=1.0 with dropout_mode='remove' would remove the whole image; use "
+                             "dropout_mode='zero' to blank every visual token, or a dropout_ratio below 1")
         return self
 
     @classmethod

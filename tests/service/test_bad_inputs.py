@@ -51,6 +51,8 @@ def test_uploads_refuse_unusable_images(alice):
      "dropout_ratio"),
     ({"items": [{"image": "data:image/png;base64,AA==", "question": "q"}], "params": {"n_levels": 9, "n_coupled": 4}},
      "n_levels"),
+    ({"items": [{"image": "data:image/png;base64,AA==", "question": "q"}], "params": {"dropout_ratio": 1.0}},
+     "would remove the whole image"),
     ({"items": [{"image": "data:image/png;base64,AA==", "question": "q"}], "params": {"no_such": 1}}, "no_such"),
     ({"items": []}, "items"),
     ({"input_file_id": "file-x", "items": [{"image": "data:,", "question": "q"}]}, "input_file_id"),

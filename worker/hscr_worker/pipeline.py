@@ -151,16 +151,29 @@ class HSCRBatch:
         self.backend, self.params, self.similarity = backend, params, similarity
         self.prefix_redecode = prefix_redecode
         visual = backend.encode_images([it.image for it in items]) if items else []
-        prompts = [backend.prompt_ids(it.question) for it in items]
+        # An item the model cannot take fails alone (an engine would refuse the whole call for it).
+        refused: dict[int, str] = {}
+        prompts: list[list[int]] = []
+        for k, it in enumerate(items):
+            try:
+                prompts.append(backend.prompt_ids(it.question))
+            except ValueError as exc:  # e.g. a question holding the image token in a form the profile keeps
+                prompts.append([])
+                refused[k] = f"the question cannot be put in the model's prompt: {exc}"
         # The preferred answer's ids where it is the response to corrupt (teacher forced); None: the own answer.
         preferred = [backend.encode_text(it.preferred) if params.corrupt == "preferred" and it.preferred else None
                      for it in items]
-        # An item that cannot fit the model's context fails alone (an engine would refuse the whole call).
-        too_long = [_too_long(backend, p, v, ids, params.max_new_tokens)
-                    for p, v, ids in zip(prompts, visual, preferred, strict=True)]
+        for k, ids in enumerate(preferred):
+            if k not in refused and ids is not None and backend.image_token_id in ids:
+                refused[k] = ("the preferred answer holds the image placeholder token; remove it from the answer "
+                              "(it cannot be scored as a response)")
+        for k, (p, v, ids) in enumerate(zip(prompts, visual, preferred, strict=True)):
+            if k not in refused and (why := _too_long(backend, p, v, ids, params.max_new_tokens)):
+                refused[k] = why
         self._rejected = {k: ItemResult(custom_id=it.custom_id, question=it.question, image=it.image,
-                                        chosen=it.preferred or "", own_answer="", corrupted="", coupled=[], error=why)
-                          for k, (it, why) in enumerate(zip(items, too_long, strict=True)) if why is not None}
+                                        chosen=it.preferred or "", own_answer="", corrupted="", coupled=[],
+                                        error=refused[k])
+                          for k, it in enumerate(items) if k in refused}
         self._size = len(items)
         keep = [k for k in range(len(items)) if k not in self._rejected]
         self.items = items = [items[k] for k in keep]
@@ -195,17 +208,20 @@ class HSCRBatch:
             masks = keep_masks(v.shape[0], params.dropout_ratio, params.n_masks,
                                mask_generator(params.mask_seed, it.custom_id))
             dropped_visual.append([apply_dropout(v, keep, params.dropout_mode) for keep in masks])
-        unscored = [i for i, r in enumerate(corrupted) if r and i not in full_logits]
+        # A response can be scored when it is not empty and holds no image placeholder (a model may emit it).
+        scorable = [bool(r) and backend.image_token_id not in r for r in corrupted]
+        unscored = [i for i, ok in enumerate(scorable) if ok and i not in full_logits]
         requests = [ScoreRequest(prompts[i], visual[i], corrupted[i]) for i in unscored]
         requests += [ScoreRequest(p, dv, r)
-                     for p, dvs, r in zip(prompts, dropped_visual, corrupted, strict=True) if r for dv in dvs]
+                     for p, dvs, r, ok in zip(prompts, dropped_visual, corrupted, scorable, strict=True) if ok
+                     for dv in dvs]
         scores = iter(backend.score(requests))
         full_logits |= {i: next(scores) for i in unscored}
         # Per item: one row set per mask; the shift is averaged over the masks (method.md, step 1), the
         # rows for the candidates and the reward (a per-position offset between logits and
         # log-probabilities, which leaves those choices unchanged).
         dropped_by_mask = {i: torch.stack([next(scores) for _ in range(params.n_masks)])
-                           for i, r in enumerate(corrupted) if r}
+                           for i, ok in enumerate(scorable) if ok}
         dropped_logits = {i: rows.mean(0) for i, rows in dropped_by_mask.items()}
 
         plans_by_item: list[list[list[Replacement]]] = []
@@ -218,6 +234,9 @@ class HSCRBatch:
             plans_by_item.append([])
             if not corrupted[i]:
                 result.error = "the model gave an empty answer: nothing to corrupt"
+                continue
+            if not scorable[i]:
+                result.error = "the model's answer holds the image placeholder token: it cannot be scored"
                 continue
             response = torch.tensor(corrupted[i])
             full, dropped = full_logits[i], dropped_logits[i]

@@ -34,10 +34,14 @@ def test_llava_templates(processor):
         "[INST] <image>\nIs there a mass? [/INST]"
 
 
-def test_a_question_holding_the_image_token_is_refused(processor):
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_a_llava_image_marker_in_the_question_is_dropped(processor, profile):
+    """LLaVA-format questions carry "<image>\n"; the profile places the one image itself."""
     image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    with pytest.raises(ValueError, match="exactly one image placeholder"):
-        PROFILES["fixture"].prompt_ids(processor, "<image> again ?", image_token_id)
+    plain = PROFILES[profile].prompt_ids(processor, "is there a mass ?", image_token_id)
+    for marked in ("<image>\nis there a mass ?", "is there a mass ? <image>", "<image><image> is there a mass ?"):
+        assert PROFILES[profile].prompt_ids(processor, marked, image_token_id) == plain
+    assert plain.count(image_token_id) == 1
 
 
 def test_pad_to_square_centres_on_the_mean_colour(processor):

@@ -16,6 +16,8 @@ def test_keep_masks_drop_exactly_the_ratio_and_are_seeded():
 def test_ratio_one_drops_everything_and_tiny_ratio_drops_one():
     assert keep_masks(10, 1.0, 1, torch.Generator().manual_seed(0)).sum() == 0
     assert keep_masks(10, 0.01, 1, torch.Generator().manual_seed(0)).sum() == 9
+    # below 1 a token always stays (round(9.9) would drop all ten: nothing left for `remove` to hand on)
+    assert keep_masks(10, 0.99, 1, torch.Generator().manual_seed(0)).sum() == 1
 
 
 def test_apply_dropout_remove_and_zero():

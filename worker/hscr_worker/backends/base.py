@@ -71,6 +71,9 @@ class Backend(ABC):
     score_values: ScoreValues = "logits"
     # Tokens per score row when rows hold only the top-k of the vocabulary (-inf elsewhere); None: dense.
     score_top_k: int | None = None
+    # The prompt's image placeholder: a response holding it cannot be scored (the prompt + response would
+    # hold two images).
+    image_token_id: int | None = None
 
     @abstractmethod
     def prompt_ids(self, question: str) -> list[int]:

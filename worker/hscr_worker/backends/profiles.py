@@ -34,7 +34,12 @@ class ModelProfile:
     preprocess: Preprocess = "processor"
 
     def prompt_text(self, processor, question: str) -> str:
-        """The chat prompt for ``question`` holding one image placeholder."""
+        """The chat prompt for ``question`` holding one image placeholder.
+
+        LLaVA-format data writes the image into the question (``"<image>\\nWhat is ..."``): the
+        profile places the image itself, so that marker is dropped from the question.
+        """
+        question = question.replace(processor.image_token, "").strip()
         if self.template is None:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return processor.apply_chat_template(messages, add_generation_prompt=True)

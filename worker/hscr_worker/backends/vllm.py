@@ -131,7 +131,9 @@ class VLLMBackend(ProcessorBackend):
         options.update(engine_options)
         options["logits_processors"] = [_forcing_processor(options)]
         self.llm = LLM(**options)
-        self.max_context_tokens = int(self.llm.llm_engine.model_config.max_model_len)
+        # A score request is prompt + response with one output token on top, and vLLM refuses a prompt
+        # that leaves no room for it: prompt + response must stay below max_model_len.
+        self.max_context_tokens = int(self.llm.llm_engine.model_config.max_model_len) - 1
 
     # ---- images (text: ProcessorBackend) ----
     def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:

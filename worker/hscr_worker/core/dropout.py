@@ -12,9 +12,10 @@ DropoutMode = Literal["remove", "zero"]
 def keep_masks(n_tokens: int, ratio: float, n_masks: int, generator: torch.Generator) -> torch.Tensor:
     """Random uniform dropout masks, ``bool[n_masks, n_tokens]`` (True = keep).
 
-    Each mask drops exactly ``round(ratio * n_tokens)`` tokens (at least one while ratio > 0).
+    Each mask drops exactly ``round(ratio * n_tokens)`` tokens: at least one while ratio > 0, and
+    below ratio 1 at most ``n_tokens - 1`` (``remove`` mode needs a token to hand the engine).
     """
-    n_drop = min(n_tokens, max(1, round(ratio * n_tokens)))
+    n_drop = min(n_tokens if ratio >= 1.0 else n_tokens - 1, max(1, round(ratio * n_tokens)))
     keep = torch.ones(n_masks, n_tokens, dtype=torch.bool)
     for m in range(n_masks):
         keep[m, torch.randperm(n_tokens, generator=generator)[:n_drop]] = False
