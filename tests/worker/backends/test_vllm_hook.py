@@ -293,3 +293,45 @@ def test_out_of_vocab_token_is_refused_by_the_backend_and_ignored_by_the_engine(
     outputs, errors = _run_engine(vllm_backend.llm.llm_engine, [
         ("oov", prompt, SamplingParams(temperature=0.0, max_tokens=32, detokenize=False, extra_args=extra))])
     assert not errors and outputs["oov"] == answer + [vllm_backend.eos_token_id]
+
+
+# ---- the replay of a forced request's output ----
+def _tied_row(best: int, rival: int) -> tuple[torch.Tensor, bool]:
+    """Raw logits where ``best`` and ``rival`` (a higher id) tie at the top, and whether top-k ranks
+    ``rival`` first (the case that matters; torch's top-k orders ties by position in its own way)."""
+    for seed in range(100):
+        row = torch.randn(VOCAB, generator=torch.Generator().manual_seed(seed))
+        row[best] = row[rival] = 5.0
+        if int(torch.topk(row, 2).indices[0]) == rival:
+            return row, True
+    return row, False
+
+
+def test_replay_resolves_exact_ties_as_the_engine_argmax_does():
+    """bf16 logits tie often on a GPU: the engine's greedy choice (argmax, lowest id) must be the replay's."""
+    from vllm.logprobs import FlatLogprobs, append_logprobs_for_next_position
+    from vllm.v1.sample.sampler import Sampler
+
+    from hscr_worker.backends.vllm import REPLAY_TOP, _replay
+
+    engine_side = ForcedDecoder(ORIGINAL, _plan())
+    emitted: list[int] = []
+    returned = FlatLogprobs()
+    rival_first = []
+    for original in ORIGINAL:  # the model wants the original token at every step, tied
+        row, flipped = _tied_row(original, 10)
+        rival_first.append(flipped)
+        greedy = int(row.argmax())
+        assert greedy == original
+        forced = engine_side.next_token(emitted, greedy)  # what the hook decides in the engine
+        token = greedy if forced is None else forced
+        # what vLLM returns for logprobs=REPLAY_TOP in raw_logprobs mode
+        top = Sampler.gather_logprobs(Sampler.compute_logprobs(row[None]), REPLAY_TOP, torch.tensor([token]))
+        append_logprobs_for_next_position(returned, top.logprob_token_ids[0].tolist(), top.logprobs[0].tolist(),
+                                          [None] * (REPLAY_TOP + 1), int(top.selected_token_ranks[0]), REPLAY_TOP)
+        emitted.append(token)
+    assert emitted == [1, 9, 3, 4, 8, 6]
+    assert rival_first[1] and rival_first[2]  # a forced and an unforced step whose returned rank 1 is the rival
+    caller = ForcedDecoder(ORIGINAL, _plan())
+    _replay(GenerateRequest([0], torch.zeros(1, 4), len(ORIGINAL), forced=caller), emitted, returned)
+    assert caller.fired == engine_side.fired and len(caller.fired) == 2

@@ -9,10 +9,10 @@
   the full image with a dropped one.
 - ``generate``: greedy. A request with a ``ForcedDecoder`` travels with ``force_args(decoder)``
   in ``SamplingParams.extra_args``; the engine-side hook (``vllm_hook``) forces the replacements
-  with the same decision function. The engine returns the pre-processor top-1 token of every step
-  (``logprobs=1``: rank 1 of the raw logits or log-probabilities), and the backend replays the
-  caller's decoder over the output with those greedy choices: the caller's ``decoder.fired`` ends
-  up exactly as the engine decided, and any disagreement raises.
+  with the same decision function. The engine returns the pre-processor top-2 tokens of every step
+  (``logprobs=2`` of the raw logits or log-probabilities: the greedy choice, an exact tie included),
+  and the backend replays the caller's decoder over the output with those greedy choices: the
+  caller's ``decoder.fired`` ends up exactly as the engine decided, and any disagreement raises.
 - ``score``: ``prompt_logprobs`` over prompt + response. Rows are dense ``[T, V]`` raw logits over
   the whole vocabulary when ``score_top_k`` is None (the default for vocabularies up to
   ``FULL_VOCAB_LIMIT`` tokens, e.g. the fixture). For large vocabularies (``score_top_k``, default
@@ -48,6 +48,7 @@ from .profiles import resolve_profile  # noqa: E402
 
 FULL_VOCAB_LIMIT = 4096  # dense score rows up to this vocabulary size; top-k rows above
 DEFAULT_SCORE_TOP_K = 20  # vLLM's default max_logprobs
+REPLAY_TOP = 2  # logprobs per step of a forced request: two, so an exact tie at the top is seen whole
 
 
 class VLLMBackend(ProcessorBackend):
@@ -193,10 +194,10 @@ class VLLMBackend(ProcessorBackend):
                 if any(rep.token >= self.vocab_size for rep in r.forced.plan):
                     raise ValueError(f"request {k}: a forced replacement token is outside the model's vocabulary")
                 extra = force_args(r.forced)
-            # Forced: the rank-1 token of every step, for the replay. Logits wanted: the score rows.
+            # Forced: the top tokens of every step, for the replay. Logits wanted: the score rows.
             # skip_clone: each request gets fresh params that nothing touches after submission, so the
             # engine's deep copy of them (and of the plan in extra_args) is pure cost, as in vLLM's server.
-            logprobs = 1 if r.forced is not None else (self._row_width if r.return_logits else None)
+            logprobs = REPLAY_TOP if r.forced is not None else (self._row_width if r.return_logits else None)
             sampling = SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens, detokenize=False,
                                       logprobs=logprobs, flat_logprobs=True, extra_args=extra, skip_clone=True,
                                       ignore_eos=self.ignore_eos)
@@ -283,13 +284,17 @@ def _transformers_quiet():
 def _replay(request: GenerateRequest, ids: Sequence[int], logprobs) -> None:
     """Re-run the caller's decoder over the engine's output with the engine's greedy choices.
 
-    ``logprobs[step]`` holds the sampled token and the rank-1 token of the raw (pre-processor)
-    logits: the model's own greedy choice, which is what the engine-side decision saw.
+    ``logprobs[step]`` holds the sampled token and the top ``REPLAY_TOP`` tokens of the raw
+    (pre-processor) scores. The engine-side decision saw ``argmax``, the first (lowest) token id among
+    the best scores, while the returned ranks come from a top-k that may order an exact tie either
+    way (bf16 logits tie often on a GPU): so the greedy choice is the lowest id among the returned
+    tokens with the best score.
     """
     decoder = request.forced
     for step, token in enumerate(ids):
         entry = logprobs[step]
-        greedy = next((t for t, lp in entry.items() if lp.rank == 1), token)
+        best = max(lp.logprob for lp in entry.values())
+        greedy = min(t for t, lp in entry.items() if lp.logprob == best)
         expected = decoder.next_token(ids[:step], greedy)
         if token != (greedy if expected is None else expected):
             raise RuntimeError(f"the vLLM forcing hook disagreed with the decision function at step {step}: "
