@@ -109,3 +109,19 @@ def test_ignore_eos_decodes_every_response_to_its_budget(vllm_backend, hf_backen
         assert responses[4][0] == other and len(forced.fired) == 1  # the replacement fired at step 0
         for response, before in zip(responses, natural, strict=False):  # the same answer up to its old end
             assert response[:len(before)] == before, backend.name
+
+
+def test_a_forced_request_past_its_budget_never_fires_in_a_longer_batch(hf_backend, encoded):
+    """The transformers batch decodes to its longest budget; a shorter request's decoder stops at its own
+    budget, as vLLM's max_tokens stops it (there such a plan is refused at admission; in the pipeline a
+    replacement that drifts after a divergence can still reach past the budget)."""
+    from hscr_worker.core.replace import ForcedDecoder, Replacement
+
+    prompts, visual = encoded
+    own = hf_backend.generate([GenerateRequest(prompts[0], visual[0], 64)])[0]
+    assert len(own) > 4
+    other = next(t for t in range(len(hf_backend.tokenizer)) if t != own[3] and t not in hf_backend.special_token_ids)
+    decoder = ForcedDecoder(own, [Replacement(3, own[3], other, 0.0, 1.0)])  # planned beyond a budget of 2
+    short = GenerateRequest(prompts[0], visual[0], 2, forced=decoder)
+    out = hf_backend.generate([GenerateRequest(prompts[1], visual[1], 64), short])
+    assert out[1] == own[:2] and decoder.fired == [] and len(decoder.unfired) == 1

@@ -28,8 +28,9 @@ class _ForceTokens(LogitsProcessor):
         greedy = scores.argmax(-1).tolist()
         for row, request in enumerate(self.requests):
             prefix = input_ids[row].tolist()
-            # A finished row keeps being padded while others decode: its decoder must not fire there.
-            if request.forced is None or self.eos_token_id in prefix:
+            # A finished row (at EOS, or at its own budget: the batch decodes to the longest) keeps being
+            # padded while others decode: its decoder must not fire there.
+            if request.forced is None or self.eos_token_id in prefix or len(prefix) >= request.max_new_tokens:
                 continue
             token = request.forced.next_token(prefix, greedy[row])
             if token is not None:
