@@ -196,6 +196,28 @@ def test_v2_adapter_refuses_speculative_decoding():
         hook.HSCRForcingV2(SimpleNamespace(speculative_config=object()), _Runner().state)
 
 
+# ---- the registered class: each runner builds its own adapter ----
+def test_the_registered_class_loads_in_both_runners_and_becomes_their_adapter():
+    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import (
+        _load_v2_logitsprocs_by_fqcns,
+        build_custom_logits_processors_params_validator,
+    )
+
+    # both loaders accept it (each checks subclassing of its own LogitsProcessor)
+    assert _load_logitsprocs_by_fqcns([hook.FORCING_FQCN]) == [hook.HSCRForcingAuto]
+    assert _load_v2_logitsprocs_by_fqcns([hook.FORCING_FQCN]) == [hook.HSCRForcingAuto]
+    # constructed as each runner constructs it
+    config = SimpleNamespace(speculative_config=None, model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB))
+    assert type(hook.HSCRForcingAuto(config, torch.device("cpu"), False)) is hook.HSCRForcing
+    assert type(hook.HSCRForcingAuto(config, _Runner().state)) is hook.HSCRForcingV2
+    # Model Runner V2's admission check runs the hook's validation
+    validate = build_custom_logits_processors_params_validator([hook.FORCING_FQCN])
+    validate(_params(_good_spec()))
+    with pytest.raises((ValueError, VLLMValidationError), match="forces step 4, beyond max_tokens"):
+        validate(_params(_good_spec(), max_tokens=3))
+
+
 # ---- V1 adapter, engine-free (batch bookkeeping) ----
 def test_v1_adapter_follows_adds_moves_swaps_and_removals():
     config = SimpleNamespace(speculative_config=None, model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB))
@@ -335,3 +357,17 @@ def test_replay_resolves_exact_ties_as_the_engine_argmax_does():
     caller = ForcedDecoder(ORIGINAL, _plan())
     _replay(GenerateRequest([0], torch.zeros(1, 4), len(ORIGINAL), forced=caller), emitted, returned)
     assert caller.fired == engine_side.fired and len(caller.fired) == 2
+
+
+def test_engine_options_in_llm_shorthand_start_an_engine_with_the_hook(vllm_engine, fixture_model, heldout_items):
+    """Any vllm.LLM keyword works as LLM takes it (an int compilation_config: LLM converts it itself)."""
+    from hscr_worker.core.replace import ForcedDecoder, Replacement
+
+    backend = vllm_engine(fixture_model, compilation_config=0)
+    prompt = backend.prompt_ids(heldout_items[0].question)
+    visual = backend.encode_images([heldout_items[0].image])[0]
+    own = backend.generate([GenerateRequest(prompt, visual, 16)])[0]
+    other = next(t for t in range(backend.vocab_size) if t != own[0] and t not in backend.special_token_ids)
+    decoder = ForcedDecoder(own, [Replacement(0, own[0], other, 0.0, 1.0)])
+    forced = backend.generate([GenerateRequest(prompt, visual, 16, forced=decoder)])[0]
+    assert forced[0] == other and len(decoder.fired) == 1  # the hook runs in that engine

@@ -66,6 +66,8 @@ class VLLMBackend(ProcessorBackend):
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        from .vllm_hook import FORCING_FQCN
+
         _shim_registry_subprocess()
         self.model_path = str(model_path)
         on_cpu = current_platform.is_cpu()
@@ -130,7 +132,7 @@ class VLLMBackend(ProcessorBackend):
             max_logprobs=-1 if score_top_k is None else max(score_top_k, DEFAULT_SCORE_TOP_K),
         )
         options.update(engine_options)
-        options["logits_processors"] = [_forcing_processor(options)]
+        options["logits_processors"] = [FORCING_FQCN]
         self.llm = LLM(**options)
         # A score request is prompt + response with one output token on top, and vLLM refuses a prompt
         # that leaves no room for it: prompt + response must stay below max_model_len.
@@ -333,16 +335,3 @@ def _shim_registry_subprocess() -> None:
     shim = ("from hscr_worker._compat import ensure_torchvision_importable; ensure_torchvision_importable(); "
             "import runpy; runpy.run_module('vllm.model_executor.models.registry', run_name='__main__')")
     registry._SUBPROCESS_COMMAND = [sys.executable, "-c", shim]
-
-
-def _forcing_processor(options: dict) -> str:
-    """The hook adapter for the model runner this engine configuration will use."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    from .vllm_hook import processor_for
-
-    env_choice = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if env_choice is not None:
-        return processor_for(env_choice.strip().lower() in ("1", "true"))
-    args = {k: v for k, v in options.items() if k != "logits_processors"}
-    return processor_for(EngineArgs(**args).create_engine_config().use_v2_model_runner)

@@ -15,7 +15,7 @@ decoding step the hook asks the request's ``ForcedDecoder`` (``core.replace``, t
 function the transformers backend calls) for the token to force given the tokens generated so
 far and the model's own greedy choice; a forced step gets all logits -inf except the forced token.
 
-Adapters:
+Adapters (``HSCRForcingAuto``, the class an engine registers, becomes the one its runner needs):
 
 - ``HSCRForcing`` for the V1 model runner (the CPU build, and GPU with
   ``VLLM_USE_V2_MODEL_RUNNER=0``): ``update_state(BatchUpdate)`` tracks each batch index's request
@@ -62,8 +62,8 @@ if TYPE_CHECKING:
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
 
 FORCE_KEY = "hscr_force"
-V1_FQCN = "hscr_worker.backends.vllm_hook:HSCRForcing"
-V2_FQCN = "hscr_worker.backends.vllm_hook:HSCRForcingV2"
+# What an engine registers (``logits_processors=[FORCING_FQCN]``): either model runner builds its adapter.
+FORCING_FQCN = "hscr_worker.backends.vllm_hook:HSCRForcingAuto"
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +293,19 @@ class HSCRForcingV2(V2LogitsProcessor):
         return logits
 
 
-def processor_for(use_v2_model_runner: bool) -> str:
-    """The adapter (as a fully qualified class name) matching the engine's model runner."""
-    return V2_FQCN if use_v2_model_runner else V1_FQCN
+# ---- the entry point: the runner vLLM chose builds its own adapter ----
+class HSCRForcingAuto(V1LogitsProcessor, V2LogitsProcessor):
+    """The class an engine registers. It passes both runners' subclass checks, and constructing it
+    returns the adapter of the runner that constructs it, told apart by the runner's constructor
+    arguments (V1: ``vllm_config, device, is_pin_memory``; V2: ``vllm_config, req_states``). So vLLM's
+    own choice of model runner, which depends on the platform, the environment and the engine's
+    features, picks the adapter: nothing has to predict it from the engine options."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        _validate(sampling_params)
+
+    def __new__(cls, vllm_config: VllmConfig, *args):
+        if len(args) == 1:
+            return HSCRForcingV2(vllm_config, *args)
+        return HSCRForcing(vllm_config, *args)
