@@ -44,8 +44,8 @@ class HSCRParams(BaseModel):
                     "are never replaced. Paper: none (top-n only).")
     top_k_candidates: int = Field(
         10, ge=1, le=256,
-        description="[choice] Hallucinated candidates: the top-K tokens of the full-image distribution "
-                    "(minus the original); the lowest reward wins.")
+        description="[choice] Hallucinated candidates: the top-K tokens of the candidate_pool distribution "
+                    "(minus the original, above the plausibility floor); the lowest reward wins.")
     candidate_pool: Literal["dropped", "full"] = Field(
         "dropped",
         description="[choice] Distribution whose top-K tokens are the hallucination candidates: the "

@@ -125,3 +125,13 @@ def test_cli_rejects_out_of_range_parameters(tmp_path):
     write_items(1, 33, tmp_path / "items.jsonl", tmp_path / "img")
     result = _hscr_generate(tmp_path, "--dropout-ratio", "1.5")
     assert result.returncode == 2 and "dropout_ratio" in result.stderr
+
+
+def test_backend_options_route_each_setting_to_the_backend_that_has_it():
+    from hscr_worker.generate import backend_options
+
+    assert backend_options("transformers", device="cpu", profile="fixture") == {"device": "cpu", "profile": "fixture"}
+    # vLLM's engine takes the GPUs CUDA_VISIBLE_DEVICES shows; --device places its vision tower
+    assert backend_options("vllm", device="cpu", score_top_k=5) == {"vision_device": "cpu", "score_top_k": 5}
+    with pytest.raises(ValueError, match="only the vllm backend"):
+        backend_options("transformers", score_top_k=5)

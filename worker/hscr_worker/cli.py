@@ -32,12 +32,14 @@ def params_from_options(options: dict, paper: bool) -> HSCRParams:
               help="Items JSONL: custom_id, image (path, data: URI or s3:// URI), question, optional answer.")
 @click.option("--output", required=True, help="Output directory or s3://bucket/prefix.")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
-@click.option("--device", default=None, help="torch device for the transformers backend [default: cuda if present].")
+@click.option("--device", default=None, help="torch device of the transformers backend, or of the vLLM backend's "
+              "vision tower (its engine uses the GPUs CUDA_VISIBLE_DEVICES shows) [default: cuda if present].")
 @click.option("--profile", type=click.Choice(sorted(PROFILES)), default=None,
               help="Model family: prompt template and image preprocessing [default: detected from the model].")
 @click.option("--batch-size", default=32, show_default=True, help="Items per chunk (one shard per chunk).")
 @click.option("--score-top-k", type=click.IntRange(min=1), default=None,
-              help="vLLM: tokens per score row for large vocabularies [default: 20]; needs >= top_k_candidates.")
+              help="vLLM: tokens per score row [default: 20 for vocabularies over 4,096 tokens, whole rows "
+                   "below]; needs >= top_k_candidates.")
 @click.option("--paper", is_flag=True, help="Start from the paper's setting (one mask removing 70 %, raw-logit "
               "shift, no shift floor) instead of the shipped defaults.")
 @_param_options

@@ -82,7 +82,9 @@ def backend_options(name: str, *, device: str | None = None, profile: str | None
     the backend does not have."""
     if name != "vllm" and (score_values or score_top_k):
         raise ValueError("only the vllm backend has top-k score rows (--score-values, --score-top-k)")
-    given = {"device": device if name == "transformers" else None, "profile": profile,
+    # vLLM places its engine on the GPUs CUDA_VISIBLE_DEVICES shows; the device there is the vision tower's.
+    given = {"device": device if name == "transformers" else None,
+             "vision_device": device if name == "vllm" else None, "profile": profile,
              "score_values": score_values, "score_top_k": score_top_k}
     return {key: value for key, value in given.items() if value}
 

@@ -584,15 +584,16 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
               help="The name jobs use for this model (the API's HSCR_DEFAULT_MODEL / HSCR_MODELS).")
 @click.option("--backend", envvar="HSCR_WORKER_BACKEND", type=click.Choice(["transformers", "vllm"]),
               default="transformers", show_default=True)
-@click.option("--device", envvar="HSCR_WORKER_DEVICE", default=None, help="torch device (transformers backend).")
+@click.option("--device", envvar="HSCR_WORKER_DEVICE", default=None,
+              help="torch device of the transformers backend, or of the vLLM backend's vision tower.")
 @click.option("--profile", envvar="HSCR_WORKER_PROFILE", type=click.Choice(sorted(PROFILES)),
               default=None, help="Model family: prompt template and image preprocessing [default: detected].")
 @click.option("--score-values", envvar="HSCR_WORKER_SCORE_VALUES", type=click.Choice(["logits", "logprobs"]),
               default=None, help="vLLM: what top-k score rows hold. logprobs (the default with top-k rows) keeps "
                                  "the logprob shift exact; jobs with shift=logit need logits.")
 @click.option("--score-top-k", envvar="HSCR_WORKER_SCORE_TOP_K", type=click.IntRange(min=1), default=None,
-              help="vLLM: tokens per score row for large vocabularies [default: 20]; jobs need top_k_candidates "
-                   "<= this.")
+              help="vLLM: tokens per score row [default: 20 for vocabularies over 4,096 tokens, whole rows "
+                   "below]; jobs need top_k_candidates <= this.")
 @click.option("--torch-threads", envvar="HSCR_WORKER_TORCH_THREADS", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: torch's, one per core]. 1 suits a small model on a shared "
                    "CPU: idle OpenMP threads spinning against other processes can slow it many times over.")

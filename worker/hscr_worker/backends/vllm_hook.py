@@ -283,14 +283,25 @@ class HSCRForcingV2(V2LogitsProcessor):
         rows = [row for row, _ in tracked]
         slots = [slot for _, slot in tracked]
         greedy = logits[rows].argmax(-1).tolist()
-        # Committed tokens of each slot: all_token_ids[slot, :total_len]; the output starts at prompt_len.
-        total = self.req_states.total_len.gpu[slots].tolist()
-        history = self.req_states.all_token_ids.gpu[slots, : max(total)].tolist()
-        prompt_len = self.req_states.prompt_len.np
-        tokens = [self.slots[slot].decide(history[k][int(prompt_len[slot]): total[k]], greedy[k])
-                  for k, slot in enumerate(slots)]
+        tokens = [self.slots[slot].decide(output, greedy[k]) for k, (slot, output) in
+                  enumerate(zip(slots, self._outputs(slots), strict=True))]
         _force_rows(logits, rows, tokens)
         return logits
+
+    def _outputs(self, slots: list[int]) -> list[list[int]]:
+        """Each slot's generated tokens: ``all_token_ids[slot, prompt_len:total_len]``, gathered on the
+        device so only the outputs (not the prompts with their hundreds of image positions) are copied
+        to the host."""
+        all_ids = self.req_states.all_token_ids.gpu
+        total = self.req_states.total_len.gpu[slots].tolist()
+        starts = [int(self.req_states.prompt_len.np[slot]) for slot in slots]
+        width = max(t - p for t, p in zip(total, starts, strict=True))
+        if width <= 0:
+            return [[] for _ in slots]
+        offsets = torch.arange(width, device=all_ids.device)
+        index = (torch.tensor(starts, device=all_ids.device)[:, None] + offsets).clamp(max=all_ids.shape[1] - 1)
+        gathered = all_ids[slots].gather(1, index).tolist()
+        return [row[: max(t - p, 0)] for row, t, p in zip(gathered, total, starts, strict=True)]
 
 
 # ---- the entry point: the runner vLLM chose builds its own adapter ----
