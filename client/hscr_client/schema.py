@@ -22,6 +22,9 @@ CONFIGS = (PAIRS, RANKED)
 MANIFEST = "manifest.json"
 CARD = "README.md"
 ERRORS = "errors.jsonl"
+# LLaVA-format data writes the image into the question ("<image>\nWhat is ..."). Rows carry the question
+# without it: the prompt's image entry (``user_turn``) stands for the image, and a second one would not train.
+IMAGE_MARKER = "<image>"
 
 
 @cache

@@ -135,3 +135,16 @@ def test_backend_options_route_each_setting_to_the_backend_that_has_it():
     assert backend_options("vllm", device="cpu", score_top_k=5) == {"vision_device": "cpu", "score_top_k": 5}
     with pytest.raises(ValueError, match="only the vllm backend"):
         backend_options("transformers", score_top_k=5)
+
+
+def test_a_llava_image_marker_is_dropped_from_the_question(tmp_path):
+    """LLaVA-format data carries "<image>\\n" in the question; rows store it without (a second image entry
+    in the training prompt would not train), and a question of nothing else is empty."""
+    from hscr_worker.generate import prepare_all
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    items = [{"custom_id": "a", "image": "a.png", "question": "<image>\nis there a mass ?"},
+             {"custom_id": "b", "image": "a.png", "question": "<image>\n"}]
+    prepared, errors = prepare_all(items, base_dir=str(tmp_path))
+    assert [p.question for p in prepared] == ["is there a mass ?"]
+    assert [e.custom_id for e in errors] == ["b"] and "question is empty" in errors[0].error

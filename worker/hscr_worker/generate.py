@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hscr_client import HSCRParams
+from hscr_client import HSCRParams, schema
 from hscr_client.items import parse_items_lines
 from hscr_client.manifest import finalize
 from hscr_client.storage import open_location
@@ -46,6 +46,8 @@ def prepare(item: dict, *, base_dir: str | None, limits: ImageLimits) -> Prepare
     if not isinstance(custom_id, str) or not custom_id.strip():
         raise ValueError("custom_id must be a non-empty string")
     question = item.get("question")
+    if isinstance(question, str):
+        question = question.replace(schema.IMAGE_MARKER, "")  # the image has its own place in the prompt
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question is empty: every item needs a question")
     if len(question) > MAX_QUESTION_CHARS:
