@@ -114,8 +114,9 @@ def test_every_required_variable_is_in_env_example(path):
     required = {m["name"] for m in VARIABLE.finditer(path.read_text()) if m["op"] in (":?", "?")}
     referenced = {m["name"] for m in VARIABLE.finditer(path.read_text())}
     assert referenced <= set(example), f"not in .env.example: {sorted(referenced - set(example))}"
-    # HSCR_REDIS_HOST is per worker host, deliberately empty in the example.
-    empty = {name for name in required if not example[name]} - {"HSCR_REDIS_HOST"}
+    # The main host's address, set per worker host: deliberately empty in the example, so a worker host
+    # that forgets it is refused instead of reaching for names that only resolve on the main host.
+    empty = {name for name in required if not example[name]} - {"HSCR_REDIS_HOST", "HSCR_MAIN_S3_ENDPOINT"}
     assert not empty, f"required but empty in .env.example: {sorted(empty)}"
 
 
@@ -157,10 +158,23 @@ def test_docker_compose_config_accepts_the_file(path, tmp_path):
     if binary is None:
         pytest.skip("docker-compose (Debian's 1.29, `apt-get install docker-compose`) is not installed; "
                     "the schema and structure checks above still ran")
-    env = {**os.environ, "HSCR_REDIS_HOST": "main-host"}
+    env = {**os.environ, "HSCR_REDIS_HOST": "main-host", "HSCR_MAIN_S3_ENDPOINT": "http://main-host:8333"}
     result = subprocess.run([binary, "-f", str(path), "--env-file", str(ENV_EXAMPLE), "config", "--quiet"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_worker_host_without_the_main_hosts_s3_endpoint_is_refused():
+    """The example's HSCR_S3_ENDPOINT names the main host's in-project server, which does not resolve on a
+    worker-only host: the workers file asks for the main host's endpoint under its own name."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose (Debian's 1.29) is not installed")
+    env = {key: value for key, value in os.environ.items() if key != "HSCR_MAIN_S3_ENDPOINT"}
+    env["HSCR_REDIS_HOST"] = "main-host"
+    result = subprocess.run([binary, "-f", str(DOCKER / "compose.workers.yaml"), "--env-file", str(ENV_EXAMPLE),
+                             "config", "--quiet"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "set HSCR_MAIN_S3_ENDPOINT" in result.stderr
 
 
 def test_docker_compose_config_refuses_missing_secrets(tmp_path):

@@ -63,6 +63,7 @@ class Runtime:
     queue: str
     model_info: dict = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
+    dead: str | None = None  # why the model server died: the worker stops taking chunks and the process exits
     _similarities: dict = field(default_factory=dict)
     _store: object = None
 
@@ -293,6 +294,10 @@ class HSCRWorker(SimpleWorker):
             if self._running is not None:  # not handed to the committer: the job has ended
                 self._running = None
                 self.heartbeats.remove(execution)
+            if runtime().dead:  # every later chunk would fail too: take no more, let the process exit
+                self.log.error("the model server died (%s): this worker takes no more chunks", runtime().dead)
+                self._stop_requested = True
+                _shutdown.set()
         # No set_state(IDLE) here (SimpleWorker's): the dequeue that follows at once sets it, one write per chunk.
 
     def heartbeat(self, timeout: int | None = None, pipeline=None):
@@ -405,6 +410,7 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
     """
     from hscr_client import HSCRParams
 
+    from .backends.base import BackendDead
     from .generate import prepare_all
     from .pipeline import check_params_supported, run_hscr_stream
 
@@ -445,8 +451,12 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
     results = []
     began = time.perf_counter()
     # On vLLM a micro-batch's re-decode shares engine steps with the next one's own answers.
-    for _, batch_results in run_hscr_stream(rt.backend, micro_batches(), params, similarity):
-        results += batch_results
+    try:
+        for _, batch_results in run_hscr_stream(rt.backend, micro_batches(), params, similarity):
+            results += batch_results
+    except BackendDead as exc:  # RQ retries this chunk (on a live worker); this one stops after it
+        rt.dead = str(exc)
+        raise
     if stopped:
         return _skip(record, chunk, stopped[0])
     commit = ChunkCommit(record, chunk, results, pre_errors + [e.as_dict() for e in errors], get_current_job(),
@@ -643,6 +653,8 @@ def worker(redis_url, queue, model, model_name, backend, device, profile, score_
             rq_worker.work(burst=burst, with_scheduler=with_scheduler, logging_level="INFO")
         except Exception as exc:  # Redis unreachable while registering: wait and start again
             log.warning("worker stopped on %s; restarting in 2 s", exc)
+        if runtime().dead:  # a non-zero exit, so the container (restart: unless-stopped) starts a fresh one
+            sys.exit(f"hscr worker: exiting, the model server died: {runtime().dead}")
         if burst or _shutdown.is_set():
             return
         log.warning("worker loop ended (Redis unreachable?); restarting in 2 s")

@@ -41,3 +41,18 @@ def test_an_interrupted_call_leaves_nothing_behind(vllm_backend, requests, monke
     monkeypatch.setattr(engine, where, original)
     assert engine.get_num_unfinished_requests() == 0
     assert vllm_backend.generate(requests(8)) == expected  # and the next call runs as before
+
+
+def test_a_dead_engine_is_reported_as_backend_dead(vllm_backend, requests, monkeypatch):
+    """On a GPU the engine runs in its own process; a CUDA fault or OOM there ends it, and every later call
+    raises vLLM's EngineDeadError. The backend says so in its own terms, so a worker knows to restart."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from hscr_worker.backends.base import BackendDead
+
+    def dead(*args, **kwargs):  # what LLM.generate raises once the engine-core process is gone
+        raise EngineDeadError()
+
+    monkeypatch.setattr(vllm_backend.llm, "generate", dead)
+    with pytest.raises(BackendDead, match="the vLLM engine died"):
+        vllm_backend.generate(requests(2))

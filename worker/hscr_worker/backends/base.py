@@ -23,6 +23,11 @@ from hscr_worker.core.replace import ForcedDecoder
 ScoreValues = Literal["logits", "logprobs"]
 
 
+class BackendDead(RuntimeError):
+    """The model server behind a backend has died (vLLM's ``EngineDeadError``: a CUDA fault or OOM in the
+    engine process). Every later call would fail too: the process must restart to serve again."""
+
+
 @dataclass
 class GenerateRequest:
     """One greedy decode. With ``response_prefix`` the response is taken to start with those tokens:

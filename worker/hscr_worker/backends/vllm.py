@@ -43,7 +43,7 @@ from PIL import Image  # noqa: E402
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from ._vision import encode_images  # noqa: E402
-from .base import GenerateRequest, ProcessorBackend, ScoreRequest, ScoreValues  # noqa: E402
+from .base import BackendDead, GenerateRequest, ProcessorBackend, ScoreRequest, ScoreValues  # noqa: E402
 from .profiles import resolve_profile  # noqa: E402
 
 FULL_VOCAB_LIMIT = 4096  # dense score rows up to this vocabulary size; top-k rows above
@@ -168,7 +168,11 @@ class VLLMBackend(ProcessorBackend):
                 done = self.llm.generate([prompts[k] for k in indices], [params[k] for k in indices], use_tqdm=False)
                 for k, out in zip(indices, done, strict=True):
                     outputs[k] = out
-        except BaseException:
+        except BaseException as exc:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            if isinstance(exc, EngineDeadError):  # the engine process is gone: nothing left to abort
+                raise BackendDead(f"the vLLM engine died: {exc}") from exc
             # Interrupted mid-call (RQ's job timeout raises from SIGALRM; Ctrl-C; an engine error): the
             # requests it added would stay in the engine, and the next call would schedule them forever.
             self._abort_unfinished()
