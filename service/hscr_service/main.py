@@ -39,7 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.queue = Queue(settings.queue, connection=client)
     errors.install(app)
     app.include_router(api_router)
-    QueueCollector.register(app.state.queue)
+    for model in settings.served_models:  # each model's queue (see Settings.queue_for)
+        QueueCollector.register(Queue(settings.queue_for(model), connection=client))
     Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(app, include_in_schema=False)
     return app
 

@@ -61,3 +61,31 @@ def test_expiry_mid_job_keeps_finished_shards(alice, workers, fixture_items):
     assert info["complete"] and info["manifest"]["request_counts"]["completed"] == counts["completed"]
     assert len(info["shards"]) == 2 * len(info["manifest"]["configs"]["ranked"]["shards"])  # pairs + ranked
     all_ids_exactly_once(alice, job, {i["custom_id"] for i in items}, complete=False)
+
+
+def test_each_served_model_has_its_own_queue(stack_env, fixture_items):
+    """With several models served, a job's chunks go to its model's queue only: a worker holding another model
+    never dequeues them (it used to, and failed them). The default model keeps the plain queue."""
+    import httpx
+    from redis import Redis
+    from rq import Queue
+    from service_helpers import KEYS, start_api, stop
+
+    base = "hscr-models"
+    api, url = start_api(stack_env, "models-api", HSCR_QUEUE=base, HSCR_MODELS="fixture,llava-med",
+                         HSCR_DEFAULT_MODEL="fixture")
+    redis = Redis.from_url(stack_env["redis"].url)
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60) as alice:
+            other = alice.post("/v1/jobs", json={"items": inline_items(fixture_items, 6, "other-"),
+                                                 "model": "llava-med"})
+            default = alice.post("/v1/jobs", json={"items": inline_items(fixture_items, 2, "default-")})
+            assert other.status_code == default.status_code == 201, (other.text, default.text)
+            assert Queue(f"{base}.llava-med", connection=redis).count == 2  # 6 items in chunks of 4
+            assert Queue(base, connection=redis).count == 1
+            # no chunk of it runs (no worker holds llava-med here): it ends at once; its queued chunks are
+            # settled, and a worker that dequeues them later does nothing
+            cancelled = alice.post(f"/v1/jobs/{other.json()['id']}/cancel")
+            assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    finally:
+        stop(api)

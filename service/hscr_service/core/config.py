@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     def served_models(self) -> list[str]:
         return self.models or [self.default_model]
 
+    def queue_for(self, model: str) -> str:
+        """The RQ queue of a model's chunks: the default model's is ``queue``; another served model's is
+        ``<queue>.<model>``, where only that model's workers listen (``hscr worker --queue``), so no worker
+        ever dequeues a chunk for a model it does not hold."""
+        return self.queue if model == self.default_model else f"{self.queue}.{model}"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -143,6 +143,8 @@ def _create(job_id: str, *, tenant: str, request: JobCreate, store: Store, stora
     if model not in settings.served_models:
         raise InvalidInput(f"model {model!r} is not served here; choose one of {settings.served_models}",
                            param="model")
+    if settings.queue_for(model) != queue.name:
+        queue = Queue(settings.queue_for(model), connection=queue.connection)
     raw = _raw_items(request, tenant=tenant, store=store, storage=storage, settings=settings)
     if not raw:
         raise InvalidInput("the items file has no items", param="input_file_id")

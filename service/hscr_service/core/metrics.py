@@ -8,26 +8,31 @@ from rq import Queue, Worker
 
 
 class QueueCollector:
-    _registered: set[str] = set()
+    """One collector per process (metric names are process-wide) over every queue registered with it: the
+    queue of each served model."""
 
-    def __init__(self, queue: Queue):
-        self.queue = queue
+    _instance: QueueCollector | None = None
+
+    def __init__(self):
+        self.queues: dict[str, Queue] = {}
 
     @classmethod
     def register(cls, queue: Queue) -> None:
-        if queue.name not in cls._registered:  # one collector per queue name per process
-            REGISTRY.register(cls(queue))
-            cls._registered.add(queue.name)
+        if cls._instance is None:
+            cls._instance = cls()
+            REGISTRY.register(cls._instance)
+        cls._instance.queues.setdefault(queue.name, queue)
 
     def collect(self):
         queued = GaugeMetricFamily("hscr_queue_chunks", "Chunks by RQ state", labels=["queue", "state"])
         workers = GaugeMetricFamily("hscr_workers", "Workers listening on the queue", labels=["queue"])
         try:
-            queued.add_metric([self.queue.name, "queued"], self.queue.count)
-            queued.add_metric([self.queue.name, "started"], self.queue.started_job_registry.count)
-            queued.add_metric([self.queue.name, "scheduled"], self.queue.scheduled_job_registry.count)
-            queued.add_metric([self.queue.name, "failed"], self.queue.failed_job_registry.count)
-            workers.add_metric([self.queue.name], Worker.count(queue=self.queue))
+            for name, queue in self.queues.items():
+                queued.add_metric([name, "queued"], queue.count)
+                queued.add_metric([name, "started"], queue.started_job_registry.count)
+                queued.add_metric([name, "scheduled"], queue.scheduled_job_registry.count)
+                queued.add_metric([name, "failed"], queue.failed_job_registry.count)
+                workers.add_metric([name], Worker.count(queue=queue))
         except Exception:  # Redis down: scrape still answers, without these series
             return
         yield queued
