@@ -135,6 +135,10 @@ def test_backend_options_route_each_setting_to_the_backend_that_has_it():
     assert backend_options("vllm", device="cpu", score_top_k=5) == {"vision_device": "cpu", "score_top_k": 5}
     with pytest.raises(ValueError, match="only the vllm backend"):
         backend_options("transformers", score_top_k=5)
+    assert backend_options("vllm", max_model_len=4096, gpu_memory_utilization=0.8) == \
+        {"max_model_len": 4096, "gpu_memory_utilization": 0.8}
+    with pytest.raises(ValueError, match="vLLM engine settings"):
+        backend_options("transformers", max_model_len=4096)
 
 
 def test_a_llava_image_marker_is_dropped_from_the_question(tmp_path):

@@ -21,6 +21,23 @@ def _param_options(func):
     return func
 
 
+def vllm_engine_options(envvar_prefix: str | None = None):
+    """The vLLM engine settings a GPU operator tunes, as flags (and ``<prefix>_...`` variables for the worker)."""
+    def env(name: str) -> str | None:
+        return f"{envvar_prefix}_{name}" if envvar_prefix else None
+
+    def decorate(func):
+        func = click.option("--gpu-memory-utilization", envvar=env("GPU_MEMORY_UTILIZATION"), default=None,
+                            type=click.FloatRange(0, 1, min_open=True),
+                            help="vLLM: fraction of the GPU's memory the engine may take [default: vLLM's 0.9]; "
+                                 "the vision tower runs beside it on the same GPU.")(func)
+        return click.option("--max-model-len", envvar=env("MAX_MODEL_LEN"), default=None, type=click.IntRange(min=1),
+                            help="vLLM: the context the engine reserves KV cache for [default: the model's; "
+                                 "LLaVA-Med's 32k may not fit a smaller GPU, and HSCR needs 576 image tokens + "
+                                 "question + max_new_tokens].")(func)
+    return decorate
+
+
 def params_from_options(options: dict, paper: bool) -> HSCRParams:
     given = {k: v for k, v in options.items() if v is not None and k in HSCRParams.model_fields}
     return HSCRParams.paper(**given) if paper else HSCRParams(**given)
@@ -42,8 +59,10 @@ def params_from_options(options: dict, paper: bool) -> HSCRParams:
                    "below]; needs >= top_k_candidates.")
 @click.option("--paper", is_flag=True, help="Start from the paper's setting (one mask removing 70 %, raw-logit "
               "shift, no shift floor) instead of the shipped defaults.")
+@vllm_engine_options()
 @_param_options
-def generate(model, input_path, output, backend, device, profile, batch_size, score_top_k, paper, **options):
+def generate(model, input_path, output, backend, device, profile, batch_size, score_top_k, gpu_memory_utilization,
+             max_model_len, paper, **options):
     """Generate an HSCR preference dataset from an items JSONL file."""
     from tqdm import tqdm
 
@@ -58,7 +77,8 @@ def generate(model, input_path, output, backend, device, profile, batch_size, sc
     score_values = "logits" if backend == "vllm" and params.shift == "logit" else None
     try:
         engine_options = backend_options(backend, device=device, profile=profile, score_values=score_values,
-                                         score_top_k=score_top_k)
+                                         score_top_k=score_top_k, gpu_memory_utilization=gpu_memory_utilization,
+                                         max_model_len=max_model_len)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     engine = load_backend(backend, model, **engine_options)

@@ -79,15 +79,19 @@ def prepare_all(items: Sequence[dict], *, base_dir: str | None, limits: ImageLim
 
 
 def backend_options(name: str, *, device: str | None = None, profile: str | None = None,
-                    score_values: str | None = None, score_top_k: int | None = None) -> dict:
+                    score_values: str | None = None, score_top_k: int | None = None,
+                    gpu_memory_utilization: float | None = None, max_model_len: int | None = None) -> dict:
     """``load_backend`` keywords from command-line settings (None: not given); ValueError for one
     the backend does not have."""
     if name != "vllm" and (score_values or score_top_k):
         raise ValueError("only the vllm backend has top-k score rows (--score-values, --score-top-k)")
+    if name != "vllm" and (gpu_memory_utilization or max_model_len):
+        raise ValueError("--gpu-memory-utilization and --max-model-len are vLLM engine settings (--backend vllm)")
     # vLLM places its engine on the GPUs CUDA_VISIBLE_DEVICES shows; the device there is the vision tower's.
     given = {"device": device if name == "transformers" else None,
              "vision_device": device if name == "vllm" else None, "profile": profile,
-             "score_values": score_values, "score_top_k": score_top_k}
+             "score_values": score_values, "score_top_k": score_top_k,
+             "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len}
     return {key: value for key, value in given.items() if value}
 
 

@@ -41,6 +41,7 @@ from rq.scheduler import RQScheduler
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 
 from .backends.profiles import PROFILES
+from .cli import vllm_engine_options
 
 log = logging.getLogger("hscr_worker.rq")
 
@@ -607,8 +608,9 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
 @click.option("--torch-threads", envvar="HSCR_WORKER_TORCH_THREADS", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: torch's, one per core]. 1 suits a small model on a shared "
                    "CPU: idle OpenMP threads spinning against other processes can slow it many times over.")
-@click.option("--micro-batch", default=8, show_default=True,
-              help="Items per model call; cancel is checked between micro-batches.")
+@vllm_engine_options("HSCR_WORKER")
+@click.option("--micro-batch", envvar="HSCR_WORKER_MICRO_BATCH", default=8, show_default=True,
+              type=click.IntRange(min=1), help="Items per model call; cancel is checked between micro-batches.")
 @click.option("--with-scheduler/--without-scheduler", default=True, show_default=True,
               help="Run RQ's scheduler (needed for retries with backoff; one is enough, extras stand by).")
 @click.option("--worker-ttl", default=30, show_default=True, help="Seconds before a silent worker counts as dead.")
@@ -621,8 +623,8 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
               help="Age (90s, 30m, 24h, 7d) at which an incomplete upload under datasets/ is aborted.")
 @click.option("--burst", is_flag=True, help="Quit when the queue is empty.")
 def worker(redis_url, queue, model, model_name, backend, device, profile, score_values, score_top_k, torch_threads,
-           micro_batch, with_scheduler, worker_ttl, maintenance_interval, heartbeat_interval, storage_uri,
-           abort_uploads_after, burst):
+           gpu_memory_utilization, max_model_len, micro_batch, with_scheduler, worker_ttl, maintenance_interval,
+           heartbeat_interval, storage_uri, abort_uploads_after, burst):
     """Run one HSCR worker (one per GPU: set CUDA_VISIBLE_DEVICES). Loads the model once."""
     from hscr_service.cli import parse_duration
     from hscr_service.core.store import connect
@@ -632,7 +634,8 @@ def worker(redis_url, queue, model, model_name, backend, device, profile, score_
     upload_age = parse_duration(abort_uploads_after)  # a bad value fails before the model loads
     try:
         options = backend_options(backend, device=device, profile=profile, score_values=score_values,
-                                  score_top_k=score_top_k)
+                                  score_top_k=score_top_k, gpu_memory_utilization=gpu_memory_utilization,
+                                  max_model_len=max_model_len)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -17,7 +17,7 @@ def test_hscr_generate_with_the_vllm_backend(vllm_backend, heldout_dir, tmp_path
     chosen = []
 
     def load_backend(name, model, **options):  # the session engine stands in for a second, identical one
-        chosen.append(name)
+        chosen.append((name, options))
         return vllm_backend
 
     monkeypatch.setattr(generate_module, "load_backend", load_backend)
@@ -25,9 +25,11 @@ def test_hscr_generate_with_the_vllm_backend(vllm_backend, heldout_dir, tmp_path
     items.write_text("".join((heldout_dir / "items.jsonl").read_text().splitlines(keepends=True)[:8]))
     out = tmp_path / "dataset"
     result = CliRunner().invoke(generate, ["--backend", "vllm", "--input", str(items), "--output", str(out),
-                                           "--paper", "--batch-size", "4"])
+                                           "--paper", "--batch-size", "4", "--max-model-len", "256",
+                                           "--gpu-memory-utilization", "0.5"])
     assert result.exit_code == 0, result.output
-    assert chosen == ["vllm"]
+    # the engine settings reach VLLMBackend (and from there vllm.LLM); --paper's raw-logit shift asks for logits
+    assert chosen == [("vllm", {"score_values": "logits", "gpu_memory_utilization": 0.5, "max_model_len": 256})]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["backend"] == "vllm"
     assert manifest["request_counts"]["total"] == 8
