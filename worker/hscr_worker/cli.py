@@ -38,6 +38,16 @@ def vllm_engine_options(envvar_prefix: str | None = None):
     return decorate
 
 
+def backend_options_or_usage_error(backend: str, **settings) -> dict:
+    """``generate.backend_options`` for a command: a setting the backend does not have is a usage error."""
+    from .generate import backend_options
+
+    try:
+        return backend_options(backend, **settings)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 def params_from_options(options: dict, paper: bool) -> HSCRParams:
     given = {k: v for k, v in options.items() if v is not None and k in HSCRParams.model_fields}
     return HSCRParams.paper(**given) if paper else HSCRParams(**given)
@@ -66,7 +76,7 @@ def generate(model, input_path, output, backend, device, profile, batch_size, sc
     """Generate an HSCR preference dataset from an items JSONL file."""
     from tqdm import tqdm
 
-    from .generate import DEFAULT_MODEL, backend_options, generate_dataset, load_backend, read_items
+    from .generate import DEFAULT_MODEL, generate_dataset, load_backend, read_items
 
     try:
         params = params_from_options(options, paper)
@@ -75,12 +85,9 @@ def generate(model, input_path, output, backend, device, profile, batch_size, sc
     model = model or DEFAULT_MODEL
     # The raw-logit shift needs raw logits in vLLM's top-k rows too.
     score_values = "logits" if backend == "vllm" and params.shift == "logit" else None
-    try:
-        engine_options = backend_options(backend, device=device, profile=profile, score_values=score_values,
-                                         score_top_k=score_top_k, gpu_memory_utilization=gpu_memory_utilization,
-                                         max_model_len=max_model_len)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    engine_options = backend_options_or_usage_error(
+        backend, device=device, profile=profile, score_values=score_values, score_top_k=score_top_k,
+        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
     engine = load_backend(backend, model, **engine_options)
     total = len(read_items(input_path)[0])
     with tqdm(total=total, unit="item", desc="hscr generate") as bar:

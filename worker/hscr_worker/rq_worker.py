@@ -41,7 +41,7 @@ from rq.scheduler import RQScheduler
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 
 from .backends.profiles import PROFILES
-from .cli import vllm_engine_options
+from .cli import backend_options_or_usage_error, vllm_engine_options
 
 log = logging.getLogger("hscr_worker.rq")
 
@@ -629,15 +629,12 @@ def worker(redis_url, queue, model, model_name, backend, device, profile, score_
     from hscr_service.cli import parse_duration
     from hscr_service.core.store import connect
 
-    from .generate import DEFAULT_MODEL, backend_options
+    from .generate import DEFAULT_MODEL
 
     upload_age = parse_duration(abort_uploads_after)  # a bad value fails before the model loads
-    try:
-        options = backend_options(backend, device=device, profile=profile, score_values=score_values,
-                                  score_top_k=score_top_k, gpu_memory_utilization=gpu_memory_utilization,
-                                  max_model_len=max_model_len)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    options = backend_options_or_usage_error(
+        backend, device=device, profile=profile, score_values=score_values, score_top_k=score_top_k,
+        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if torch_threads:
         import torch
