@@ -154,21 +154,20 @@ class HSCRBatch:
         # An item the model cannot take fails alone (an engine would refuse the whole call for it).
         refused: dict[int, str] = {}
         prompts: list[list[int]] = []
-        for k, it in enumerate(items):
+        preferred: list[list[int] | None] = []  # the ids of the response to corrupt when teacher forced
+        for k, (it, v) in enumerate(zip(items, visual, strict=True)):
+            ids = backend.encode_text(it.preferred) if params.corrupt == "preferred" and it.preferred else None
+            preferred.append(ids)
             try:
                 prompts.append(backend.prompt_ids(it.question))
             except ValueError as exc:  # e.g. a question holding the image token in a form the profile keeps
                 prompts.append([])
                 refused[k] = f"the question cannot be put in the model's prompt: {exc}"
-        # The preferred answer's ids where it is the response to corrupt (teacher forced); None: the own answer.
-        preferred = [backend.encode_text(it.preferred) if params.corrupt == "preferred" and it.preferred else None
-                     for it in items]
-        for k, ids in enumerate(preferred):
-            if k not in refused and ids is not None and backend.image_token_id in ids:
+                continue
+            if ids is not None and backend.image_token_id in ids:
                 refused[k] = ("the preferred answer holds the image placeholder token; remove it from the answer "
                               "(it cannot be scored as a response)")
-        for k, (p, v, ids) in enumerate(zip(prompts, visual, preferred, strict=True)):
-            if k not in refused and (why := _too_long(backend, p, v, ids, params.max_new_tokens)):
+            elif why := _too_long(backend, prompts[k], v, ids, params.max_new_tokens):
                 refused[k] = why
         self._rejected = {k: ItemResult(custom_id=it.custom_id, question=it.question, image=it.image,
                                         chosen=it.preferred or "", own_answer="", corrupted="", coupled=[],
