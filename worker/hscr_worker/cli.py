@@ -9,7 +9,7 @@ import click
 
 from hscr_client import HSCRParams
 
-from .backends.profiles import PROFILES
+from .families import PROFILES
 
 
 def _param_options(func):
@@ -35,6 +35,22 @@ def vllm_engine_options(envvar_prefix: str | None = None):
                             help="vLLM: the context the engine reserves KV cache for [default: the model's; "
                                  "LLaVA-Med's 32k may not fit a smaller GPU, and HSCR needs 576 image tokens + "
                                  "question + max_new_tokens].")(func)
+    return decorate
+
+
+def image_size_options(envvar_prefix: str | None = None):
+    """``--min-pixels``/``--max-pixels``: the image size range of a dynamic-resolution family (Qwen2-VL, Qwen2.5-VL)."""
+    bounds = (("min", "least", "56*56 = 3,136"), ("max", "most", "28*28*1280 = 1,003,520"))
+
+    def decorate(func):
+        for bound, word, published in bounds:
+            envvar = f"{envvar_prefix}_{bound.upper()}_PIXELS" if envvar_prefix else None
+            func = click.option(
+                f"--{bound}-pixels", envvar=envvar, default=None, type=click.IntRange(min=1),
+                help=f"Qwen: resize each image (aspect ratio kept) to at {word} this many pixels [default: the "
+                     f"checkpoint's; {published} in the published models]; image tokens = pixels / "
+                     f"(patch * merge)**2, i.e. / 28**2 there.")(func)
+        return func
     return decorate
 
 
@@ -70,9 +86,10 @@ def params_from_options(options: dict, paper: bool) -> HSCRParams:
 @click.option("--paper", is_flag=True, help="Start from the paper's setting (one mask removing 70 %, raw-logit "
               "shift, no shift floor) instead of the shipped defaults.")
 @vllm_engine_options()
+@image_size_options()
 @_param_options
 def generate(model, input_path, output, backend, device, profile, batch_size, score_top_k, gpu_memory_utilization,
-             max_model_len, paper, **options):
+             max_model_len, min_pixels, max_pixels, paper, **options):
     """Generate an HSCR preference dataset from an items JSONL file."""
     from tqdm import tqdm
 
@@ -87,7 +104,8 @@ def generate(model, input_path, output, backend, device, profile, batch_size, sc
     score_values = "logits" if backend == "vllm" and params.shift == "logit" else None
     engine_options = backend_options_or_usage_error(
         backend, device=device, profile=profile, score_values=score_values, score_top_k=score_top_k,
-        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, min_pixels=min_pixels,
+        max_pixels=max_pixels)
     engine = load_backend(backend, model, **engine_options)
     total = len(read_items(input_path)[0])
     with tqdm(total=total, unit="item", desc="hscr generate") as bar:

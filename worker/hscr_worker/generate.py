@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from hscr_client import HSCRParams, schema
 from hscr_client.items import parse_items_lines
@@ -14,11 +13,11 @@ from hscr_client.storage import open_location
 
 from .backends.base import Backend
 from .dataset import iter_chunks, model_digest, write_chunk
+from .fixture import DEFAULT_MODEL, resolve_model  # noqa: F401  (re-exported: the default model)
 from .images import ImageError, ImageLimits, load_image
 from .pipeline import PreparedItem, run_hscr_stream
 from .similarity import get_similarity
 
-DEFAULT_MODEL = str(Path(__file__).parent / "fixture" / "model")
 MAX_QUESTION_CHARS = 4000
 
 
@@ -55,7 +54,13 @@ def prepare(item: dict, *, base_dir: str | None, limits: ImageLimits) -> Prepare
     answer = item.get("answer")
     if answer is not None and (not isinstance(answer, str) or not answer.strip()):
         raise ValueError("answer, when given, must be a non-empty string")
-    image = load_image(item.get("image"), base_dir=base_dir, limits=limits)
+    image = item.get("image", item.get("images"))
+    if isinstance(image, list) and len(image) == 1:  # TRL's "images" list of one
+        image = image[0]
+    if isinstance(image, list):
+        raise ValueError(f"the item has {len(image)} images; one image per item is the contract (split it into "
+                         f"one item per image)")
+    image = load_image(image, base_dir=base_dir, limits=limits)
     return PreparedItem(custom_id=custom_id, question=question.strip(), image=image,
                         preferred=answer.strip() if answer else None)
 
@@ -80,7 +85,8 @@ def prepare_all(items: Sequence[dict], *, base_dir: str | None, limits: ImageLim
 
 def backend_options(name: str, *, device: str | None = None, profile: str | None = None,
                     score_values: str | None = None, score_top_k: int | None = None,
-                    gpu_memory_utilization: float | None = None, max_model_len: int | None = None) -> dict:
+                    gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
+                    min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
     """``load_backend`` keywords from command-line settings (None: not given); ValueError for one
     the backend does not have."""
     if name != "vllm" and (score_values or score_top_k):
@@ -91,7 +97,8 @@ def backend_options(name: str, *, device: str | None = None, profile: str | None
     given = {"device": device if name == "transformers" else None,
              "vision_device": device if name == "vllm" else None, "profile": profile,
              "score_values": score_values, "score_top_k": score_top_k,
-             "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len}
+             "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
+             "min_pixels": min_pixels, "max_pixels": max_pixels}
     return {key: value for key, value in given.items() if value}
 
 

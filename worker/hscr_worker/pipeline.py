@@ -31,9 +31,9 @@ from PIL import Image
 
 from hscr_client import HSCRParams
 
-from .backends.base import Backend, GenerateRequest, ScoreRequest
+from .backends.base import Backend, GenerateRequest, ScoreRequest, VisualTokens
 from .core.coupling import coupled_positions, token_shift
-from .core.dropout import apply_dropout, keep_masks, mask_generator
+from .core.dropout import keep_masks, mask_generator
 from .core.replace import ForcedDecoder, Replacement, hallucinated_token, level_plans, splice
 from .core.rerank import select_levels
 
@@ -204,9 +204,9 @@ class HSCRBatch:
             raise RuntimeError("the backend returned decode logits that do not match its answer")
         dropped_visual = []
         for it, v in zip(items, visual, strict=True):
-            masks = keep_masks(v.shape[0], params.dropout_ratio, params.n_masks,
+            masks = keep_masks(v.n_tokens, params.dropout_ratio, params.n_masks,
                                mask_generator(params.mask_seed, it.custom_id))
-            dropped_visual.append([apply_dropout(v, keep, params.dropout_mode) for keep in masks])
+            dropped_visual.append([v.dropped(keep, params.dropout_mode) for keep in masks])
         # A response can be scored when it is not empty and holds no image placeholder (a model may emit it).
         scorable = [bool(r) and backend.image_token_id not in r for r in corrupted]
         unscored = [i for i, ok in enumerate(scorable) if ok and i not in full_logits]
@@ -340,12 +340,12 @@ def check_params_supported(backend: Backend, params: HSCRParams) -> None:
                          f"hscr worker or hscr generate), or lower top_k_candidates")
 
 
-def _too_long(backend: Backend, prompt: list[int], visual: torch.Tensor, preferred: list[int] | None,
+def _too_long(backend: Backend, prompt: list[int], visual: VisualTokens, preferred: list[int] | None,
               max_new_tokens: int) -> str | None:
     """Why an item cannot fit the backend's context, or None when it fits."""
     if backend.max_context_tokens is None:
         return None
-    prompt_tokens = len(prompt) - 1 + visual.shape[0]  # the image placeholder expands to the visual tokens
+    prompt_tokens = len(prompt) - 1 + visual.n_tokens  # the image placeholder expands to the visual tokens
     response = max_new_tokens if preferred is None else max(max_new_tokens, len(preferred))
     if prompt_tokens + response <= backend.max_context_tokens:
         return None

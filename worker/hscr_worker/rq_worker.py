@@ -40,8 +40,8 @@ from rq.job import Job as RQJob
 from rq.scheduler import RQScheduler
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 
-from .backends.profiles import PROFILES
-from .cli import backend_options_or_usage_error, vllm_engine_options
+from .cli import backend_options_or_usage_error, image_size_options, vllm_engine_options
+from .families import PROFILES
 
 log = logging.getLogger("hscr_worker.rq")
 
@@ -609,6 +609,7 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
               help="CPU threads for torch [default: torch's, one per core]. 1 suits a small model on a shared "
                    "CPU: idle OpenMP threads spinning against other processes can slow it many times over.")
 @vllm_engine_options("HSCR_WORKER")
+@image_size_options("HSCR_WORKER")
 @click.option("--micro-batch", envvar="HSCR_WORKER_MICRO_BATCH", default=8, show_default=True,
               type=click.IntRange(min=1), help="Items per model call; cancel is checked between micro-batches.")
 @click.option("--with-scheduler/--without-scheduler", default=True, show_default=True,
@@ -623,7 +624,8 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
               help="Age (90s, 30m, 24h, 7d) at which an incomplete upload under datasets/ is aborted.")
 @click.option("--burst", is_flag=True, help="Quit when the queue is empty.")
 def worker(redis_url, queue, model, model_name, backend, device, profile, score_values, score_top_k, torch_threads,
-           gpu_memory_utilization, max_model_len, micro_batch, with_scheduler, worker_ttl, maintenance_interval,
+           gpu_memory_utilization, max_model_len, min_pixels, max_pixels, micro_batch, with_scheduler, worker_ttl,
+           maintenance_interval,
            heartbeat_interval, storage_uri, abort_uploads_after, burst):
     """Run one HSCR worker (one per GPU: set CUDA_VISIBLE_DEVICES). Loads the model once."""
     from hscr_service.cli import parse_duration
@@ -634,7 +636,8 @@ def worker(redis_url, queue, model, model_name, backend, device, profile, score_
     upload_age = parse_duration(abort_uploads_after)  # a bad value fails before the model loads
     options = backend_options_or_usage_error(
         backend, device=device, profile=profile, score_values=score_values, score_top_k=score_top_k,
-        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, min_pixels=min_pixels,
+        max_pixels=max_pixels)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if torch_threads:
         import torch

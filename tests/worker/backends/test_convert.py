@@ -237,8 +237,8 @@ def test_converted_model_runs_in_both_backends(converted, original, vllm_engine)
     assert engine.profile.name == hf.profile.name == "llava-med"
     images = [_image(seed) for seed in range(4)]
     visual = hf.encode_images(images)
-    assert all(torch.equal(a, b) for a, b in zip(engine.encode_images(images), visual, strict=True))
-    assert all(v.shape == (16, 128) for v in visual)  # 4x4 patches of the padded-to-square image, CLS dropped
+    assert all(torch.equal(a.embeds, b.embeds) for a, b in zip(engine.encode_images(images), visual, strict=True))
+    assert all(v.embeds.shape == (16, 128) for v in visual)  # 4x4 patches of the padded-to-square image, CLS dropped
     prompt = hf.prompt_ids(QUESTION)
     assert engine.prompt_ids(QUESTION) == prompt and prompt.count(report.image_token_id) == 1
     requests = [GenerateRequest(prompt, v, 8) for v in visual]

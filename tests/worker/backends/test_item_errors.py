@@ -46,7 +46,7 @@ def test_vllm_context_boundary_is_exact(vllm_backend, heldout_items):
     """A score request is prompt + response + one output token: the last admitted item must still run."""
     params = HSCRParams(max_new_tokens=4, dropout_mode="zero")  # zero: the dropped prompt is as long as the full
     limit = vllm_backend.max_context_tokens
-    n_visual = vllm_backend.encode_images([heldout_items[0].image])[0].shape[0]
+    n_visual = vllm_backend.encode_images([heldout_items[0].image])[0].n_tokens
 
     def padded(custom_id: str, prompt_tokens: int):
         question = heldout_items[0].question

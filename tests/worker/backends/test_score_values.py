@@ -14,7 +14,7 @@ import torch
 from hscr_client import HSCRParams
 from hscr_worker.backends.base import GenerateRequest, ScoreRequest
 from hscr_worker.core.coupling import token_shift
-from hscr_worker.core.dropout import apply_dropout, keep_masks, mask_generator
+from hscr_worker.core.dropout import keep_masks, mask_generator
 from hscr_worker.pipeline import run_hscr
 from hscr_worker.similarity import get_similarity
 
@@ -46,7 +46,7 @@ def test_rows_are_exact_log_probabilities_of_the_top_k(top_k_backend, vllm_backe
     top_k_answers = [GenerateRequest(p, v, 64, return_logits=True) for p, v in zip(prompts, visual, strict=True)]
     answers = vllm_backend.generate(dense_answers)
     assert top_k_backend.generate(top_k_answers) == answers
-    dropped = [apply_dropout(v, keep_masks(v.shape[0], 0.95, 1, mask_generator(0, it.custom_id))[0], "remove")
+    dropped = [v.dropped(keep_masks(v.n_tokens, 0.95, 1, mask_generator(0, it.custom_id))[0], "remove")
                for it, v in zip(items, visual, strict=True)]
     answered = [i for i, a in enumerate(answers) if a]
     requests = [ScoreRequest(prompts[i], dropped[i], answers[i]) for i in answered]

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from hscr_worker.core.dropout import DropoutMode, apply_dropout
 from hscr_worker.core.replace import ForcedDecoder
 
 # What score rows (``score``, and the decode rows of ``GenerateRequest.return_logits``) hold: raw
@@ -28,6 +29,38 @@ class BackendDead(RuntimeError):
     engine process). Every later call would fail too: the process must restart to serve again."""
 
 
+@dataclass(frozen=True)
+class VisualTokens:
+    """One image as the language model receives it: post-projector visual tokens in the image's
+    token order, with what the model's positional encoding needs to place them.
+
+    ``grid`` is the family's layout of the full image's tokens (Qwen: ``image_grid_thw`` in patches);
+    None for a flat sequence (LLaVA). ``index`` says which of the full image's tokens the rows are
+    (remove-mode dropout keeps a subset; each keeps its place in the image); None: all, in order.
+    """
+
+    embeds: torch.Tensor  # float[n, hidden]
+    grid: tuple[int, int, int] | None = None
+    index: torch.Tensor | None = None  # long[n]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+    def dropped(self, keep: torch.Tensor, mode: DropoutMode) -> VisualTokens:
+        """These tokens after dropout (``keep``: bool[n], True = keep), positions kept."""
+        embeds = apply_dropout(self.embeds, keep, mode)
+        if mode != "remove":
+            return VisualTokens(embeds, self.grid, self.index)
+        index = torch.arange(self.n_tokens) if self.index is None else self.index
+        return VisualTokens(embeds, self.grid, index[keep])
+
+
+def as_visual(visual: VisualTokens | torch.Tensor) -> VisualTokens:
+    """A bare ``float[n, hidden]`` tensor is a flat sequence of visual tokens."""
+    return visual if isinstance(visual, VisualTokens) else VisualTokens(visual)
+
+
 @dataclass
 class GenerateRequest:
     """One greedy decode. With ``response_prefix`` the response is taken to start with those tokens:
@@ -36,7 +69,7 @@ class GenerateRequest:
     the same ``response_prefix`` (it counts steps from the start of the response)."""
 
     prompt_ids: list[int]  # holds exactly one image placeholder token
-    visual: torch.Tensor  # [n_visual, hidden]: the placeholder expands to these rows
+    visual: VisualTokens  # the placeholder expands to these rows (a bare tensor: a flat sequence)
     max_new_tokens: int
     forced: ForcedDecoder | None = None
     response_prefix: list[int] = field(default_factory=list)
@@ -48,6 +81,7 @@ class GenerateRequest:
     logits: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        self.visual = as_visual(self.visual)
         if self.forced is not None and list(self.forced.response_prefix) != list(self.response_prefix):
             raise ValueError("the forced decoder's response_prefix differs from the request's")
         if self.return_logits and (self.forced is not None or self.response_prefix):
@@ -57,8 +91,11 @@ class GenerateRequest:
 @dataclass
 class ScoreRequest:
     prompt_ids: list[int]
-    visual: torch.Tensor
+    visual: VisualTokens
     response_ids: list[int]
+
+    def __post_init__(self) -> None:
+        self.visual = as_visual(self.visual)
 
 
 class Backend(ABC):
@@ -66,7 +103,10 @@ class Backend(ABC):
 
     name: str
     model_path: str
-    eos_token_id: int
+    eos_token_id: int  # the primary end of a response
+    # Every id that ends a response (a chat model's end of turn and its EOS, e.g. <|im_end|> and
+    # <|endoftext|>); a response is cut at the first of them.
+    stop_token_ids: tuple[int, ...] = ()
     special_token_ids: frozenset[int]
     # True when requests of any length share engine steps without padding (vLLM's scheduler):
     # then ``run_hscr_stream`` overlaps one batch's re-decode with the next batch's own answers.
@@ -85,8 +125,8 @@ class Backend(ABC):
         """Token ids of the chat prompt for ``question`` with one image placeholder."""
 
     @abstractmethod
-    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """Post-projector visual tokens per image, each ``float[n_visual, hidden]`` on the CPU."""
+    def encode_images(self, images: Sequence[Image.Image]) -> list[VisualTokens]:
+        """Post-projector visual tokens per image (embeddings ``float[n_visual, hidden]`` on the CPU)."""
 
     @abstractmethod
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
@@ -107,12 +147,47 @@ class Backend(ABC):
 
 
 class ProcessorBackend(Backend):
-    """A backend whose text side is a Hugging Face processor plus a model profile (both backends)."""
+    """A backend whose text side is a Hugging Face processor plus a model family (both backends)."""
 
     processor: object
     tokenizer: object
-    profile: object
+    profile: object  # the model family serving this checkpoint (``hscr_worker.families``)
     image_token_id: int
+
+    def _load_text_side(self, model_path: str, profile: str | None, *, min_pixels: int | None = None,
+                        max_pixels: int | None = None):
+        """Processor, config, family, placeholder and stop tokens of ``model_path``; returns the config.
+        ``min_pixels``/``max_pixels``: the image size range of a dynamic-resolution family (Qwen)."""
+        from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+        from ..families import check_processor_files, resolve_profile
+        from ..fixture import resolve_model
+
+        self.model_path = resolve_model(model_path)
+        config = AutoConfig.from_pretrained(self.model_path)
+        self.profile = resolve_profile(profile, self.model_path, config=config)
+        check_processor_files(self.model_path, self.profile)
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.tokenizer = self.processor.tokenizer
+        self.profile = resolve_profile(profile, self.model_path, self.processor, config=config).with_pixels(
+            min_pixels, max_pixels)
+        self.image_token_id = int(config.image_token_id)
+        try:
+            generation = GenerationConfig.from_pretrained(self.model_path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            generation = None
+        self.stop_token_ids = tuple(self.profile.stop_token_ids(self.tokenizer, generation))
+        self.eos_token_id = self.stop_token_ids[0]
+        self.special_token_ids = (frozenset(int(i) for i in self.tokenizer.all_special_ids)
+                                  | {self.image_token_id, *self.stop_token_ids})
+        return config
+
+    def _cut_at_stop(self, ids: list[int]) -> list[int]:
+        """``ids`` up to (without) the first stop token."""
+        for k, token in enumerate(ids):
+            if token in self.stop_token_ids:
+                return ids[:k]
+        return ids
 
     def prompt_ids(self, question: str) -> list[int]:
         return self.profile.prompt_ids(self.processor, question, self.image_token_id)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -40,11 +39,9 @@ ensure_torchvision_importable()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers import AutoModelForImageTextToText  # noqa: E402
 
-from ._vision import encode_images  # noqa: E402
-from .base import BackendDead, GenerateRequest, ProcessorBackend, ScoreRequest, ScoreValues  # noqa: E402
-from .profiles import resolve_profile  # noqa: E402
+from .base import BackendDead, GenerateRequest, ProcessorBackend, ScoreRequest, ScoreValues, VisualTokens  # noqa: E402
 
 FULL_VOCAB_LIMIT = 4096  # dense score rows up to this vocabulary size; top-k rows above
 DEFAULT_SCORE_TOP_K = 20  # vLLM's default max_logprobs
@@ -58,7 +55,8 @@ class VLLMBackend(ProcessorBackend):
     def __init__(self, model_path: str, *, profile: str | None = None, dtype: str | None = None,
                  vision_device: str | None = None, score_top_k: int | None = None,
                  score_values: ScoreValues | None = None, batch_size: int = 32,
-                 enforce_eager: bool | None = None, ignore_eos: bool = False, seed: int = 0, **engine_options):
+                 enforce_eager: bool | None = None, ignore_eos: bool = False, seed: int = 0,
+                 min_pixels: int | None = None, max_pixels: int | None = None, **engine_options):
         """``engine_options`` go to ``vllm.LLM`` as they are (e.g. ``gpu_memory_utilization``,
         ``max_model_len``, ``tensor_parallel_size``). ``ignore_eos``: benchmarks only, as in the
         transformers backend (random weights would stop at a random EOS): every response decodes
@@ -69,7 +67,6 @@ class VLLMBackend(ProcessorBackend):
         from .vllm_hook import FORCING_FQCN
 
         _shim_registry_subprocess()
-        self.model_path = str(model_path)
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             # A spawned engine-core process would import the CUDA torchvision without the shim, and
@@ -78,9 +75,7 @@ class VLLMBackend(ProcessorBackend):
             # Without it the CPU engine reserves 92 % of the machine's memory for its KV cache.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
             _quiet_cpu_thread_warning()
-        self.processor = AutoProcessor.from_pretrained(self.model_path)
-        self.tokenizer = self.processor.tokenizer
-        self.profile = resolve_profile(profile, self.model_path, self.processor)
+        config = self._load_text_side(model_path, profile, min_pixels=min_pixels, max_pixels=max_pixels)
         self.batch_size = batch_size
         self.ignore_eos = ignore_eos
 
@@ -90,9 +85,7 @@ class VLLMBackend(ProcessorBackend):
         # needs the vision tower and the projector.
         self.vision_device = torch.device(vision_device or ("cuda" if torch.cuda.is_available() else "cpu"))
         vision_dtype = torch.float32 if self.vision_device.type == "cpu" else torch.bfloat16
-        config = AutoConfig.from_pretrained(self.model_path)
-        vision_config = copy.deepcopy(config)
-        vision_config.text_config.num_hidden_layers = 0
+        vision_config = self.profile.vision_only_config(copy.deepcopy(config))
         with _transformers_quiet():  # the layers it leaves out would be listed as "unexpected" weights
             vision, loading = AutoModelForImageTextToText.from_pretrained(
                 self.model_path, config=vision_config, dtype=vision_dtype, output_loading_info=True)
@@ -107,10 +100,7 @@ class VLLMBackend(ProcessorBackend):
         vision.lm_head = torch.nn.Identity()
         self.vision = vision.to(self.vision_device).eval()
 
-        self.image_token_id = int(config.image_token_id)
-        self.vocab_size = int(config.text_config.vocab_size)
-        self.eos_token_id = int(self.tokenizer.eos_token_id)
-        self.special_token_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids) | {self.image_token_id}
+        self.vocab_size = int(config.get_text_config().vocab_size)
         if score_top_k is None and self.vocab_size > FULL_VOCAB_LIMIT:
             score_top_k = DEFAULT_SCORE_TOP_K
         if score_top_k is not None and score_top_k < 1:
@@ -131,6 +121,11 @@ class VLLMBackend(ProcessorBackend):
             logprobs_mode="raw_logits" if score_values == "logits" else "raw_logprobs",
             max_logprobs=-1 if score_top_k is None else max(score_top_k, DEFAULT_SCORE_TOP_K),
         )
+        if self.profile.vllm_architecture is not None:  # an out-of-tree model class (vllm_models)
+            from .vllm_models import register_models
+
+            register_models()
+            options["hf_overrides"] = {"architectures": [self.profile.vllm_architecture]}
         options.update(engine_options)
         options["logits_processors"] = [FORCING_FQCN]
         self.llm = LLM(**options)
@@ -139,20 +134,20 @@ class VLLMBackend(ProcessorBackend):
         self.max_context_tokens = int(self.llm.llm_engine.model_config.max_model_len) - 1
 
     # ---- images (text: ProcessorBackend) ----
-    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        return encode_images(self.vision, self.processor, self.profile, images, device=self.vision_device,
-                             batch_size=self.batch_size)
+    def encode_images(self, images: Sequence[Image.Image]) -> list[VisualTokens]:
+        return self.profile.encode_images(self.vision, self.processor, images, device=self.vision_device,
+                                          batch_size=self.batch_size)
 
-    def _prompt(self, ids: Sequence[int], visual: torch.Tensor) -> dict:
+    def _prompt(self, ids: Sequence[int], visual: VisualTokens) -> dict:
         if list(ids).count(self.image_token_id) != 1:
             raise ValueError("a vLLM prompt must hold exactly one image placeholder (pass unexpanded ids)")
-        visual = visual.detach().to("cpu", torch.float32).contiguous()
-        uuid = hashlib.blake2b(visual.numpy().tobytes(), digest_size=16).hexdigest()
-        uuid += f"-{tuple(visual.shape)}"
-        return {"prompt_token_ids": list(ids), "multi_modal_data": {"image": visual.unsqueeze(0)},
-                "multi_modal_uuids": {"image": [uuid]}}
+        visual = VisualTokens(visual.embeds.detach().to("cpu", torch.float32).contiguous(), visual.grid, visual.index)
+        # The family's cache key (content, grid, kept positions): the prefix cache never mixes the full
+        # image with a dropped one.
+        return {"prompt_token_ids": list(ids), "multi_modal_data": {"image": self.profile.vllm_image(visual)},
+                "multi_modal_uuids": {"image": [self.profile.cache_key(visual)]}}
 
-    def _run(self, prompts: list[dict], params: list) -> list:
+    def _run(self, prompts: list[dict], params: list, sizes: list[int]) -> list:
         """``LLM.generate`` once per visual-token count, outputs in request order.
 
         vLLM's LLaVA batches the image embeddings of one engine step into a single tensor and
@@ -160,8 +155,8 @@ class VLLMBackend(ProcessorBackend):
         produces next to full images; requests of one size never conflict.
         """
         groups: dict[int, list[int]] = {}
-        for k, prompt in enumerate(prompts):
-            groups.setdefault(prompt["multi_modal_data"]["image"].shape[1], []).append(k)
+        for k, n_visual in enumerate(sizes):  # each prompt's visual-token count
+            groups.setdefault(n_visual, []).append(k)
         outputs: list = [None] * len(prompts)
         try:
             for indices in groups.values():
@@ -206,7 +201,8 @@ class VLLMBackend(ProcessorBackend):
             logprobs = REPLAY_TOP if r.forced is not None else (self._row_width if r.return_logits else None)
             sampling = SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens, detokenize=False,
                                       logprobs=logprobs, flat_logprobs=True, extra_args=extra, skip_clone=True,
-                                      ignore_eos=self.ignore_eos)
+                                      ignore_eos=self.ignore_eos,
+                                      stop_token_ids=None if self.ignore_eos else list(self.stop_token_ids))
             try:
                 parse_force_args(sampling)  # the hook's own admission check, before anything is submitted
             except ValueError as exc:
@@ -215,15 +211,15 @@ class VLLMBackend(ProcessorBackend):
             # prefix KV that an earlier request (the own answer, another level) already computed.
             prompts.append(self._prompt([*r.prompt_ids, *r.response_prefix], r.visual))
             params.append(sampling)
-        outputs = self._run(prompts, params)
+        outputs = self._run(prompts, params, [r.visual.n_tokens for r in requests])
         responses = []
         for r, out in zip(requests, outputs, strict=True):
             completion = out.outputs[0]
             ids = list(completion.token_ids)
             if r.forced is not None:
                 _replay(r, ids, completion.logprobs)
-            if self.eos_token_id in ids and not self.ignore_eos:
-                ids = ids[: ids.index(self.eos_token_id)]
+            if not self.ignore_eos:
+                ids = self._cut_at_stop(ids)
             ids = ids[: r.max_new_tokens]
             if r.return_logits:  # step t's row predicts response token t, as a score row does
                 r.logits = self._rows(completion.logprobs[: len(ids)])
@@ -244,7 +240,7 @@ class VLLMBackend(ProcessorBackend):
             # prompt position (visual tokens included), which was a tenth of HSCR's time at batch 32.
             params.append(SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=self._row_width,
                                          detokenize=False, flat_logprobs=True, skip_clone=True))
-        outputs = self._run(prompts, params)
+        outputs = self._run(prompts, params, [r.visual.n_tokens for r in requests])
         rows = []
         for r, out in zip(requests, outputs, strict=True):
             n = len(r.response_ids)

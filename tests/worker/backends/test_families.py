@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from hscr_worker.backends.profiles import PROFILES, pad_to_square, resolve_profile
+from hscr_worker.families import PROFILES, resolve_profile
+from hscr_worker.families.llava import PROFILES as LLAVA_PROFILES
+from hscr_worker.families.llava import pad_to_square
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def test_llava_templates(processor):
         "[INST] <image>\nIs there a mass? [/INST]"
 
 
-@pytest.mark.parametrize("profile", sorted(PROFILES))
+@pytest.mark.parametrize("profile", sorted(LLAVA_PROFILES))
 def test_a_llava_image_marker_in_the_question_is_dropped(processor, profile):
     """LLaVA-format questions carry "<image>\n"; the profile places the one image itself."""
     image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
