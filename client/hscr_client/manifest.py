@@ -79,7 +79,8 @@ tags: [preference, dpo, medical, vision-language, hscr]
 # HSCR preference dataset
 
 Dispreferred responses generated with Hierarchical Self-Contrastive Rewarding from model
-`{manifest["model"].get("path")}` (backend `{manifest["model"].get("backend")}`).
+`{manifest["model"].get("path")}` (family `{manifest["model"].get("family", "llava")}`, backend
+`{manifest["model"].get("backend")}`).
 
 - items: {counts["total"]} ({counts["completed"]} completed, {counts["failed"]} failed; see `errors.jsonl`)
 - `pairs`: {manifest["configs"]["pairs"]["rows"]} rows in TRL DPOTrainer's vision format

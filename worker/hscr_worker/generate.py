@@ -102,6 +102,12 @@ def backend_options(name: str, *, device: str | None = None, profile: str | None
     return {key: value for key, value in given.items() if value}
 
 
+def model_family(backend: Backend) -> dict:
+    """The family and profile a dataset's manifest records (a backend without a family records none)."""
+    profile = getattr(backend, "profile", None)
+    return {"family": profile.family, "profile": profile.name} if profile is not None else {}
+
+
 def load_backend(name: str, model: str, **options) -> Backend:
     if name == "transformers":
         from .backends.transformers import TransformersBackend
@@ -137,6 +143,7 @@ def generate_dataset(backend: Backend, items_path: str, output: str, params: HSC
             progress(n_items)
     if pending_errors:  # every line was malformed: still record them
         write_chunk(location, 0, [], pending_errors)
-    model = {"path": backend.model_path, "backend": backend.name, "sha256": model_digest(backend.model_path)}
+    model = {"path": backend.model_path, "backend": backend.name, "sha256": model_digest(backend.model_path),
+             **model_family(backend)}
     return finalize(location, params=params.model_dump(), model=model,
                     extra={"input": os.path.basename(items_path)})

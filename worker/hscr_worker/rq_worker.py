@@ -93,12 +93,13 @@ def load_runtime(*, model: str, model_name: str, backend: str, backend_options: 
     global _runtime
     if _runtime is None:
         from .dataset import model_digest
-        from .generate import load_backend
+        from .generate import load_backend, model_family
 
         engine = load_backend(backend, model, **backend_options)
         _runtime = Runtime(backend=engine, model_name=model_name, micro_batch=micro_batch, redis_url=redis_url,
                            queue=queue, model_info={"name": model_name, "path": engine.model_path,
-                                                    "backend": engine.name, "sha256": model_digest(engine.model_path)})
+                                                    "backend": engine.name, "sha256": model_digest(engine.model_path),
+                                                    **model_family(engine)})
     return _runtime
 
 
