@@ -48,6 +48,7 @@ def test_layout_and_manifest(dataset):
     assert counts["completed"] + counts["failed"] == 14
     assert manifest["parameters"] == HSCRParams().model_dump()
     assert manifest["model"]["backend"] == "transformers" and len(manifest["model"]["sha256"]) == 64
+    assert manifest["model"]["family"] == "llava" and manifest["model"]["profile"] == "fixture"
     assert "torch" in manifest["versions"]
     on_disk = json.loads((out / "manifest.json").read_text())
 
@@ -152,3 +153,16 @@ def test_a_llava_image_marker_is_dropped_from_the_question(tmp_path):
     prepared, errors = prepare_all(items, base_dir=str(tmp_path))
     assert [p.question for p in prepared] == ["is there a mass ?"]
     assert [e.custom_id for e in errors] == ["b"] and "question is empty" in errors[0].error
+
+
+def test_one_image_per_item(tmp_path):
+    """The contract: an item with several images fails alone; TRL's one-entry "images" list is one image."""
+    from hscr_worker.generate import prepare_all
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    items = [{"custom_id": "two", "images": ["a.png", "a.png"], "question": "is there a mass ?"},
+             {"custom_id": "list-of-one", "images": ["a.png"], "question": "is there a mass ?"},
+             {"custom_id": "plain", "image": "a.png", "question": "is there a mass ?"}]
+    prepared, errors = prepare_all(items, base_dir=str(tmp_path))
+    assert [p.custom_id for p in prepared] == ["list-of-one", "plain"]
+    assert [e.custom_id for e in errors] == ["two"] and "one image per item" in errors[0].error
