@@ -46,3 +46,43 @@ def s3_endpoint(tmp_path_factory):
         for name, value in s3.env.items():
             env.setenv(name, value)
         yield f"s3://{BUCKET}"
+
+
+@pytest.fixture(scope="session")
+def qwen_model(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen2.5-VL in the fixture's shape (``hscr_worker.fixture.qwen``'s builders).
+
+    Random weights on purpose: these tests check that the Qwen path is wired (what reaches the model,
+    which modules train), not what a trained model answers, and they must not wait for the trained
+    ``fixture-qwen2.5-vl`` checkpoint."""
+    from hscr_worker.fixture.qwen import build_model, build_processor, build_tokenizer, make_portable
+
+    path = tmp_path_factory.mktemp("qwen-model")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, seed=0).save_pretrained(path)
+    build_processor(tokenizer).save_pretrained(path)
+    make_portable(path)
+    return path
+
+
+@pytest.fixture
+def qwen_fixture_name(qwen_model, monkeypatch) -> str:
+    """The name ``fixture-qwen2.5-vl``, standing for ``qwen_model`` (name resolution under test)."""
+    from hscr_worker import fixture
+
+    monkeypatch.setitem(fixture.FIXTURE_MODELS, "fixture-qwen2.5-vl", qwen_model)
+    return "fixture-qwen2.5-vl"
+
+
+@pytest.fixture(scope="session")
+def qwen_dataset(qwen_model, tmp_path_factory) -> Path:
+    """An HSCR dataset (``ranked`` + ``pairs``) from ``hscr generate`` with ``qwen_model`` on 8 items."""
+    from hscr_client import HSCRParams
+    from hscr_worker.fixture.items import write_items
+    from hscr_worker.generate import generate_dataset, load_backend
+
+    root = tmp_path_factory.mktemp("qwen-data")
+    write_items(8, 2025, root / "items.jsonl", root / "images")
+    generate_dataset(load_backend("transformers", str(qwen_model)), str(root / "items.jsonl"), str(root / "out"),
+                     HSCRParams(), chunk_size=4)
+    return root / "out"

@@ -36,8 +36,9 @@ def test_training_moves_parameters(case, hscr_dataset, tmp_path):
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
     assert changed, "no trainable parameter changed"
-    if options["use_peft"]:
-        assert all("lora_" in n for n in trainable)
+    if options["use_peft"]:  # adapters on the family's targets, in the language model only
+        assert all("lora_" in n and ".language_model." in n for n in trainable)
+        assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == set(trainer.family.lora_targets)
     else:
         assert not any("vision_tower" in n for n in trainable)  # frozen by default
     logged = [h for h in trainer.state.log_history if "loss" in h]

@@ -26,3 +26,22 @@ def test_trl_dpo_trainer_on_pairs(hscr_dataset, tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     # TRL saw the image: the chosen answers are far likelier than a blind model would make them.
     assert logged[0]["logps/chosen"] > logged[0]["logps/rejected"]
+
+
+def test_trl_dpo_trainer_on_qwen_pairs(qwen_model, qwen_dataset, tmp_path):
+    """The same on the pairs a Qwen2.5-VL model generated: TRL's own Qwen handling takes them as they are."""
+    pairs = load_dataset("parquet", data_files=str(qwen_dataset / "pairs" / "*.parquet"), split="train")
+    model = AutoModelForImageTextToText.from_pretrained(str(qwen_model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen: list[set[str]] = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, learning_rate=1e-3,
+                     logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=pairs,
+                         processing_class=AutoProcessor.from_pretrained(str(qwen_model)))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(math.isfinite(h["loss"]) for h in logged)
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    # The model saw the image as Qwen needs it: patches, their grid, and the placeholder map for M-RoPE.
+    assert seen and all({"pixel_values", "image_grid_thw", "mm_token_type_ids"} <= keys for keys in seen)

@@ -23,23 +23,23 @@ def evaluate() -> None:
 
 
 @evaluate.command("fixture")
-@click.option("--model", default=None, help="Model directory [default: the bundled fixture model].")
+@click.option("--model", default="fixture", show_default=True,
+              help="Model directory, hub id or fixture name (fixture = fixture-llava, fixture-qwen2.5-vl).")
 @click.option("--n", default=500, show_default=True, help="Held-out items.")
 @click.option("--seed", default=999, show_default=True, help="Item seed (never the training seed 1234).")
 def evaluate_fixture(model, n, seed):
     """Accuracy per attribute and exact, and the hallucination rate, on held-out fixture items."""
-    from hscr_worker.generate import DEFAULT_MODEL
-
     from .evaluation import evaluate_fixture as run
 
     try:
-        click.echo(json.dumps(run(model or DEFAULT_MODEL, n=n, seed=seed), indent=2))
+        click.echo(json.dumps(run(model, n=n, seed=seed), indent=2))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
 
 
 @evaluate.command("medvqa")
-@click.option("--model", required=True, help="Model directory or hub id (LLaVA family).")
+@click.option("--model", required=True,
+              help="Model directory, hub id or fixture name, of a supported family (LLaVA, Qwen2-VL, Qwen2.5-VL).")
 @click.option("--layout", type=click.Choice(["vqa-rad", "slake", "pathvqa", "llava-med"]), required=True)
 @click.option("--root", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset folder.")
 @click.option("--split", default="test", show_default=True)

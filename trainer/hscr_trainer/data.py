@@ -150,37 +150,71 @@ def sequence_key(item: dict, response: str) -> str:
     return f"{item.get('custom_id')}\x00{response}"
 
 
+# Batch keys the collator adds for the loss; every other key is a model input (``sequence_logps``).
+BOOKKEEPING_KEYS = frozenset({"completion_mask", "item_index", "level_index", "level_mask", "sequence_keys"})
+# Processor outputs with one value per token (padded along the sequence like ``input_ids``): Qwen2-VL's
+# ``mm_token_type_ids`` (which tokens are image placeholders; the model needs it for M-RoPE positions)
+# and Gemma-style ``token_type_ids``. Every other processor output is image input, one entry per image.
+PER_TOKEN_KEYS = ("attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
 class PreferenceCollator:
     """Tokenize items into one flat batch of sequences: every response of every item, right-padded.
 
     Output (N = total responses in the batch, L = longest sequence):
     ``input_ids``/``attention_mask`` ``(N, L)``; ``completion_mask`` ``(N, L)`` bool, True on response
-    tokens; ``pixel_values`` ``(N, ...)`` (each item's image repeated per response);
+    tokens; every image input the processor makes, each sequence holding its item's image once:
+    LLaVA's ``pixel_values`` ``(N, 3, H, W)``; Qwen2-VL's ``pixel_values`` ``(sum of patches, D)``
+    with ``image_grid_thw`` ``(N, 3)`` and the per-token ``mm_token_type_ids`` ``(N, L)``;
     ``item_index``/``level_index`` ``(N,)`` where each sequence goes in the ``(B, K+1)`` level grid;
     ``level_mask`` ``(B, K+1)`` bool; ``sequence_keys`` (N strings) name each (item, response) pair, for
     precomputed reference log-probs.
+
+    ``family`` (``hscr_worker.families``) builds the prompt and prepares the image exactly as the
+    generation backends do, so the model trains on the prompts it generated the dataset from; without
+    one, the processor's chat template renders the item's prompt messages.
     """
 
-    def __init__(self, processor, max_length: int | None = None):
+    def __init__(self, processor, max_length: int | None = None, family=None):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         self.max_length = max_length
+        self.family = family
+
+    def prompt_text(self, prompt: list[dict]) -> str:
+        if self.family is None:
+            return self.processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        question = self.family.clean_question(self.processor, message_text(prompt))
+        return self.family.prompt_text(self.processor, question)
 
     def completion_ids(self, prompt: list[dict], prompt_text: str, response: str) -> list[int]:
-        """Response tokens as the chat template renders the assistant turn (end-of-turn tokens included)."""
-        full = self.processor.apply_chat_template(prompt + schema.assistant_turn(response), tokenize=False)
-        completion = full[len(prompt_text):] if full.startswith(prompt_text) else response + self.tokenizer.eos_token
+        """Response tokens as the chat template renders the assistant turn (end-of-turn tokens included);
+        the response and EOS when there is no chat template or the prompt is not the template's."""
+        completion = response + self.tokenizer.eos_token
+        if getattr(self.processor, "chat_template", None):
+            full = self.processor.apply_chat_template(prompt + schema.assistant_turn(response), tokenize=False)
+            if full.startswith(prompt_text):
+                completion = full[len(prompt_text):]
         return list(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
 
+    def encode_prompt(self, item: dict) -> tuple[str, dict[str, torch.Tensor]]:
+        prompt_text = self.prompt_text(item["prompt"])
+        image = item["image"]
+        if self.family is not None:
+            image = self.family.prepare_images(self.processor, [image])[0]
+        encoded = self.processor(text=[prompt_text], images=[image], return_tensors="pt")
+        return prompt_text, dict(encoded)
+
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        sequences, completions, pixels, item_index, level_index, keys = [], [], [], [], [], []
+        sequences, completions, item_index, level_index, keys = [], [], [], [], []
+        per_token: dict[str, list[list[int]]] = {}
+        images: dict[str, list[torch.Tensor]] = {}
         widest = max(len(item["responses"]) for item in items)
         level_mask = torch.zeros(len(items), widest, dtype=torch.bool)
         for b, item in enumerate(items):
-            prompt_text = self.processor.apply_chat_template(item["prompt"], add_generation_prompt=True, tokenize=False)
-            encoded = self.processor(text=[prompt_text], images=[item["image"]], return_tensors="pt")
+            prompt_text, encoded = self.encode_prompt(item)
             prompt_ids = encoded["input_ids"][0].tolist()
             for level, response in enumerate(item["responses"]):
                 completion = self.completion_ids(item["prompt"], prompt_text, response)
@@ -190,7 +224,13 @@ class PreferenceCollator:
                                      f"{self.max_length}")
                 sequences.append(ids)
                 completions.append(len(completion))
-                pixels.append(encoded["pixel_values"][0])
+                for key, value in encoded.items():
+                    if key == "input_ids" or key == "attention_mask" or not isinstance(value, torch.Tensor):
+                        continue
+                    if key in PER_TOKEN_KEYS:  # response tokens are text: type 0
+                        per_token.setdefault(key, []).append(value[0].tolist() + [0] * len(completion))
+                    else:  # one image per sequence: its rows (LLaVA: one; Qwen: its patches)
+                        images.setdefault(key, []).append(value)
                 item_index.append(b)
                 level_index.append(level)
                 keys.append(sequence_key(item, response))
@@ -203,6 +243,12 @@ class PreferenceCollator:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
             completion_mask[row, len(ids) - n_completion: len(ids)] = True
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-                "pixel_values": torch.stack(pixels), "item_index": torch.tensor(item_index),
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        for key, rows in per_token.items():
+            padded = torch.zeros((len(rows), length), dtype=torch.long)
+            for row, values in enumerate(rows):
+                padded[row, : len(values)] = torch.tensor(values)
+            batch[key] = padded
+        batch.update({key: torch.cat(values) for key, values in images.items()})
+        return {**batch, "completion_mask": completion_mask, "item_index": torch.tensor(item_index),
                 "level_index": torch.tensor(level_index), "level_mask": level_mask, "sequence_keys": keys}

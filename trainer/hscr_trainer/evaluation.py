@@ -51,12 +51,14 @@ def score_fixture_answers(answers: list[str], examples: list[synthetic.Example])
 
 
 def evaluate_fixture(model: str, *, n: int = 500, seed: int = 999, batch_size: int = 64) -> dict:
-    """Greedy answers of ``model`` on ``n`` held-out fixture items from ``seed``, scored."""
+    """Greedy answers of ``model`` (a directory, hub id or fixture name) on ``n`` held-out fixture items
+    from ``seed``, scored."""
     if seed == TRAIN_SEED:
         raise ValueError(f"seed {TRAIN_SEED} is the fixture's training seed; evaluate on another seed")
     from hscr_worker.backends.transformers import TransformersBackend
+    from hscr_worker.fixture import resolve_model
 
-    backend = TransformersBackend(model, batch_size=batch_size)
+    backend = TransformersBackend(resolve_model(model), batch_size=batch_size)
     examples = synthetic.make_examples(n, seed)
     answers = answers_for(backend, examples, [e.image for e in examples])
     return {"seed": seed, **score_fixture_answers(answers, examples)}

@@ -36,9 +36,14 @@ class HSCRConfig(TrainingArguments):
     Model:
         use_peft (`bool`, defaults to `True`): train LoRA adapters (peft) instead of every weight. Paper: LoRA.
         lora_r, lora_alpha, lora_dropout: LoRA rank (paper: 16), scale and dropout.
-        lora_target_modules (`list[str]` or `None`): modules that get adapters; `None` means every linear layer
-            of the language model.
-        freeze_vision_tower (`bool`, defaults to `True`): keep the vision encoder frozen in full fine-tuning.
+        lora_target_modules (`list[str]` or `None`): names of the language model's linear layers that get
+            adapters (never the vision tower's); `None` means the model family's ``lora_targets``
+            (LLaVA and Qwen2-VL: ``q_proj k_proj v_proj o_proj``).
+        freeze_vision_tower (`bool`, defaults to `True`): keep the vision encoder frozen in full fine-tuning
+            (LLaVA's ``vision_tower``; Qwen2-VL's ``visual`` but its ``merger``); the projector trains.
+        model_profile (`str` or `None`, defaults to `None`): the ``hscr_worker`` model profile whose prompt
+            format training uses (``fixture``, ``llava-1.5``, ``llava-med``, ``qwen2-vl``, ``qwen2.5-vl``);
+            `None` detects it from the checkpoint, as ``hscr generate`` does without ``--profile``.
         precompute_ref_log_probs (`bool`, defaults to `False`): score the dataset with the reference once, before
             training, instead of one reference forward pass per step.
         model_dtype (`str`, defaults to `"auto"`): dtype the model is loaded in: ``auto`` (bfloat16 when
@@ -64,9 +69,14 @@ class HSCRConfig(TrainingArguments):
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules given adapters (default: every linear layer of the language model)."})
+        default=None, metadata={"help": "Language-model linear layers given adapters (default: the model family's "
+                                        "lora_targets, q_proj k_proj v_proj o_proj)."})
     freeze_vision_tower: bool = field(
-        default=True, metadata={"help": "Keep the vision encoder frozen during full fine-tuning."})
+        default=True, metadata={"help": "Keep the vision encoder frozen during full fine-tuning (the projector "
+                                        "trains)."})
+    model_profile: str | None = field(
+        default=None, metadata={"help": "Prompt format: an hscr_worker model profile (fixture, llava-1.5, llava-med, "
+                                        "qwen2-vl, qwen2.5-vl; default: detected, as hscr generate does)."})
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Score every response with the reference once before training (saves one "
                                          "forward pass per step; worth it for several epochs or runs)."})
@@ -118,3 +128,11 @@ class HSCRConfig(TrainingArguments):
         if self.loss_type == ["nll"]:
             raise ValueError("nll alone is supervised fine-tuning, not preference optimization; add a preference term")
         super().__post_init__()
+        # Each process reads its own batches. Dispatching (accelerate's default for an IterableDataset) slices
+        # every tensor of a batch along dim 0 as if it held one row per sequence, and the collator's do not:
+        # Qwen2-VL's pixel_values are the patches of every image, level_mask has one row per item.
+        if self.accelerator_config.dispatch_batches is None:
+            self.accelerator_config.dispatch_batches = False
+        elif self.accelerator_config.dispatch_batches:
+            raise ValueError("accelerator_config.dispatch_batches=True cannot split HSCR batches (image patches and "
+                             "per-item tensors are not one row per sequence); leave it unset")

@@ -20,41 +20,84 @@ ensure_torchvision_importable()
 import torch  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer  # noqa: E402
 
-from .data import PreferenceCollator, PreferenceStream  # noqa: E402
+from hscr_worker.fixture import resolve_model  # noqa: E402
+
+from .data import BOOKKEEPING_KEYS, PreferenceCollator, PreferenceStream  # noqa: E402
 from .hscr_config import HSCRConfig  # noqa: E402
 from .losses import LOSSES, pair_statistics  # noqa: E402
 
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "pixel_values")
+# Where each family keeps its vision encoder, and the part of it that is the projector (trained in
+# full fine-tuning, as LLaVA-1.5 and the Qwen2-VL recipes do): parameter-name components.
+VISION_ENCODER = {"llava": "vision_tower", "qwen2-vl": "visual"}
+PROJECTOR = {"llava": "multi_modal_projector", "qwen2-vl": "visual.merger"}
+LANGUAGE_MODEL = "language_model"
 
 
 def load_model(name_or_path: str, args: HSCRConfig):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.model_dtype)
     if dtype is None:  # auto
         dtype = torch.bfloat16 if args.bf16 else torch.float32
-    return AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
+    return AutoModelForImageTextToText.from_pretrained(resolve_model(name_or_path), dtype=dtype)
 
 
-def language_model_lora_targets(model) -> str | list[str]:
-    """A peft ``target_modules`` regex for every linear layer of the language model (not the vision tower)."""
-    leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                     if isinstance(module, torch.nn.Linear) and ".language_model." in f".{name}."})
-    if not leaves:
-        return "all-linear"
-    return rf".*language_model.*\.({'|'.join(leaves)})"
+def model_family(model, processor, profile: str | None = None):
+    """The ``hscr_worker`` model family serving ``model`` (detected from its config unless ``profile``)."""
+    from hscr_worker.families import resolve_profile
+
+    return resolve_profile(profile, getattr(model, "name_or_path", "") or "", processor, config=model.config)
 
 
-def apply_peft(model, args: HSCRConfig):
+def _within(name: str, component: str) -> bool:
+    return f".{component}." in f".{name}."
+
+
+def vision_encoder_parameters(model, family) -> list[str]:
+    """Names of the vision encoder's parameters (the projector excluded)."""
+    encoder, projector = VISION_ENCODER[family.family], PROJECTOR[family.family]
+    names = [n for n, _ in model.named_parameters() if _within(n, encoder) and not _within(n, projector)]
+    if not names:
+        raise ValueError(f"found no {encoder!r} parameters in this {family.family} model: cannot freeze its "
+                         f"vision encoder")
+    return names
+
+
+def language_model_lora_targets(model, targets) -> str:
+    """A peft ``target_modules`` regex for the linear layers named ``targets`` in the language model only
+    (never the vision tower or the projector); ValueError for a name the language model lacks."""
+    import re
+
+    linear = [name for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and _within(name, LANGUAGE_MODEL)]
+    if not linear:
+        raise ValueError(f"the model has no linear layers under {LANGUAGE_MODEL!r}: cannot place LoRA adapters")
+    targets = list(dict.fromkeys(targets))
+    missing = [t for t in targets if not any(name.rsplit(".", 1)[-1] == t for name in linear)]
+    if missing:
+        present = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        raise ValueError(f"LoRA target modules {missing} are not linear layers of the language model; "
+                         f"it has {present}")
+    return rf".*\.{LANGUAGE_MODEL}\..*\.({'|'.join(re.escape(t) for t in targets)})"
+
+
+def apply_peft(model, args: HSCRConfig, family):
+    """LoRA adapters on ``--lora_target_modules`` (default: the family's ``lora_targets``) in the
+    language model."""
     from peft import LoraConfig, get_peft_model
 
+    targets = args.lora_target_modules or family.lora_targets
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=args.lora_target_modules or language_model_lora_targets(model),
-                        bias="none")
+                        target_modules=language_model_lora_targets(model, targets), bias="none")
     return get_peft_model(model, config)
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model takes from a collated batch: ids, mask and whatever the processor made."""
+    return {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each sequence's response tokens ``(N,)`` and the response lengths ``(N,)``."""
-    logits = model(**{k: batch[k] for k in SEQUENCE_KEYS if k in batch}, use_cache=False).logits[:, :-1]
+    logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1]
     targets = batch["input_ids"][:, 1:]
     mask = batch["completion_mask"][:, 1:]
     token_logps = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1).float() \
@@ -72,7 +115,8 @@ class HSCRTrainer(Trainer):
     """Multi-level preference optimization on an HSCR dataset (method.md section 2).
 
     Args:
-        model: a model directory or hub id (loaded with ``AutoModelForImageTextToText``), or a model.
+        model: a model directory, hub id or fixture name (``fixture``, ``fixture-llava``,
+            ``fixture-qwen2.5-vl``; loaded with ``AutoModelForImageTextToText``), or a model.
         args: :class:`HSCRConfig`.
         train_dataset: a :class:`PreferenceStream`, or a dataset URI (directory or ``s3://``) to stream.
         processing_class: the processor (default: loaded from ``model`` when it is a path).
@@ -81,25 +125,28 @@ class HSCRTrainer(Trainer):
     def __init__(self, model, args: HSCRConfig, train_dataset, processing_class=None, callbacks=None,
                  ref_logps: dict[str, float] | None = None):
         if isinstance(model, str):
-            processing_class = processing_class or AutoProcessor.from_pretrained(model)
+            processing_class = processing_class or AutoProcessor.from_pretrained(resolve_model(model))
             model = load_model(model, args)
         if processing_class is None:
             raise ValueError("pass processing_class (the processor) when model is not a path")
+        # The family builds prompts as the generation backends do, names the LoRA targets and the vision encoder.
+        self.family = model_family(model, processing_class, args.model_profile)
         if isinstance(train_dataset, str):
             train_dataset = PreferenceStream(train_dataset, args.dataset_config, seed=args.seed,
                                              shuffle_buffer=args.shuffle_buffer, max_levels=args.max_levels)
         self.ref_model = None
         if args.use_peft:
-            model = apply_peft(model, args)
+            model = apply_peft(model, args, self.family)
         else:
             if args.freeze_vision_tower:
+                frozen = set(vision_encoder_parameters(model, self.family))
                 for name, parameter in model.named_parameters():
-                    if "vision_tower" in name:
+                    if name in frozen:
                         parameter.requires_grad_(False)
             # The reference is the frozen starting model (with LoRA: the same model, adapters off).
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
-                         data_collator=PreferenceCollator(processing_class), callbacks=callbacks)
+                         data_collator=PreferenceCollator(processing_class, family=self.family), callbacks=callbacks)
         # compute_loss returns a per-batch mean, so the Trainer must scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         if self.ref_model is not None:

@@ -153,12 +153,15 @@ def load_items(layout: str, root: str | Path, split: str = "test") -> list[VQAIt
 
 
 def predict(model: str, items: list[VQAItem], *, max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    """Greedy answers of a LLaVA-family model (``hscr_worker``'s transformers backend)."""
+    """Greedy answers of ``model`` (a directory, hub id or fixture name of any family ``hscr_worker``
+    serves: LLaVA, Qwen2-VL, Qwen2.5-VL), through ``hscr_worker``'s transformers backend and the
+    family's prompt format."""
     from hscr_worker.backends.base import GenerateRequest
     from hscr_worker.backends.transformers import TransformersBackend
+    from hscr_worker.fixture import resolve_model
     from hscr_worker.images import load_image
 
-    backend = TransformersBackend(model, batch_size=batch_size)
+    backend = TransformersBackend(resolve_model(model), batch_size=batch_size)
     answers: list[str] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]

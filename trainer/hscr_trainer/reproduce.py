@@ -23,9 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
-from hscr_worker.fixture import synthetic
+from hscr_worker.fixture import resolve_model, synthetic
 from hscr_worker.fixture.train import TRAIN_SEED
-from hscr_worker.generate import DEFAULT_MODEL
 
 EVAL_SEED_BASE = 7000  # eval items for seed s come from EVAL_SEED_BASE + s
 METHODS = {  # name -> (dataset, loss_type)
@@ -41,7 +40,7 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def build_hscr_dataset(workdir: Path, n_items: int, data_seed: int) -> Path:
+def build_hscr_dataset(workdir: Path, n_items: int, data_seed: int, model: str = "fixture") -> Path:
     from hscr_client import HSCRParams
     from hscr_worker.fixture.items import write_items
     from hscr_worker.generate import generate_dataset, load_backend
@@ -53,7 +52,7 @@ def build_hscr_dataset(workdir: Path, n_items: int, data_seed: int) -> Path:
     if not items.exists():
         write_items(n_items, data_seed, items, workdir / "items" / "images")
     log(f"generating HSCR data for {n_items} items (seed {data_seed})")
-    manifest = generate_dataset(load_backend("transformers", DEFAULT_MODEL), str(items), str(out), HSCRParams())
+    manifest = generate_dataset(load_backend("transformers", resolve_model(model)), str(items), str(out), HSCRParams())
     log(f"HSCR data: {manifest['request_counts']}")
     return out
 
@@ -140,7 +139,7 @@ def describe_hscr_data(hscr: Path, items_path: Path) -> dict:
 
 
 def train_one(dataset: Path, loss_type: str, seed: int, run_dir: Path, hyper: dict,
-              ref_cache: Path) -> Path:
+              ref_cache: Path, model: str = "fixture") -> Path:
     """Train one model; the reference log-probs of ``dataset`` are computed once and reused by every run."""
     from .hscr_config import HSCRConfig
     from .hscr_trainer import HSCRTrainer
@@ -151,7 +150,7 @@ def train_one(dataset: Path, loss_type: str, seed: int, run_dir: Path, hyper: di
     config = HSCRConfig(output_dir=str(run_dir), loss_type=loss_type, seed=seed, data_seed=seed, use_peft=False,
                         use_cpu=True, save_strategy="no", logging_steps=10, disable_tqdm=True, **hyper)
     ref_logps = json.loads(ref_cache.read_text()) if ref_cache.exists() else None
-    trainer = HSCRTrainer(DEFAULT_MODEL, config, str(dataset), ref_logps=ref_logps)
+    trainer = HSCRTrainer(model, config, str(dataset), ref_logps=ref_logps)
     if ref_logps is None:
         trainer.ref_logps = trainer.compute_ref_logps()
         ref_cache.write_text(json.dumps(trainer.ref_logps))
@@ -200,6 +199,8 @@ def summarize(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hscr-repro"))
+    parser.add_argument("--model", default="fixture",
+                        help="the base model: fixture (LLaVA), fixture-qwen2.5-vl, or a directory (one workdir each)")
     parser.add_argument("--items", type=int, default=2000, help="training items given to hscr generate")
     parser.add_argument("--data-seed", type=int, default=2025)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -224,6 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_path = args.workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+    if results.get("settings", {}).get("model", "fixture") != args.model:
+        raise SystemExit(f"{args.workdir} holds runs of --model {results['settings'].get('model', 'fixture')}; "
+                         f"give --model {args.model} its own --workdir")
     hyper = {"num_train_epochs": args.epochs, "per_device_train_batch_size": args.batch_size,
              "learning_rate": args.lr, "gamma": args.gamma, "nll_weight": args.nll_weight,
              "lr_scheduler_type": "cosine", "warmup_steps": 0.1}
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
         (args.workdir / "table.md").write_text(summarize(results))
 
-    hscr = build_hscr_dataset(args.workdir, args.items, args.data_seed)
+    hscr = build_hscr_dataset(args.workdir, args.items, args.data_seed, args.model)
     control = build_random_dataset(hscr, args.workdir, args.data_seed)
     manifest = json.loads((hscr / "manifest.json").read_text())
     results["data"] = {"hscr": manifest["request_counts"], "hscr_parameters": manifest["parameters"],
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         key = str(seed)
         base = results["runs"].setdefault("base", {})
         if key not in base:
-            base[key] = evaluate_fixture(DEFAULT_MODEL, n=args.eval_items, seed=eval_seeds[seed])
+            base[key] = evaluate_fixture(args.model, n=args.eval_items, seed=eval_seeds[seed])
             save()
             log(f"base seed {seed}: exact {base[key]['exact']} hallucination {base[key]['hallucination']}")
         for method in args.methods:
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             dataset, loss_type = METHODS[method]
             started = time.time()
             final = train_one(datasets[dataset], loss_type, seed, args.workdir / "runs" / f"{method}-{seed}", hyper,
-                              args.workdir / f"ref-logps-{dataset}.json")
+                              args.workdir / f"ref-logps-{dataset}.json", args.model)
             runs[key] = {**evaluate_fixture(str(final), n=args.eval_items, seed=eval_seeds[seed]),
                          "seconds": round(time.time() - started, 1)}
             save()

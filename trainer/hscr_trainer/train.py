@@ -10,15 +10,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from hscr_worker.generate import DEFAULT_MODEL
-
 from .hscr_config import HSCRConfig
 
 
 @dataclass
 class ScriptArguments:
     dataset: str = field(metadata={"help": "HSCR dataset: a directory, file:// or s3://bucket/prefix URI."})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Model directory or hub id (default: the fixture)."})
+    model: str = field(default="fixture", metadata={
+        "help": "Model directory, hub id or fixture name: fixture (= fixture-llava), fixture-qwen2.5-vl."})
     final_dir: str | None = field(
         default=None, metadata={"help": "Where the final standalone model goes (default: <output_dir>/final)."})
     threads: int | None = field(

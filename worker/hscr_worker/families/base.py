@@ -28,8 +28,10 @@ class ModelFamily:
     name: str  # the profile name
     family: str  # the architecture family, recorded in a dataset's manifest and card
     model_types: tuple[str, ...]  # config.json ``model_type`` values this family serves
-    # Modules a LoRA adapter targets in the language model (the trainer asks).
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Linear layers of the language model a LoRA adapter targets (the trainer matches them inside the
+    # language model only, so a vision tower's layers of the same names are never adapted): attention
+    # and MLP, every linear layer of a Llama/Mistral/Qwen2 decoder.
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def with_pixels(self, min_pixels: int | None, max_pixels: int | None) -> ModelFamily:
         """This family resizing images to between ``min_pixels`` and ``max_pixels`` (dynamic resolution)."""
