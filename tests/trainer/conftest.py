@@ -49,28 +49,16 @@ def s3_endpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def qwen_model(tmp_path_factory) -> Path:
-    """A tiny random-weight Qwen2.5-VL in the fixture's shape (``hscr_worker.fixture.qwen``'s builders).
+def qwen_model() -> Path:
+    """The bundled Qwen2.5-VL fixture (``fixture-qwen2.5-vl``)."""
+    from hscr_worker.fixture import resolve_model
 
-    Random weights on purpose: these tests check that the Qwen path is wired (what reaches the model,
-    which modules train), not what a trained model answers, and they must not wait for the trained
-    ``fixture-qwen2.5-vl`` checkpoint."""
-    from hscr_worker.fixture.qwen import build_model, build_processor, build_tokenizer, make_portable
-
-    path = tmp_path_factory.mktemp("qwen-model")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer, seed=0).save_pretrained(path)
-    build_processor(tokenizer).save_pretrained(path)
-    make_portable(path)
-    return path
+    return Path(resolve_model("fixture-qwen2.5-vl"))
 
 
 @pytest.fixture
-def qwen_fixture_name(qwen_model, monkeypatch) -> str:
-    """The name ``fixture-qwen2.5-vl``, standing for ``qwen_model`` (name resolution under test)."""
-    from hscr_worker import fixture
-
-    monkeypatch.setitem(fixture.FIXTURE_MODELS, "fixture-qwen2.5-vl", qwen_model)
+def qwen_fixture_name() -> str:
+    """The name commands take for the Qwen fixture (resolved by ``hscr_worker.fixture.resolve_model``)."""
     return "fixture-qwen2.5-vl"
 
 

@@ -141,12 +141,14 @@ def fixture_items(n, seed, out, images):
 
 @fixture.command("train")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--steps", default=1500, show_default=True)
-def fixture_train(out_dir, steps):
-    """Retrain the fixture model with the seeded recipe (about 8-10 minutes on 2 cores)."""
+@click.option("--family", type=click.Choice(["llava", "qwen2.5-vl"]), default="llava", show_default=True,
+              help="llava rebuilds fixture/model, qwen2.5-vl fixture/model-qwen2.5-vl.")
+@click.option("--steps", type=int, default=None, help="[default: 1500 for llava, 1200 for qwen2.5-vl]")
+def fixture_train(out_dir, family, steps):
+    """Retrain a fixture model with the seeded recipe (LLaVA about 4-8 minutes on 2 cores, Qwen2.5-VL 12-20)."""
     from .fixture.train import train
 
-    click.echo(json.dumps(train(out_dir, steps=steps), indent=2))
+    click.echo(json.dumps(train(out_dir, family=family, steps=steps), indent=2))
 
 
 @fixture.command("evaluate")
