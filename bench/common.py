@@ -347,6 +347,51 @@ def summary_line(backend_name: str, figures: dict) -> str:
             f"peak {plain['peak_memory_bytes'] / 2**20:,.0f} / {hscr['peak_memory_bytes'] / 2**20:,.0f} MiB")
 
 
+# ---- several models in one run ----
+DEFAULT_MODELS = ("fixture", "fixture-qwen2.5-vl")  # the bundled LLaVA and Qwen2.5-VL fixture Med-VLMs
+
+
+def model_arguments(parser) -> None:
+    """``--models`` (default: both fixtures) and ``--model`` (one model, as before)."""
+    parser.add_argument("--models", nargs="+", default=None,
+                        help=f"models measured one after the other, each a fixture name, directory or hub id "
+                             f"(default: {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--model", default=None, help="one model (the same as --models MODEL)")
+
+
+def selected_models(parser, args) -> list[str]:
+    if args.model and args.models:
+        parser.error("give --model or --models, not both")
+    return [args.model] if args.model else list(args.models or DEFAULT_MODELS)
+
+
+def ratio_table(rows: Sequence[tuple[str, str, dict]]) -> str:
+    """A Markdown table of ``measure_batch_size`` figures, one row per (model, backend, figures)."""
+    lines = ["| model | backend | batch | plain ms/row | HSCR ms/row | HSCR / plain (wall) | (CPU time) | "
+             "levels/row | peak MiB plain / HSCR |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, backend, r in rows:
+        plain, hscr = r["plain"], r["hscr"]
+        lines.append(f"| {model} | {backend} | {r['batch_size']} | {1000 * plain['seconds'] / plain['rows']:.0f} | "
+                     f"{1000 * hscr['seconds'] / hscr['rows']:.0f} | {r['hscr_over_plain_time']:.2f}x | "
+                     f"{r['hscr_over_plain_cpu_time']:.2f}x | {hscr['mean_levels_per_row']:.2f} | "
+                     f"{plain['peak_memory_bytes'] / 2**20:,.0f} / {hscr['peak_memory_bytes'] / 2**20:,.0f} |")
+    return "\n".join(lines)
+
+
+def model_key(model: str) -> str:
+    """What a baseline entry and a run are matched on: the fixture's name for a bundled fixture checkpoint
+    (wherever the repository lies), else the path or hub id as resolved."""
+    from hscr_worker.fixture import FIXTURE_MODELS, resolve_model
+
+    path = Path(resolve_model(model))
+    if path.parent.name == "fixture" and path.parent.parent.name == "hscr_worker":  # a bundled fixture
+        for name, fixture in FIXTURE_MODELS.items():
+            if fixture.name == path.name and name != "fixture-llava":
+                return name
+    return str(path)
+
+
 # ---- baselines ----
 def ratio_key(device: str) -> str:
     """The ratio a baseline pins: CPU time on the CPU (wall time swings with other load on a shared

@@ -1,9 +1,14 @@
-"""HSCR at LLaVA-1.5-7B scale: what a preference row costs on a GPU (issue #7).
+"""HSCR at 7B scale: what a preference row costs on a GPU (issue #7), LLaVA-1.5-7B or Qwen2.5-VL-7B.
 
-Builds a LLaVA-1.5-7B-architecture model (CLIP ViT-L/14-336 + Vicuna/Llama-2-7B) from its config
-with random bf16 weights (nothing is downloaded: the compute is measured, not the answers), a
-word-level tokenizer built in code (32,000 words, ``<image>`` = 32000, vocab padded to 32,064 as in
-llava-hf), synthetic 336x336 images and ~50-token questions. Then, per batch size, plain greedy
+``--arch llava-1.5-7b`` (default) builds a LLaVA-1.5-7B-architecture model (CLIP ViT-L/14-336 +
+Vicuna/Llama-2-7B) from its config with random bf16 weights (nothing is downloaded: the compute is
+measured, not the answers), a word-level tokenizer built in code (32,000 words, ``<image>`` = 32000,
+vocab padded to 32,064 as in llava-hf), synthetic 336x336 images and ~50-token questions.
+``--arch qwen2.5-vl-7b`` builds Qwen2.5-VL-7B-Instruct's architecture the same way (windowed
+ViT of 32 blocks, 2x2 merger, Qwen2-7B language model with M-RoPE; 8.29 B parameters), a
+word-level tokenizer over its 152,064-entry vocabulary with Qwen's special tokens at their published
+ids and its ChatML template, and ``Qwen2VLImageProcessor`` bounded so that a synthetic
+``--image-size`` square (448 px) gives ``(448 / 28)**2`` = 256 visual tokens. Then, per batch size, plain greedy
 generation and HSCR generation (``run_hscr``, 3 levels) of the same items run side by side on the
 same GPU, every response forced to ``--max-new-tokens`` (random weights would stop at a random EOS).
 
@@ -15,7 +20,9 @@ in the same engine call as chunk k+1's own answers, what ``hscr generate`` does 
 ``--tiny`` runs a tiny config on the CPU (what CI tests).
 
     python bench/gpu_scale.py --out gpu_scale.json            # on a GPU machine
+    python bench/gpu_scale.py --arch qwen2.5-vl-7b --out gpu_scale_qwen.json
     python bench/gpu_scale.py --tiny --batch-sizes 1 2 --min-rows 1 --out /tmp/gpu_scale.json
+    python bench/gpu_scale.py --tiny --arch qwen2.5-vl-7b --batch-sizes 1 2 --min-rows 1 --out /tmp/g.json
 """
 
 from __future__ import annotations  # noqa: I001  (the torchvision shim must import first)
@@ -27,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from hscr_worker.backends.transformers import TransformersBackend  # first: makes torchvision importable
@@ -40,13 +48,20 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E4
 from transformers import (  # noqa: E402
     CLIPImageProcessor,
     CLIPVisionConfig,
+    GenerationConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
 )
 
+from hscr_worker.fixture import qwen as qwen_fixture  # noqa: E402
 from hscr_worker.fixture.model import make_portable  # noqa: E402
 from hscr_worker.pipeline import PreparedItem  # noqa: E402
 from hscr_worker.similarity import get_similarity  # noqa: E402
@@ -105,40 +120,169 @@ def build_processor(config: LlavaConfig) -> LlavaProcessor:
                           vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE)
 
 
-def write_random_checkpoint(config: LlavaConfig, processor: LlavaProcessor, directory: Path, *,
+# ---- Qwen2.5-VL-7B ----
+# Qwen's special tokens at their published offsets from <|endoftext|> (151643 in Qwen2.5-VL-7B-Instruct:
+# <|im_start|> 151644, <|im_end|> 151645, <|vision_start|> 151652, <|vision_end|> 151653,
+# <|image_pad|> 151655, <|video_pad|> 151656); the tiny config puts <|endoftext|> at 512.
+QWEN_SPECIAL_OFFSETS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|vision_start|>": 9,
+                        "<|vision_end|>": 10, "<|image_pad|>": 12, "<|video_pad|>": 13}
+QWEN_PROFILE = "qwen2.5-vl"
+QWEN_PATCH, QWEN_MERGE = 14, 2  # 28 px per visual token after the 2x2 merge
+QWEN_IMAGE_SIZE, QWEN_TINY_IMAGE_SIZE = 448, 112  # (448 / 28)**2 = 256 visual tokens; tiny: 16
+QWEN_MIN_PIXELS = 56 * 56  # the published preprocessor's min_pixels (3136)
+# the words of the ChatML template around a question (its default system prompt), whitespace-split
+QWEN_TEMPLATE_WORDS = ("system", "You", "are", "a", "helpful", "assistant.", "user", "assistant")
+QWEN_FIRST_QUESTION_WORD = 16  # question words are w16 .. below <|endoftext|>
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def qwen_config(tiny: bool) -> Qwen2_5_VLConfig:
+    """Qwen/Qwen2.5-VL-7B-Instruct's architecture (its config.json's numbers), or a tiny one of the
+    same shape for the CPU (text head_dim 32 for vLLM's CPU attention, M-RoPE sections summing to 16)."""
+    if tiny:
+        special_base = 512
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      window_size=QWEN_PATCH * QWEN_MERGE * 2, fullatt_block_indexes=[1])  # 2x2-token windows
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, vocab_size=576, max_position_embeddings=512, max_window_layers=2)
+        head_dim = 64 // 2
+    else:
+        special_base = 151643
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                      window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+        text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+                    max_window_layers=28, sliding_window=32768)
+        head_dim = 3584 // 28
+    ids = {token: special_base + offset for token, offset in QWEN_SPECIAL_OFFSETS.items()}
+    vision |= dict(hidden_act="silu", in_channels=3, patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE,
+                   temporal_patch_size=2, tokens_per_second=2)
+    # M-RoPE: temporal/height/width sections of the rotary half-dimension (published: 16/24/24 of 64)
+    mrope = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    assert sum(mrope) == head_dim // 2, mrope
+    text |= dict(hidden_act="silu", rms_norm_eps=1e-6, use_sliding_window=False, tie_word_embeddings=False,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope},
+                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                 pad_token_id=ids["<|endoftext|>"])
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False,
+                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"])
+    config.bos_token_id, config.eos_token_id = text["bos_token_id"], text["eos_token_id"]
+    config.pad_token_id = text["pad_token_id"]
+    return config
+
+
+def qwen_special_ids(config: Qwen2_5_VLConfig) -> dict[str, int]:
+    base = config.image_token_id - QWEN_SPECIAL_OFFSETS["<|image_pad|>"]
+    return {token: base + offset for token, offset in QWEN_SPECIAL_OFFSETS.items()}
+
+
+def build_qwen_processor(config: Qwen2_5_VLConfig, image_size: int) -> Qwen2_5_VLProcessor:
+    """A word-level tokenizer over the whole vocabulary (words ``w<id>``, the template's words at ids
+    0-7, Qwen's special tokens at their ids, no BOS), the published ChatML template and a
+    ``Qwen2VLImageProcessor`` whose pixel range keeps an ``image_size`` square at that size:
+    ``(image_size / 28)**2`` visual tokens."""
+    if image_size % (QWEN_PATCH * QWEN_MERGE):
+        raise ValueError(f"--image-size must be a multiple of {QWEN_PATCH * QWEN_MERGE}, got {image_size}")
+    specials = {i: token for token, i in qwen_special_ids(config).items()}
+    vocab = {specials.get(i, f"w{i}"): i for i in range(config.text_config.vocab_size)}
+    for i, word in enumerate(QWEN_TEMPLATE_WORDS):  # the chat template's words (ids stay unique)
+        del vocab[f"w{i}"]
+        vocab[word] = i
+    # no unknown token: a word outside the vocabulary is a bug here, and the tokenizer says so
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    fast.add_special_tokens({"additional_special_tokens": [t for t in QWEN_SPECIAL_OFFSETS
+                                                           if t not in ("<|im_end|>", "<|endoftext|>")]})
+    common = dict(patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2,
+                  size={"shortest_edge": min(QWEN_MIN_PIXELS, image_size * image_size),
+                        "longest_edge": image_size * image_size},
+                  image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**common), tokenizer=fast,
+                               video_processor=Qwen2VLVideoProcessor(**common),  # required; never used
+                               chat_template=qwen_fixture.CHAT_TEMPLATE)
+
+
+# ---- both architectures ----
+@dataclass(frozen=True)
+class Arch:
+    name: str  # --arch
+    label: str  # as printed
+    profile: str  # the model family profile its prompts take
+    model_class: type
+    # the checkpoint in the published layout (what vLLM loads); run only when vLLM will load it
+    make_portable: object
+    # vLLM's max_model_len where the config's context is longer (Qwen's 128k would size buffers for nothing)
+    max_model_len: int | None
+
+
+ARCHS = {
+    "llava-1.5-7b": Arch("llava-1.5-7b", "LLaVA-1.5-7B", PROFILE, LlavaForConditionalGeneration, make_portable, None),
+    "qwen2.5-vl-7b": Arch("qwen2.5-vl-7b", "Qwen2.5-VL-7B", QWEN_PROFILE, Qwen2_5_VLForConditionalGeneration,
+                          qwen_fixture.make_portable, 4096),
+}
+
+
+def arch_of(config) -> Arch:
+    return ARCHS["llava-1.5-7b" if isinstance(config, LlavaConfig) else "qwen2.5-vl-7b"]
+
+
+def visual_tokens(config, image_size: int | None = None) -> int:
+    """Visual tokens per image: LLaVA's fixed grid, or Qwen's ``image_size`` square after the 2x2 merge."""
+    if isinstance(config, LlavaConfig):
+        return config.image_seq_length
+    return (image_size // (QWEN_PATCH * QWEN_MERGE)) ** 2
+
+
+def write_random_checkpoint(config: LlavaConfig | Qwen2_5_VLConfig, processor, directory: Path, *,
                             device: torch.device, dtype: torch.dtype, portable: bool, seed: int = 0) -> int:
     """Save a random-weights checkpoint that both backends load like any other; returns its parameter count.
 
     Built where it runs (seconds for 7B on a GPU) and saved in one file; ``portable`` rewrites it with
-    the fixture's own ``make_portable`` (CLIP keys as vLLM wants them; a second pass over 14 GB, so
-    only when vLLM will load it).
+    the fixture's own ``make_portable`` (LLaVA: CLIP keys as vLLM wants them; Qwen: the published key
+    layout; a second pass over the 14-17 GB, so only when vLLM will load it).
     """
+    arch = arch_of(config)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        model = arch.model_class._from_config(config, dtype=dtype)
+    if arch.profile == QWEN_PROFILE:  # a turn ends at <|im_end|>, the text at <|endoftext|> (as published)
+        ids = qwen_special_ids(config)
+        model.generation_config = GenerationConfig(bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+                                                   eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]])
     n_parameters = sum(p.numel() for p in model.parameters())
     model.save_pretrained(directory, max_shard_size="1000GB")
     del model
     processor.save_pretrained(directory)
     if portable:
-        make_portable(directory)
+        arch.make_portable(directory)
     return n_parameters
 
 
-def synthetic_items(n: int, config: LlavaConfig, question_words: int, seed: int) -> list[PreparedItem]:
-    """Random-noise images at the vision tower's size and questions of random vocabulary words."""
+def synthetic_items(n: int, config: LlavaConfig | Qwen2_5_VLConfig, question_words: int, seed: int,
+                    image_size: int | None = None) -> list[PreparedItem]:
+    """Random-noise images at the vision tower's size (Qwen: ``image_size``) and questions of random
+    vocabulary words."""
     rng = np.random.default_rng(seed)
-    size, vocab = config.vision_config.image_size, config.image_token_index
+    if isinstance(config, LlavaConfig):
+        size, first, vocab = config.vision_config.image_size, 5, config.image_token_index
+    else:
+        size, first, vocab = image_size, QWEN_FIRST_QUESTION_WORD, qwen_special_ids(config)["<|endoftext|>"]
     items = []
     for index in range(n):
         pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-        words = " ".join(f"w{i}" for i in rng.integers(5, vocab, size=question_words))
+        words = " ".join(f"w{i}" for i in rng.integers(first, vocab, size=question_words))
         items.append(PreparedItem(custom_id=f"gpu-scale-{index:05d}", question=words,
                                   image=Image.fromarray(pixels, "RGB")))
     return items
 
 
-def vllm_backend(model_dir: Path, batch_size: int, device: torch.device) -> tuple[object | None, str]:
+def vllm_backend(model_dir: Path, batch_size: int, device: torch.device, arch: Arch = ARCHS["llava-1.5-7b"],
+                 **engine_options) -> tuple[object | None, str]:
     """The vLLM backend on the same checkpoint, or None and the reason it cannot run here."""
     # In-process engine: its allocations (weights, the preallocated KV cache) then show in the peak.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -150,7 +294,8 @@ def vllm_backend(model_dir: Path, batch_size: int, device: torch.device) -> tupl
         return None, f"hscr_worker.backends.vllm does not import: {type(exc).__name__}: {exc}"
     dtype = "float32" if device.type == "cpu" else "bfloat16"
     try:
-        backend = VLLMBackend(str(model_dir), dtype=dtype, ignore_eos=True, profile=PROFILE, batch_size=batch_size)
+        backend = VLLMBackend(str(model_dir), dtype=dtype, ignore_eos=True, profile=arch.profile, batch_size=batch_size,
+                              **engine_options)
     except Exception as exc:
         return None, f"VLLMBackend failed to start: {type(exc).__name__}: {exc}"
     return backend, ""
@@ -158,7 +303,13 @@ def vllm_backend(model_dir: Path, batch_size: int, device: torch.device) -> tupl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="llava-1.5-7b",
+                        help="the architecture measured (random weights from its published config)")
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU in float32 (for CI)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help=f"qwen2.5-vl-7b: side of the square synthetic images, a multiple of 28 "
+                             f"((side / 28)**2 visual tokens; default {QWEN_IMAGE_SIZE}, --tiny "
+                             f"{QWEN_TINY_IMAGE_SIZE}); LLaVA's is fixed at its tower's 336")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--min-rows", type=int, default=8,
                         help="rows timed per batch size, in whole batches (8: batch 1 times 8 rows, 32 one batch)")
@@ -190,34 +341,48 @@ def main(argv: list[str] | None = None) -> int:
     # Random weights give no image dependence: min_shift 0 lets every response position be coupled.
     params = HSCRParams(max_new_tokens=args.max_new_tokens, min_shift=0.0)
     similarity = get_similarity(params.similarity)
-    config = model_config(args.tiny)
-    processor = build_processor(config)
+    arch = ARCHS[args.arch]
+    image_size = None
+    if arch.profile == QWEN_PROFILE:
+        image_size = args.image_size or (QWEN_TINY_IMAGE_SIZE if args.tiny else QWEN_IMAGE_SIZE)
+        if image_size < 1 or image_size % (QWEN_PATCH * QWEN_MERGE):
+            parser.error(f"--image-size must be a positive multiple of {QWEN_PATCH * QWEN_MERGE}")
+        config = qwen_config(args.tiny)
+        processor = build_qwen_processor(config, image_size)
+    else:
+        if args.image_size is not None:
+            parser.error("--image-size is for --arch qwen2.5-vl-7b (LLaVA's tower takes 336x336)")
+        config = model_config(args.tiny)
+        processor = build_processor(config)
     n_items = max(max(rows_for(b, min_rows), b * args.stream_chunks) for b in args.batch_sizes)
-    items = synthetic_items(n_items, config, args.question_words, 0)
-    report: dict = {"benchmark": "gpu_scale", "env": env_block(device), "tiny": args.tiny, "dtype": str(dtype),
-                    "max_new_tokens": args.max_new_tokens, "question_words": args.question_words,
-                    "visual_tokens": config.image_seq_length, "profile": PROFILE, "params": params.model_dump(),
-                    "backends": {}}
+    items = synthetic_items(n_items, config, args.question_words, 0, image_size)
+    report: dict = {"benchmark": "gpu_scale", "env": env_block(device), "arch": arch.name, "tiny": args.tiny,
+                    "dtype": str(dtype), "max_new_tokens": args.max_new_tokens, "question_words": args.question_words,
+                    "visual_tokens": visual_tokens(config, image_size), "profile": arch.profile,
+                    "params": params.model_dump(), "backends": {}}
+    if image_size is not None:
+        report["image_size"] = image_size
 
     def save() -> None:
         if args.out:
             write_json(args.out, report)
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
-        model_dir = Path(workdir) / "random-llava"
+        model_dir = Path(workdir) / f"random-{arch.name}"
         began = time.perf_counter()
         portable = "vllm" in backends and importlib.util.find_spec("vllm") is not None
         report["parameters"] = write_random_checkpoint(config, processor, model_dir, device=device, dtype=dtype,
                                                        portable=portable)
         report["checkpoint_seconds"] = time.perf_counter() - began
-        print(f"gpu_scale: random {'tiny' if args.tiny else 'LLaVA-1.5-7B'} checkpoint, "
+        print(f"gpu_scale: random {f'tiny {arch.label}-shaped' if args.tiny else arch.label} checkpoint, "
               f"{report['parameters'] / 1e6:,.1f} M params, {dtype}, saved in {report['checkpoint_seconds']:.1f} s; "
-              f"{device}; batch sizes {args.batch_sizes}, {args.max_new_tokens} new tokens", flush=True)
+              f"{device}; {report['visual_tokens']} visual tokens per image; batch sizes {args.batch_sizes}, "
+              f"{args.max_new_tokens} new tokens", flush=True)
 
         if "transformers" in backends:
             began = time.perf_counter()
             backend = TransformersBackend(str(model_dir), device=str(device), batch_size=backend_batch,
-                                          ignore_eos=True, profile=PROFILE)
+                                          ignore_eos=True, profile=arch.profile)
             entry: dict = {"init_seconds": time.perf_counter() - began, "backend_batch_size": backend_batch}
             entry["results"] = measure(backend, items, args.batch_sizes, params, similarity, device,
                                        min_rows=min_rows, warmup=args.warmup, repeats=args.repeats)
@@ -230,7 +395,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if "vllm" in backends:
             began = time.perf_counter()
-            backend, why_not = vllm_backend(model_dir, backend_batch, device)
+            context = config.get_text_config().max_position_embeddings
+            engine_options = ({"max_model_len": arch.max_model_len}
+                              if arch.max_model_len and context > arch.max_model_len else {})
+            backend, why_not = vllm_backend(model_dir, backend_batch, device, arch, **engine_options)
             entry = {"skipped": why_not} if backend is None else {"init_seconds": time.perf_counter() - began}
             if backend is not None:
                 try:

@@ -1,19 +1,23 @@
-"""What HSCR costs over plain greedy generation, on the bundled fixture Med-VLM (issue #2, section 7).
+"""What HSCR costs over plain greedy generation, on the bundled fixture Med-VLMs (issue #2, section 7).
 
-For each batch size, the same held-out fixture items go through plain greedy generation (encode the
-image, one greedy decode) and through HSCR (``run_hscr``: own answer, scoring under the full and the
-dropped images, re-decoding every level, reranking to 3 levels), alternating chunk by chunk on the
-same backend in the same run. It prints time per item of each, their ratio and peak memory, and
-writes JSON with an env block. ``--baseline`` compares the ratio against a committed JSON.
+For each model (``--models``, default both fixtures: ``fixture``, the LLaVA one, and
+``fixture-qwen2.5-vl``) and each batch size, the same held-out fixture items go through plain greedy
+generation (encode the image, one greedy decode) and through HSCR (``run_hscr``: own answer, scoring
+under the full and the dropped images, re-decoding every level, reranking to 3 levels), alternating
+chunk by chunk on the same backend in the same run. It prints time per item of each, their ratio and
+peak memory, then a table with a row per model and batch size, and writes JSON with an env block and
+an entry per model under ``models``. ``--baseline`` compares each model's ratio against a committed
+JSON (a model the baseline does not cover is reported, not failed).
 
     python bench/hscr_overhead.py --out /tmp/hscr_overhead.json
-    python bench/hscr_overhead.py --baseline bench/baselines/hscr_overhead.json
+    python bench/hscr_overhead.py --models fixture --baseline bench/baselines/hscr_overhead.json
 """
 
 from __future__ import annotations  # noqa: I001  (the torchvision shim must import first)
 
 import argparse
 import functools
+import gc
 import json
 import sys
 import tempfile
@@ -22,11 +26,22 @@ from pathlib import Path
 from hscr_worker.backends.transformers import TransformersBackend  # first: makes torchvision importable
 
 import torch  # noqa: E402
-from common import compare_to_baseline, env_block, measure, ratio_key, rows_for, write_json  # noqa: E402
+from common import (  # noqa: E402
+    compare_to_baseline,
+    env_block,
+    measure,
+    model_arguments,
+    model_key,
+    ratio_key,
+    ratio_table,
+    rows_for,
+    selected_models,
+    write_json,
+)
 from hscr_client import HSCRParams  # noqa: E402
 
 from hscr_worker.fixture.items import write_items  # noqa: E402
-from hscr_worker.generate import DEFAULT_MODEL, prepare_all  # noqa: E402
+from hscr_worker.generate import prepare_all  # noqa: E402
 from hscr_worker.pipeline import run_hscr  # noqa: E402
 from hscr_worker.similarity import get_similarity  # noqa: E402
 
@@ -35,7 +50,7 @@ HELD_OUT_SEED = 7  # any seed but the training seed (1234)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: the fixture Med-VLM)")
+    model_arguments(parser)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--min-rows", type=int, default=32, help="rows timed per batch size (whole batches)")
     parser.add_argument("--params", choices=["default", "paper"], default="default",
@@ -50,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time HSCR with full re-decode (prefix_redecode=False, the behaviour before "
                              "prefix re-decode; same results) on the same chunks")
     parser.add_argument("--out", default=None, help="write the JSON results here")
-    parser.add_argument("--baseline", default=None, help="compare the HSCR/plain ratio with this JSON")
+    parser.add_argument("--baseline", default=None,
+                        help="compare each model's HSCR/plain ratio with this JSON (a one-model JSON without "
+                             "``models``: the model it names)")
     parser.add_argument("--tolerance", type=float, default=0.5, help="allowed relative rise of the ratio")
     args = parser.parse_args(argv)
     if min(args.batch_sizes) < 1 or args.min_rows < 1 or args.repeats < 1:
@@ -58,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    models = selected_models(parser, args)
     params = HSCRParams() if args.params == "default" else HSCRParams.paper()  # both: 3 levels, 64 new tokens
     n_rows = max(rows_for(b, args.min_rows) for b in args.batch_sizes)
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,28 +85,54 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         raise SystemExit(f"fixture items failed to prepare: {errors[:3]}")
 
-    backend = TransformersBackend(args.model, device=args.device, batch_size=max(args.batch_sizes))
-    print(f"hscr_overhead: {args.model} on {backend.device}, {torch.get_num_threads()} threads, "
-          f"batch sizes {args.batch_sizes}, {args.params} params", flush=True)
-    results = measure(backend, items, args.batch_sizes, params, get_similarity(params.similarity), backend.device,
-                      min_rows=args.min_rows, warmup=args.warmup, repeats=args.repeats,
-                      variants={"full_redecode": functools.partial(run_hscr, prefix_redecode=False)}
-                      if args.full_redecode else None)
-    report = {"benchmark": "hscr_overhead", "env": env_block(backend.device),
-              "model": str(args.model), "backend": backend.name, "backend_batch_size": backend.batch_size,
-              "params_preset": args.params, "params": params.model_dump(), "results": results}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    variants = {"full_redecode": functools.partial(run_hscr, prefix_redecode=False)} if args.full_redecode else None
+    report = {"benchmark": "hscr_overhead", "env": env_block(device), "params_preset": args.params,
+              "params": params.model_dump(), "models": []}
+    for model in models:
+        backend = TransformersBackend(model, device=str(device), batch_size=max(args.batch_sizes))
+        n_parameters = sum(p.numel() for p in backend.model.parameters())
+        print(f"hscr_overhead: {model} ({backend.profile.name}, {n_parameters / 1e6:.2f} M params) on "
+              f"{backend.device}, {torch.get_num_threads()} threads, batch sizes {args.batch_sizes}, "
+              f"{args.params} params", flush=True)
+        results = measure(backend, items, args.batch_sizes, params, get_similarity(params.similarity), backend.device,
+                          min_rows=args.min_rows, warmup=args.warmup, repeats=args.repeats, variants=variants,
+                          log=lambda line, model=model: print(f"{model}: {line.strip()}", flush=True))
+        report["models"].append({"model": model, "model_path": backend.model_path, "profile": backend.profile.name,
+                                 "parameters": n_parameters, "backend": backend.name,
+                                 "backend_batch_size": backend.batch_size, "results": results})
+        del backend
+        gc.collect()
+    print(ratio_table([(entry["model"], entry["backend"], r) for entry in report["models"] for r in entry["results"]]))
     if args.out:
         write_json(args.out, report)
         print(f"wrote {args.out}")
     if args.baseline:
-        key = ratio_key(backend.device.type)
-        problems = compare_to_baseline(results, json.loads(Path(args.baseline).read_text()), args.tolerance, key=key)
-        for problem in problems:
-            print(f"REGRESSION {problem}", file=sys.stderr)
-        if problems:
-            return 1
-        print(f"{key} within {args.tolerance:.0%} of the baseline {args.baseline}")
+        return check_baseline(report, json.loads(Path(args.baseline).read_text()), args.baseline, args.tolerance,
+                              ratio_key(device.type))
     return 0
+
+
+def check_baseline(report: dict, baseline: dict, path: str, tolerance: float, key: str) -> int:
+    """Each measured model against the baseline's entry for it; 1 when any ratio regressed."""
+    if "models" in baseline:
+        expected = {model_key(entry["model"]): entry for entry in baseline["models"]}
+    else:  # one model's JSON (the format before --models): the model it names, else the first one measured
+        expected = {model_key(baseline.get("model") or report["models"][0]["model"]): baseline}
+    failed = False
+    for entry in report["models"]:
+        reference = expected.get(model_key(entry["model"]))
+        if reference is None:
+            print(f"{entry['model']}: no baseline in {path}, not compared")
+            continue
+        problems = compare_to_baseline(entry["results"], reference, tolerance, key=key)
+        for problem in problems:
+            print(f"REGRESSION {entry['model']}: {problem}", file=sys.stderr)
+        if problems:
+            failed = True
+        else:
+            print(f"{entry['model']}: {key} within {tolerance:.0%} of the baseline {path}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,14 @@ with the forcing hook, reranking to 3 levels), alternating chunk by chunk on one
   served (``--block-size``: the CPU default of 128 exceeds the fixture's prompts, so nothing is cached);
 - ``vllm_over_transformers_items_per_s``: vLLM's items/s over transformers', plain and HSCR.
 
+``--models`` (default both fixtures: ``fixture``, the LLaVA one, and ``fixture-qwen2.5-vl``) measures
+each model in a process of its own, one after the other (an engine's memory and threads never
+overlap the next one's); the JSON then holds one such report per model under ``models`` and a table
+with a row per model, backend and batch size is printed at the end. With one model (``--model`` or
+``--models M``) it runs in this process and the JSON is that model's report, as before.
+
     python bench/vllm_backend.py --out bench/results/vllm_backend.json
+    python bench/vllm_backend.py --model fixture --repeats 3 --block-size 32 --out /tmp/vllm_llava.json
 """
 
 from __future__ import annotations  # noqa: I001  (vLLM reads the environment at import)
@@ -29,18 +36,30 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from common import env_block, measure, measure_stream, plain_greedy, rows_for, write_json  # noqa: E402
+from common import (  # noqa: E402
+    env_block,
+    measure,
+    measure_stream,
+    model_arguments,
+    plain_greedy,
+    ratio_table,
+    rows_for,
+    selected_models,
+    write_json,
+)
 
 from hscr_client import HSCRParams  # noqa: E402
 from hscr_worker.backends.transformers import TransformersBackend  # noqa: E402
 from hscr_worker.backends.vllm import VLLMBackend  # noqa: E402
 from hscr_worker.fixture.items import write_items  # noqa: E402
-from hscr_worker.generate import DEFAULT_MODEL, prepare_all  # noqa: E402
+from hscr_worker.generate import prepare_all  # noqa: E402
 from hscr_worker.pipeline import run_hscr  # noqa: E402
 from hscr_worker.similarity import get_similarity  # noqa: E402
 
@@ -73,9 +92,9 @@ def engine_steps(backend: VLLMBackend, items, batch_sizes, min_rows: int, params
     run_engine = backend._run
     redecode_prompt_tokens = cached_tokens = 0
 
-    def counted_run(prompts, sampling):
+    def counted_run(prompts, sampling, *rest):  # rest: the backend's other arguments (visual-token counts)
         nonlocal redecode_prompt_tokens, cached_tokens
-        outputs = run_engine(prompts, sampling)
+        outputs = run_engine(prompts, sampling, *rest)
         for out, params_k in zip(outputs, sampling, strict=True):
             if params_k.extra_args:  # a forced re-decode
                 redecode_prompt_tokens += len(out.prompt_token_ids)
@@ -109,8 +128,8 @@ def engine_steps(backend: VLLMBackend, items, batch_sizes, min_rows: int, params
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: the fixture Med-VLM)")
-    parser.add_argument("--profile", default=None, help="model profile (default: detected)")
+    model_arguments(parser)
+    parser.add_argument("--profile", default=None, help="model profile (default: detected; one model only)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--min-rows", type=int, default=32, help="rows timed per batch size (whole batches)")
     parser.add_argument("--params", choices=["default", "paper"], default="default")
@@ -129,7 +148,56 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.batch_sizes) < 1 or args.min_rows < 1 or args.repeats < 1:
         parser.error("batch sizes, --min-rows and --repeats must be positive")
+    models = selected_models(parser, args)
+    if args.profile and len(models) > 1:
+        parser.error("--profile names one model's family: give it with one model")
+    if len(models) == 1:
+        report = measure_model(args, models[0])
+        print_table([report])
+        return finish(report, args.out)
 
+    params = HSCRParams() if args.params == "default" else HSCRParams.paper()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report: dict = {"benchmark": "vllm_backend", "env": env_block(device), "params_preset": args.params,
+                    "params": params.model_dump(), "target_ratio": TARGET_RATIO, "models": []}
+    spawn = multiprocessing.get_context("spawn")  # a fresh process per model: no engine state carried over
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, model in enumerate(models):
+            path = Path(tmp) / f"model-{index}.json"
+            child = spawn.Process(target=_measure_to_file, args=(args, model, str(path)))
+            child.start()
+            child.join()
+            if child.exitcode != 0 or not path.is_file():
+                print(f"{model}: failed (exit code {child.exitcode}); the other models' figures are kept",
+                      file=sys.stderr, flush=True)
+                report["models"].append({"model": str(model), "failed": f"exit code {child.exitcode}"})
+                continue
+            entry = json.loads(path.read_text())
+            for key in ("benchmark", "env", "params_preset", "params", "target_ratio"):
+                entry.pop(key, None)
+            report["models"].append(entry)
+    print_table(report["models"])
+    for entry in report["models"]:
+        for row in entry.get("stream", []):
+            print(f"{entry['model']}: {stream_line(row)}")
+    finish(report, args.out)
+    return 1 if any("failed" in entry for entry in report["models"]) else 0
+
+
+def print_table(reports: list[dict]) -> None:
+    """HSCR / plain per model, backend and batch size (the stream-only runs have none)."""
+    rows = [(entry["model"], backend, r) for entry in reports
+            for backend in ("vllm", "transformers") for r in entry.get(backend, [])]
+    if rows:
+        print(ratio_table(rows))
+
+
+def _measure_to_file(args: argparse.Namespace, model: str, path: str) -> None:
+    write_json(path, measure_model(args, model))
+
+
+def measure_model(args: argparse.Namespace, model: str) -> dict:
+    """Everything the script measures, on one model (in this process); returns its report."""
     params = HSCRParams() if args.params == "default" else HSCRParams.paper()
     similarity = get_similarity(params.similarity)
     n_rows = max(max(rows_for(b, args.min_rows), b * args.stream_chunks) for b in args.batch_sizes)
@@ -140,10 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"fixture items failed to prepare: {errors[:3]}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report: dict = {"benchmark": "vllm_backend", "env": env_block(device), "model": str(args.model),
+    report: dict = {"benchmark": "vllm_backend", "env": env_block(device), "model": str(model),
                     "params_preset": args.params, "params": params.model_dump(), "target_ratio": TARGET_RATIO}
-    vllm = VLLMBackend(args.model, profile=args.profile, **({"block_size": args.block_size} if args.block_size else {}))
-    print(f"vllm_backend: {args.model}, batch sizes {args.batch_sizes}, {args.params} params", flush=True)
+    vllm = VLLMBackend(model, profile=args.profile, **({"block_size": args.block_size} if args.block_size else {}))
+    report["profile"] = vllm.profile.name
+    print(f"vllm_backend: {model} ({vllm.profile.name}), batch sizes {args.batch_sizes}, {args.params} params",
+          flush=True)
     if args.stream_chunks:  # measure_stream warms up each batch size itself
         report["stream"] = []
         with step_counter(vllm) as steps:
@@ -153,13 +223,13 @@ def main(argv: list[str] | None = None) -> int:
                 report["stream"].append(row)
                 print(stream_line(row), flush=True)
     if args.stream_only:
-        return finish(report, args.out)
+        return report
     variants = {"full_redecode": full_redecode} if args.full_redecode else None
     report["vllm"] = measure(vllm, items, args.batch_sizes, params, similarity, device, min_rows=args.min_rows,
                              repeats=args.repeats, variants=variants)
     report["engine_steps"] = engine_steps(vllm, items, args.batch_sizes, args.min_rows, params, similarity)
     if not args.skip_transformers:
-        hf = TransformersBackend(args.model, batch_size=max(args.batch_sizes), profile=args.profile)
+        hf = TransformersBackend(model, batch_size=max(args.batch_sizes), profile=args.profile)
         report["transformers"] = measure(hf, items, args.batch_sizes, params, similarity, hf.device,
                                          min_rows=args.min_rows, repeats=args.repeats, variants=variants)
         report["vllm_over_transformers_items_per_s"] = [
@@ -187,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
               f"HSCR {row['hscr']:.2f}x")
     for row in report.get("stream", []):
         print(stream_line(row))
-    return finish(report, args.out)
+    return report
 
 
 def stream_line(row: dict) -> str:

@@ -75,7 +75,8 @@ def api_key_for(data_dir: Path) -> tuple[str, Path | None]:
 @click.option("--redis-url", envvar="HSCR_REDIS_URL", default=None, help="Use this Redis instead of a local one.")
 @click.option("--storage-uri", envvar="HSCR_STORAGE_URI", default=None,
               help="Local directory or s3://bucket/prefix [default: DATA_DIR/storage].")
-@click.option("--model", default=None, help="Model directory for the worker [default: the bundled fixture model].")
+@click.option("--model", default=None, help="Model directory or fixture name (fixture, fixture-qwen2.5-vl) for the "
+              "worker; jobs name it by that name or the folder's [default: the bundled LLaVA fixture].")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--chunk-size", default=16, show_default=True)
 @click.option("--torch-threads", type=click.IntRange(min=1), default=None,
@@ -101,6 +102,9 @@ def serve(host, port, data_dir, redis_url, storage_uri, model, backend, chunk_si
         tenant = "local"
         worker_cmd = [sys.executable, "-c", "from hscr_client._cli import main; main()", "worker",
                       "--redis-url", redis_url, "--backend", backend]
+        # Jobs name the model by its fixture name or its folder's name (the API's default model).
+        model_name = Path(model).name if model else "fixture"
+        worker_cmd += ["--model-name", model_name]
         if model:
             worker_cmd += ["--model", model]
         if torch_threads:
@@ -109,7 +113,7 @@ def serve(host, port, data_dir, redis_url, storage_uri, model, backend, chunk_si
         processes.append(subprocess.Popen(worker_cmd, env={**os.environ, "HSCR_STORAGE_URI": storage_uri},
                                           start_new_session=True))
         settings = Settings(redis_url=redis_url, storage_uri=storage_uri, api_keys=[f"{tenant}:{hash_key(key)}"],
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, default_model=model_name)
         click.echo(f"hscr serve: API on http://{host}:{port} (docs at /docs), storage {storage_uri}")
         if key_file:
             click.echo(f"API key (tenant {tenant!r}) is in {key_file}: export HSCR_API_KEY=$(cat {key_file})")

@@ -4,19 +4,23 @@ import json
 import math
 
 import gpu_scale
+import pytest
 
 MAX_NEW_TOKENS = 6
 FIGURES = ("rows", "seconds", "cpu_seconds", "rows_per_s", "generated_tokens", "tokens_per_s",
            "device_seconds_per_1000_rows", "peak_memory_bytes")
 
 
-def test_tiny_run_reports_every_figure(tmp_path):
+@pytest.mark.parametrize(("arch", "profile"), [("llava-1.5-7b", "llava-1.5"), ("qwen2.5-vl-7b", "qwen2.5-vl")])
+def test_tiny_run_reports_every_figure(tmp_path, arch, profile):
     out = tmp_path / "gpu_scale.json"
-    assert gpu_scale.main(["--tiny", "--batch-sizes", "1", "2", "--min-rows", "1", "--max-new-tokens",
-                           str(MAX_NEW_TOKENS), "--question-words", "12", "--no-warmup", "--out", str(out)]) == 0
+    assert gpu_scale.main(["--tiny", "--arch", arch, "--batch-sizes", "1", "2", "--min-rows", "1",
+                           "--max-new-tokens", str(MAX_NEW_TOKENS), "--question-words", "12", "--no-warmup",
+                           "--out", str(out)]) == 0
     report = json.loads(out.read_text())
 
     assert report["env"]["device"] == "cpu" and report["env"]["versions"]["torch"]
+    assert report["arch"] == arch and report["profile"] == profile
     assert report["parameters"] > 0 and report["visual_tokens"] == 16
     assert report["params"]["min_shift"] == 0.0 and report["params"]["n_levels"] == 3
     assert "skipped" in report["backends"]["vllm"]  # no CUDA here
@@ -47,3 +51,26 @@ def test_architecture_is_llava_1_5_7b():
         model = gpu_scale.LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     assert sum(p.numel() for p in model.parameters()) == 7_063_427_072
     assert config.image_seq_length == 576 and config.vision_config.image_size == 336
+
+
+def test_architecture_is_qwen2_5_vl_7b():
+    """The full Qwen config has Qwen2.5-VL-7B-Instruct's exact parameter count (meta device), its special
+    tokens sit at the published ids, and a 448x448 image takes 256 visual tokens."""
+    import torch
+
+    config = gpu_scale.qwen_config(tiny=False)
+    with torch.device("meta"):
+        model = gpu_scale.Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 8_292_166_656
+    assert (config.image_token_id, config.vision_start_token_id, config.text_config.eos_token_id) == (151655, 151652,
+                                                                                                      151645)
+    processor = gpu_scale.build_qwen_processor(config, 448)
+    item = gpu_scale.synthetic_items(1, config, 50, 0, 448)[0]
+    grid = processor.image_processor(images=[item.image], return_tensors="pt")["image_grid_thw"]
+    assert grid.tolist() == [[1, 32, 32]] and gpu_scale.visual_tokens(config, 448) == 256
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": item.question}]}],
+                                         add_generation_prompt=True)
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in text and text.endswith("<|im_start|>assistant\n")
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == 151644 and 151655 in ids and len(ids) == 66  # 50 question words + the ChatML frame

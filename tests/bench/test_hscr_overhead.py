@@ -8,22 +8,47 @@ from common import compare_to_baseline
 
 
 def test_overhead_run_and_baseline_check(tmp_path, capsys):
+    """Both fixture models by default, a row each in the table; a baseline entry checks its own model."""
     out, strict = tmp_path / "overhead.json", tmp_path / "strict.json"
-    # a baseline no real run can meet: HSCR at 1 % of plain's time
-    strict.write_text(json.dumps({"results": [{"batch_size": 2, "hscr_over_plain_cpu_time": 0.01}]}))
+    # a baseline no real run can meet: HSCR at 1 % of plain's time, for the Qwen fixture only
+    strict.write_text(json.dumps({"models": [{"model": "fixture-qwen2.5-vl",
+                                              "results": [{"batch_size": 2, "hscr_over_plain_cpu_time": 0.01}]}]}))
     code = hscr_overhead.main(["--batch-sizes", "1", "2", "--min-rows", "1", "--params", "paper", "--no-warmup",
                                "--out", str(out), "--baseline", str(strict), "--tolerance", "0.5"])
     assert code == 1
-    assert "REGRESSION batch 2" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "REGRESSION fixture-qwen2.5-vl: batch 2" in captured.err
+    assert "fixture: no baseline" in captured.out  # the LLaVA fixture is not in that baseline
+    table = [line for line in captured.out.splitlines() if line.startswith("| fixture")]
+    assert [line.split(" | ")[0:3] for line in table] == [
+        ["| fixture", "transformers", "1"], ["| fixture", "transformers", "2"],
+        ["| fixture-qwen2.5-vl", "transformers", "1"], ["| fixture-qwen2.5-vl", "transformers", "2"]]
 
     report = json.loads(out.read_text())  # written before the comparison
-    assert report["env"]["cpu"] and report["backend"] == "transformers"
-    for r in report["results"]:
-        for key in ("hscr_over_plain_time", "hscr_over_plain_cpu_time"):
-            assert math.isfinite(r[key]) and r[key] > 0
-        assert r["plain"]["rows"] == r["hscr"]["rows"] == r["batch_size"]
-        assert r["hscr"]["generated_tokens"] > r["plain"]["generated_tokens"] > 0
-        assert r["hscr"]["mean_levels_per_row"] > 0
-        assert r["plain"]["peak_memory_bytes"] > 0 and r["hscr"]["peak_memory_bytes"] > 0
-    # a run compared with itself is within any tolerance
-    assert compare_to_baseline(report["results"], report, tolerance=0.0, key="hscr_over_plain_cpu_time") == []
+    assert report["env"]["cpu"]
+    assert [(m["model"], m["profile"]) for m in report["models"]] == [("fixture", "fixture"),
+                                                                      ("fixture-qwen2.5-vl", "qwen2.5-vl")]
+    for entry in report["models"]:
+        assert entry["backend"] == "transformers" and entry["parameters"] > 0
+        for r in entry["results"]:
+            for key in ("hscr_over_plain_time", "hscr_over_plain_cpu_time"):
+                assert math.isfinite(r[key]) and r[key] > 0
+            assert r["plain"]["rows"] == r["hscr"]["rows"] == r["batch_size"]
+            assert r["hscr"]["generated_tokens"] > r["plain"]["generated_tokens"] > 0
+            assert r["hscr"]["mean_levels_per_row"] > 0
+            assert r["plain"]["peak_memory_bytes"] > 0 and r["hscr"]["peak_memory_bytes"] > 0
+        # a run compared with itself is within any tolerance
+        assert compare_to_baseline(entry["results"], entry, tolerance=0.0, key="hscr_over_plain_cpu_time") == []
+
+
+def test_one_model_baseline_of_the_format_before_models(tmp_path, capsys):
+    """The committed baseline (one model's JSON, no ``models``) still checks the model it names."""
+    from hscr_worker.fixture import resolve_model
+
+    baseline = tmp_path / "old.json"
+    baseline.write_text(json.dumps({"model": resolve_model("fixture"),
+                                    "results": [{"batch_size": 1, "hscr_over_plain_cpu_time": 0.01}]}))
+    code = hscr_overhead.main(["--model", "fixture", "--batch-sizes", "1", "--min-rows", "1", "--params", "paper",
+                               "--no-warmup", "--baseline", str(baseline)])
+    assert code == 1
+    assert "REGRESSION fixture: batch 1" in capsys.readouterr().err
