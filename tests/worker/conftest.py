@@ -14,3 +14,14 @@ def fixture_backend():
     # on a 2-core machine run it many times slower (docs/service.md, "torch threads").
     torch.set_num_threads(1)
     return TransformersBackend(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def qwen_backend():
+    """The bundled Qwen2.5-VL fixture on the transformers backend, loaded once per session."""
+    import torch
+
+    from hscr_worker.backends.transformers import TransformersBackend
+
+    torch.set_num_threads(1)
+    return TransformersBackend("fixture-qwen2.5-vl")

@@ -10,6 +10,9 @@ from hscr_worker.fixture.items import write_items
 from hscr_worker.fixture.train import TRAIN_SEED
 from hscr_worker.generate import DEFAULT_MODEL
 
+# Each family's fixture, by the name commands use, and its session backend (tests/worker/conftest.py).
+FAMILY_FIXTURES = {"fixture": "fixture_backend", "fixture-qwen2.5-vl": "qwen_backend"}
+
 
 def test_items_carry_truth_and_refuse_the_training_seed(tmp_path):
     rows = write_items(5, 7, tmp_path / "items.jsonl", tmp_path / "img")
@@ -34,13 +37,21 @@ def test_parser_reads_own_wording_order_and_errors():
     assert synthetic.count_errors("the ct shows a a .", "describe", attrs) is None  # malformed
 
 
-def test_model_answers_depend_on_the_image(fixture_backend):
-    report = evaluate_model(DEFAULT_MODEL, n=120, seed=999, backend=fixture_backend)
-    assert report["with_image"]["exact"] >= 0.7
+# All facts right with its own image / with another item's image (vs that image's truth), at least. The Qwen
+# fixture reads lesions less well (600 items: 0.708 / 0.646; LLaVA 0.840 / 0.759; README, "The fixture
+# Med-VLMs"); blank-image answers are as poor for both (0.24), so both depend on the image.
+FLOORS = {"fixture": (0.7, 0.6), "fixture-qwen2.5-vl": (0.6, 0.55)}
+
+
+@pytest.mark.parametrize("model", sorted(FAMILY_FIXTURES))
+def test_model_answers_depend_on_the_image(model, request):
+    report = evaluate_model(model, n=120, seed=999, backend=request.getfixturevalue(FAMILY_FIXTURES[model]))
+    own_image, other_image = FLOORS[model]
+    assert report["with_image"]["exact"] >= own_image
     assert report["blank_image"]["exact"] <= 0.4
     assert report["with_image"]["malformed"] <= 0.02
     # Given another item's image, the model describes that image, not this item's truth.
-    assert report["other_image_vs_its_truth"]["exact"] >= 0.6
+    assert report["other_image_vs_its_truth"]["exact"] >= other_image
 
 
 def test_artifact_loads_in_vllm_layout():

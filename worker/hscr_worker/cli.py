@@ -69,6 +69,11 @@ def params_from_options(options: dict, paper: bool) -> HSCRParams:
     return HSCRParams.paper(**given) if paper else HSCRParams(**given)
 
 
+def for_family(engine, params: HSCRParams) -> HSCRParams:
+    """``params`` with the fields nobody set (neither a flag nor ``--paper``) at the model family's defaults."""
+    return engine.profile.params(params.model_dump(exclude_unset=True))
+
+
 @click.command()
 @click.option("--model", default=None, help="Model directory or hub id [default: the bundled fixture Med-VLM].")
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -107,6 +112,7 @@ def generate(model, input_path, output, backend, device, profile, batch_size, sc
         gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, min_pixels=min_pixels,
         max_pixels=max_pixels)
     engine = load_backend(backend, model, **engine_options)
+    params = for_family(engine, params)
     total = len(read_items(input_path)[0])
     with tqdm(total=total, unit="item", desc="hscr generate") as bar:
         manifest = generate_dataset(engine, input_path, output, params, chunk_size=batch_size, progress=bar.update)
@@ -143,7 +149,7 @@ def fixture_items(n, seed, out, images):
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--family", type=click.Choice(["llava", "qwen2.5-vl"]), default="llava", show_default=True,
               help="llava rebuilds fixture/model, qwen2.5-vl fixture/model-qwen2.5-vl.")
-@click.option("--steps", type=int, default=None, help="[default: 1500 for llava, 1200 for qwen2.5-vl]")
+@click.option("--steps", type=int, default=None, help="[default: 1500]")
 def fixture_train(out_dir, family, steps):
     """Retrain a fixture model with the seeded recipe (LLaVA about 4-8 minutes on 2 cores, Qwen2.5-VL 12-20)."""
     from .fixture.train import train
@@ -171,11 +177,14 @@ def fixture_evaluate(model, n, seed):
 @_param_options
 def quality(model, n, seed, paper, **options):
     """HSCR quality on held-out fixture items: R-precision of coupled tokens, level error rates."""
+    from .backends.transformers import TransformersBackend
     from .fixture.quality import measure
     from .generate import DEFAULT_MODEL
 
     params = params_from_options(options, paper)
-    click.echo(json.dumps(measure(model or DEFAULT_MODEL, params, n=n, seed=seed), indent=2))
+    backend = TransformersBackend(model or DEFAULT_MODEL)
+    params = for_family(backend, params)
+    click.echo(json.dumps(measure(model or DEFAULT_MODEL, params, n=n, seed=seed, backend=backend), indent=2))
 
 
 @click.command("convert-llava")

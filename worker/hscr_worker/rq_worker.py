@@ -410,7 +410,6 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
     Inside :class:`HSCRWorker` the write is handed back as a :class:`ChunkCommit` that the worker's commit
     thread runs (and only then marks the RQ job done) while this thread computes the next chunk.
     """
-    from hscr_client import HSCRParams
 
     from .backends.base import BackendDead
     from .generate import prepare_all
@@ -428,7 +427,7 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
         raise RuntimeError(f"job wants model {record.model!r}; this worker serves {rt.model_name!r}")
     if reason := _stop_reason(store, record, status):
         return _skip(record, chunk, reason)
-    params = HSCRParams(**record.params)
+    params = rt.backend.profile.params(record.params)  # what the job set, else the model family's defaults
     try:  # a setting this worker's model server cannot give: no retry can help, so the items fail now
         check_params_supported(rt.backend, params)
     except ValueError as exc:
@@ -541,7 +540,8 @@ def finalize_job(tenant: str, job_id: str) -> dict:
     else:
         final = "completed"
     try:
-        manifest = finalize(open_location(record.dataset_uri), params=record.params, model=runtime().model_info,
+        params = runtime().backend.profile.params(record.params).model_dump()  # the values used
+        manifest = finalize(open_location(record.dataset_uri), params=params, model=runtime().model_info,
                             extra={"job_id": job_id, "metadata": record.metadata or {}})
     except OSError as exc:
         raise TransientError(f"cannot write the manifest: {exc}") from exc

@@ -40,7 +40,9 @@ def _create_options(*, input_file_id: str | NotGiven, items: Iterable[ItemInput 
                          else dict(item) for item in items]  # type: ignore[union-attr]
     if given(params):
         # A dict goes as is, so the service (not the SDK's copy of the model) judges it and says why.
-        body["params"] = params.model_dump(mode="json") if isinstance(params, HSCRParams) else dict(params)
+        # Only what the caller set: the rest takes the served model family's defaults (docs/models.md).
+        body["params"] = (params.model_dump(mode="json", exclude_unset=True) if isinstance(params, HSCRParams)
+                          else dict(params))
     # One key per logical create, reused by every retry of it: a retry never makes a second job.
     key = idempotency_key if isinstance(idempotency_key, str) else new_idempotency_key()
     return RequestOptions("POST", "/v1/jobs", json=body, timeout=timeout, idempotency_key=key)

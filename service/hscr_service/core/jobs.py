@@ -156,7 +156,7 @@ def _create(job_id: str, *, tenant: str, request: JobCreate, store: Store, stora
     n_chunks = math.ceil(len(rows) / size)
     created_at = int(time.time())
     window = completion_window_seconds(request.completion_window or settings.completion_window)
-    record = JobRecord(id=job_id, tenant=tenant, model=model, params=request.params.model_dump(),
+    record = JobRecord(id=job_id, tenant=tenant, model=model, params=request.params.model_dump(exclude_unset=True),
                        created_at=created_at, total=len(rows), n_chunks=n_chunks, chunk_size=size,
                        input_uri=storage.input_uri(job_id), dataset_uri=storage.dataset_uri(job_id),
                        input_file_id=request.input_file_id, metadata=request.metadata,

@@ -20,6 +20,7 @@ from hscr_worker.similarity import get_similarity
 
 pytestmark = pytest.mark.vllm
 
+QWEN_FIXTURE = "fixture-qwen2.5-vl"
 SCORE_ATOL = 1e-4
 FLOAT_ATOL = 1e-3  # rewards and shifts recorded in the results: differences of SCORE_ATOL-sized logits
 
@@ -74,9 +75,24 @@ def _floats(result) -> list[float]:
             + [x for lv in result.levels for r in lv.replacements for x in (r["reward"], r["shift"])])
 
 
+@pytest.fixture(scope="module")
+def qwen_backends(vllm_engine):
+    """The Qwen2.5-VL fixture on both backends."""
+    from hscr_worker.backends.transformers import TransformersBackend
+
+    return vllm_engine(QWEN_FIXTURE), TransformersBackend(QWEN_FIXTURE, device="cpu")
+
+
 @pytest.mark.parametrize("setting", ["shipped", "paper"])
-def test_hscr_decisions_identical_on_every_item(vllm_backend, hf_backend, heldout_items, setting):
-    params = HSCRParams() if setting == "shipped" else HSCRParams.paper()
+@pytest.mark.parametrize("family", ["llava", "qwen2.5-vl"])
+def test_hscr_decisions_identical_on_every_item(family, setting, heldout_items, request):
+    """>= 50 held-out items per family: identical answers, coupled positions, levels and errors."""
+    if family == "llava":
+        vllm_backend, hf_backend = request.getfixturevalue("vllm_backend"), request.getfixturevalue("hf_backend")
+    else:
+        vllm_backend, hf_backend = request.getfixturevalue("qwen_backends")
+    assert vllm_backend.profile.name == hf_backend.profile.name == ("fixture" if family == "llava" else family)
+    params = hf_backend.profile.params() if setting == "shipped" else HSCRParams.paper()  # the family's defaults
     similarity = get_similarity(params.similarity)
     from_vllm = run_hscr(vllm_backend, heldout_items, params, similarity)
     from_hf = run_hscr(hf_backend, heldout_items, params, similarity)

@@ -13,11 +13,14 @@ A *profile* is one named family instance (``--profile``): LLaVA has three prompt
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from PIL import Image
+
+from hscr_client import HSCRParams
 
 from ..backends.base import VisualTokens
 
@@ -43,6 +46,14 @@ class ModelFamily:
     def bind(self, processor) -> ModelFamily:
         """This family with what it needs from the checkpoint's processor (default: nothing)."""
         return self
+
+    # HSCR parameters where this family's default differs from HSCRParams' (docs/models.md has both figures).
+    param_defaults: Mapping[str, object] = MappingProxyType({})
+
+    def params(self, given: Mapping[str, object] | None = None) -> HSCRParams:
+        """HSCR parameters for this family: ``given`` (what a user set), else the family's default, else
+        HSCRParams'. The paper's setting (``HSCRParams.paper``) sets its fields, so they stay as given."""
+        return HSCRParams(**{**self.param_defaults, **(given or {})})
 
     # ---- text ----
     def prompt_text(self, processor, question: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from PIL import Image
@@ -63,6 +64,10 @@ class QwenVLFamily(ModelFamily):
     min_pixels: int | None = None
     max_pixels: int | None = None
     family = "qwen2-vl"
+    # Three masks of 97 %: one 95 % mask of a Qwen image (merged tokens that each see 2x2 patches, and
+    # no absolute position inside the vision tower) finds the grounded words less reliably
+    # (docs/models.md, "HSCR defaults per family": both settings measured on held-out items).
+    param_defaults = MappingProxyType({"n_masks": 3, "dropout_ratio": 0.97})
 
     def image_markers(self, processor) -> tuple[str, ...]:
         from hscr_client.schema import IMAGE_MARKER  # LLaVA-format data writes "<image>" into the question
