@@ -61,6 +61,19 @@ class TransformersBackend(ProcessorBackend):
             positions = torch.arange(embeds.shape[0]).unsqueeze(0)
         return embeds, positions.to(self.device)
 
+    def _pad(self, inputs: Sequence[tuple[torch.Tensor, torch.Tensor]], *, left: bool):
+        """One batch from ``(embeds [L, hidden], positions [P, L])`` rows: embeddings ``[B, L, hidden]``,
+        positions ``long[P, B, L]`` and the attention mask; padded on the left (decoding appends on the
+        right) or on the right (scoring reads each row from its start)."""
+        length = max(e.shape[0] for e, _ in inputs)
+        embeds = torch.zeros(len(inputs), length, inputs[0][0].shape[1], device=self.device, dtype=inputs[0][0].dtype)
+        positions = torch.ones(inputs[0][1].shape[0], len(inputs), length, device=self.device, dtype=torch.long)
+        mask = torch.zeros(len(inputs), length, device=self.device, dtype=torch.long)
+        for row, (e, p) in enumerate(inputs):
+            span = slice(length - e.shape[0], length) if left else slice(0, e.shape[0])
+            embeds[row, span], positions[:, row, span], mask[row, span] = e, p, 1
+        return embeds, positions, mask
+
     def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  cache: DynamicCache | None = None) -> torch.Tensor:
         """Logits ``[B, L, V]``; ``positions`` is ``long[P, B, L]``."""
@@ -78,15 +91,8 @@ class TransformersBackend(ProcessorBackend):
 
     def _generate_batch(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
         inputs = [self._inputs([*r.prompt_ids, *r.response_prefix], r.visual) for r in requests]
-        length = max(e.shape[0] for e, _ in inputs)
-        n_pos = inputs[0][1].shape[0]
-        embeds = torch.zeros(len(inputs), length, inputs[0][0].shape[1], device=self.device, dtype=inputs[0][0].dtype)
-        positions = torch.ones(n_pos, len(inputs), length, device=self.device, dtype=torch.long)
-        mask = torch.zeros(len(inputs), length, device=self.device, dtype=torch.long)
-        for row, (e, p) in enumerate(inputs):  # left padding
-            embeds[row, length - e.shape[0]:] = e
-            positions[:, row, length - e.shape[0]:] = p
-            mask[row, length - e.shape[0]:] = 1
+        embeds, positions, mask = self._pad(inputs, left=True)
+        n_pos = positions.shape[0]
         next_position = torch.stack([p.max() + 1 for _, p in inputs])  # [B]: the first response token's
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(embeds, positions, mask, cache)[:, -1]
@@ -133,16 +139,7 @@ class TransformersBackend(ProcessorBackend):
 
     def _score_batch(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
         inputs = [self._inputs([*r.prompt_ids, *r.response_ids], r.visual) for r in requests]
-        length = max(e.shape[0] for e, _ in inputs)
-        n_pos = inputs[0][1].shape[0]
-        embeds = torch.zeros(len(inputs), length, inputs[0][0].shape[1], device=self.device, dtype=inputs[0][0].dtype)
-        positions = torch.zeros(n_pos, len(inputs), length, device=self.device, dtype=torch.long)
-        mask = torch.zeros(len(inputs), length, device=self.device, dtype=torch.long)
-        for row, (e, p) in enumerate(inputs):  # right padding
-            embeds[row, : e.shape[0]] = e
-            positions[:, row, : e.shape[0]] = p
-            mask[row, : e.shape[0]] = 1
-        logits = self._forward(embeds, positions, mask)
+        logits = self._forward(*self._pad(inputs, left=False))
         out = []
         for row, ((e, _), r) in enumerate(zip(inputs, requests, strict=True)):
             n_resp = len(r.response_ids)
