@@ -40,7 +40,7 @@ def vllm_engine_options(envvar_prefix: str | None = None):
 
 def image_size_options(envvar_prefix: str | None = None):
     """``--min-pixels``/``--max-pixels``: the image size range of a dynamic-resolution family (Qwen2-VL, Qwen2.5-VL)."""
-    bounds = (("min", "least", "56*56 = 3,136"), ("max", "most", "28*28*1280 = 1,003,520"))
+    bounds = (("min", "least", "3,136"), ("max", "most", "12,845,056"))
 
     def decorate(func):
         for bound, word, published in bounds:
