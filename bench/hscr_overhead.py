@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     models = selected_models(parser, args)
-    params = HSCRParams() if args.params == "default" else HSCRParams.paper()  # both: 3 levels, 64 new tokens
+    # default: what ships for each model (HSCRParams', with the model family's own defaults); paper: the paper's
+    # reading on every model. Both: 3 levels, 64 new tokens.
+    preset = HSCRParams() if args.params == "default" else HSCRParams.paper()
     n_rows = max(rows_for(b, args.min_rows) for b in args.batch_sizes)
     with tempfile.TemporaryDirectory() as tmp:
         items_path = Path(tmp) / "items.jsonl"
@@ -88,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     variants = {"full_redecode": functools.partial(run_hscr, prefix_redecode=False)} if args.full_redecode else None
     report = {"benchmark": "hscr_overhead", "env": env_block(device), "params_preset": args.params,
-              "params": params.model_dump(), "models": []}
+              "params": preset.model_dump(), "models": []}
     for model in models:
         backend = TransformersBackend(model, device=str(device), batch_size=max(args.batch_sizes))
+        params = backend.profile.params(preset.model_dump(exclude_unset=True))
         n_parameters = sum(p.numel() for p in backend.model.parameters())
         print(f"hscr_overhead: {model} ({backend.profile.name}, {n_parameters / 1e6:.2f} M params) on "
               f"{backend.device}, {torch.get_num_threads()} threads, batch sizes {args.batch_sizes}, "
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                           min_rows=args.min_rows, warmup=args.warmup, repeats=args.repeats, variants=variants,
                           log=lambda line, model=model: print(f"{model}: {line.strip()}", flush=True))
         report["models"].append({"model": model, "model_path": backend.model_path, "profile": backend.profile.name,
+                                 "params": params.model_dump(),
                                  "parameters": n_parameters, "backend": backend.name,
                                  "backend_batch_size": backend.batch_size, "results": results})
         del backend
