@@ -301,3 +301,58 @@ def test_hscr_generate_runs_a_foreign_qwen_checkpoint_on_both_backends(tiny_qwen
     assert loaded == [("transformers", tiny_qwen_dir), ("vllm", tiny_qwen_dir)]
     assert ranked["transformers"] == ranked["vllm"]
     assert len(ranked["vllm"][0]) + len(ranked["vllm"][1]) == 6
+
+
+def build_tiny_qwen2_vl(out_dir: Path, *, seed: int = 0) -> Path:
+    """A tiny random-weight Qwen2-VL (MedVLM-R1's architecture: the Qwen2-VL vision tower, no windows),
+    with the Qwen fixture's tokenizer, template and image processor in a ``Qwen2VLProcessor``."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    from hscr_worker.fixture import qwen
+
+    tokenizer = qwen.build_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in qwen.SPECIAL_TOKENS}
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=4, num_heads=4, in_channels=3,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    model = Qwen2VLForConditionalGeneration(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LOGIT_SCALE)
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.save_pretrained(out_dir)
+    base = qwen.build_processor(tokenizer)
+    Qwen2VLProcessor(image_processor=base.image_processor, tokenizer=tokenizer, video_processor=base.video_processor,
+                     chat_template=qwen.CHAT_TEMPLATE).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def test_qwen2_vl_answers_and_scores_match_full_zero_and_removed(tmp_path_factory, vllm_engine):
+    """Qwen2-VL (MedVLM-R1) through both backends: detected as qwen2-vl, the same greedy ids and score rows
+    for a full, a zero-mode and a remove-mode image."""
+    from hscr_worker.backends.transformers import TransformersBackend
+
+    directory = str(build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl")))
+    hf, engine = TransformersBackend(directory, device="cpu", ignore_eos=True), vllm_engine(directory, ignore_eos=True)
+    assert hf.profile.name == engine.profile.name == "qwen2-vl"
+    prompt = hf.prompt_ids(QUESTION)
+    visuals = []
+    for k, visual in enumerate(hf.encode_images(images())):
+        keep = torch.rand(visual.n_tokens, generator=torch.Generator().manual_seed(k)) < KEEP_FRACTION
+        keep[visual.n_tokens // 2] = True
+        visuals += [visual, visual.dropped(keep, "zero"), visual.dropped(keep, "remove")]
+    requests = [GenerateRequest(prompt, visual, 12) for visual in visuals]
+    answers = hf.generate(requests)
+    assert engine.generate(requests) == answers
+    scored = [ScoreRequest(prompt, visual, answer) for visual, answer in zip(visuals, answers, strict=True)]
+    for request, a, b in zip(scored, engine.score(scored), hf.score(scored), strict=True):
+        worst = float((a - b).abs().max())
+        assert worst <= SCORE_ATOL, f"{request.visual.n_tokens} visual tokens: logit difference {worst:.2e}"
