@@ -13,7 +13,7 @@ from hscr_client.storage import open_location
 
 from .backends.base import Backend
 from .dataset import iter_chunks, model_digest, write_chunk
-from .fixture import DEFAULT_MODEL, resolve_model  # noqa: F401  (re-exported: the default model)
+from .fixture import DEFAULT_MODEL  # noqa: F401  (re-exported: the default model)
 from .images import ImageError, ImageLimits, load_image
 from .pipeline import PreparedItem, run_hscr_stream
 from .similarity import get_similarity
@@ -102,10 +102,12 @@ def backend_options(name: str, *, device: str | None = None, profile: str | None
     return {key: value for key, value in given.items() if value}
 
 
-def model_family(backend: Backend) -> dict:
-    """The family and profile a dataset's manifest records (a backend without a family records none)."""
+def model_info(backend: Backend) -> dict:
+    """What a dataset's manifest records of the model: path, backend, weight hash, and the family and
+    profile (a backend without a family records none)."""
     profile = getattr(backend, "profile", None)
-    return {"family": profile.family, "profile": profile.name} if profile is not None else {}
+    family = {"family": profile.family, "profile": profile.name} if profile is not None else {}
+    return {"path": backend.model_path, "backend": backend.name, "sha256": model_digest(backend.model_path), **family}
 
 
 def load_backend(name: str, model: str, **options) -> Backend:
@@ -143,7 +145,5 @@ def generate_dataset(backend: Backend, items_path: str, output: str, params: HSC
             progress(n_items)
     if pending_errors:  # every line was malformed: still record them
         write_chunk(location, 0, [], pending_errors)
-    model = {"path": backend.model_path, "backend": backend.name, "sha256": model_digest(backend.model_path),
-             **model_family(backend)}
-    return finalize(location, params=params.model_dump(), model=model,
+    return finalize(location, params=params.model_dump(), model=model_info(backend),
                     extra={"input": os.path.basename(items_path)})

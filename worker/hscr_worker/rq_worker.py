@@ -92,14 +92,11 @@ def load_runtime(*, model: str, model_name: str, backend: str, backend_options: 
     """Load the model once per process; later calls (a worker restarted after a Redis outage) reuse it."""
     global _runtime
     if _runtime is None:
-        from .dataset import model_digest
-        from .generate import load_backend, model_family
+        from .generate import load_backend, model_info
 
         engine = load_backend(backend, model, **backend_options)
         _runtime = Runtime(backend=engine, model_name=model_name, micro_batch=micro_batch, redis_url=redis_url,
-                           queue=queue, model_info={"name": model_name, "path": engine.model_path,
-                                                    "backend": engine.name, "sha256": model_digest(engine.model_path),
-                                                    **model_family(engine)})
+                           queue=queue, model_info={"name": model_name, **model_info(engine)})
     return _runtime
 
 

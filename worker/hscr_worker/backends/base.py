@@ -165,8 +165,9 @@ class ProcessorBackend(Backend):
 
         self.model_path = resolve_model(model_path)
         config = AutoConfig.from_pretrained(self.model_path)
-        self.profile = resolve_profile(profile, self.model_path, config=config)
-        check_processor_files(self.model_path, self.profile)
+        # The family first (an unsupported architecture is refused before anything else loads), then its
+        # processor files; LLaVA's prompt variant is told apart by the processor, so resolve again with it.
+        check_processor_files(self.model_path, resolve_profile(profile, self.model_path, config=config))
         self.processor = AutoProcessor.from_pretrained(self.model_path)
         self.tokenizer = self.processor.tokenizer
         self.profile = resolve_profile(profile, self.model_path, self.processor, config=config).with_pixels(
