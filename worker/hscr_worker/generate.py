@@ -39,21 +39,39 @@ def read_items(path: str) -> tuple[list[dict], list[ItemError]]:
     return items, [ItemError(item["custom_id"], item["error"]) for item in failed]
 
 
+def json_type(value: object) -> str:
+    """The JSON name of a value's type, for messages about items (which are JSON)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
 def prepare(item: dict, *, base_dir: str | None, limits: ImageLimits) -> PreparedItem:
     """Validate one item and load its image; raises ValueError/ImageError with a user-facing reason."""
     custom_id = item.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id.strip():
         raise ValueError("custom_id must be a non-empty string")
     question = item.get("question")
-    if isinstance(question, str):
-        question = question.replace(schema.IMAGE_MARKER, "")  # the image has its own place in the prompt
-    if not isinstance(question, str) or not question.strip():
+    if question is None:
+        raise ValueError("question is missing: every item needs a question")
+    if not isinstance(question, str):
+        raise ValueError(f"question must be a string, not {json_type(question)}")
+    question = question.replace(schema.IMAGE_MARKER, "")  # the image has its own place in the prompt
+    if not question.strip():
         raise ValueError("question is empty: every item needs a question")
     if len(question) > MAX_QUESTION_CHARS:
         raise ValueError(f"question has {len(question)} characters; the limit is {MAX_QUESTION_CHARS}")
     answer = item.get("answer")
-    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
-        raise ValueError("answer, when given, must be a non-empty string")
+    if answer is not None and not isinstance(answer, str):
+        raise ValueError(f"answer, when given, must be a string, not {json_type(answer)}")
+    if answer is not None and not answer.strip():
+        raise ValueError("answer, when given, must not be empty")
     image = item.get("image", item.get("images"))
     if isinstance(image, list) and len(image) == 1:  # TRL's "images" list of one
         image = image[0]

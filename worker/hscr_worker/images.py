@@ -1,9 +1,11 @@
 """Load an item's image: a path, a base64 data URI or an s3 URI; PNG, JPEG or DICOM.
 
 Every failure raises :class:`ImageError` with a message that says what is wrong, so a bad item can
-fail alone. DICOM: the modality LUT (rescale slope/intercept), then the VOI window stored in the file
-(or the full range of the pixel data when none is stored), MONOCHROME1 inverted, 16-bit data
-scaled to 8 bits, first frame of a multi-frame file.
+fail alone. DICOM files are recognised by the ``DICM`` prefix after the 128-byte preamble or, for a
+file written without preamble and prefix (older raw data sets), by parsing as DICOM with pixel data
+(pydicom's ``force=True``) when no image format matches. DICOM: the modality LUT (rescale
+slope/intercept), then the VOI window stored in the file (or the full range of the pixel data when
+none is stored), MONOCHROME1 inverted, 16-bit data scaled to 8 bits, first frame of a multi-frame file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import base64
 import binascii
 import io
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +25,21 @@ DICOM_MAGIC_OFFSET = 128
 
 class ImageError(ValueError):
     """An image that cannot be used; the message is meant for the user."""
+
+
+class _NotDicom(ValueError):
+    """The bytes do not parse as a DICOM data set with pixel data."""
+
+
+# Pillow's own bomb guard fires first for images far over ours; its message names its limit, not ours.
+_PILLOW_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
+
+
+def bomb_message(exc: Exception, max_pixels: int) -> str:
+    """The user's message for Pillow's DecompressionBombError: our limit, and the size when Pillow gives it."""
+    match = _PILLOW_BOMB_SIZE.search(str(exc))
+    size = f"{int(match.group(1))} pixels" if match else "too many pixels"
+    return f"image is {size}; the limit is {max_pixels} (decompression-bomb guard)"
 
 
 @dataclass(frozen=True)
@@ -90,8 +108,12 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image rejected as a decompression bomb: {exc}") from exc
+        raise ImageError(bomb_message(exc, limits.max_pixels)) from exc
     except Image.UnidentifiedImageError as exc:
+        try:  # a DICOM file without the preamble and 'DICM' prefix: pydicom still reads it
+            return _decode_dicom(data, limits, headerless=True)
+        except _NotDicom:
+            pass
         raise ImageError("not a readable image: the file format is not recognised (PNG, JPEG or DICOM "
                          "expected)") from exc
     except Exception as exc:  # Pillow raises many types for corrupt data
@@ -99,12 +121,23 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     return image
 
 
-def _decode_dicom(data: bytes, limits: ImageLimits) -> Image.Image:
+def _decode_dicom(data: bytes, limits: ImageLimits, *, headerless: bool = False) -> Image.Image:
+    """``headerless``: the file lacks the preamble and prefix; raises _NotDicom unless it parses as DICOM with
+    pixel data (pydicom's ``force=True`` reads almost any bytes as some data set)."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    if headerless:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except Exception as exc:  # pydicom raises many types for what is not DICOM
+            raise _NotDicom(str(exc)) from exc
+        if not all(keyword in ds for keyword in ("PixelData", "Rows", "Columns")):
+            raise _NotDicom("no image in the data set")
+        _name_transfer_syntax(ds)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        if not headerless:
+            ds = pydicom.dcmread(io.BytesIO(data))
         rows, cols = int(ds.Rows), int(ds.Columns)
         if rows * cols > limits.max_pixels:
             raise ImageError(f"DICOM frame is {cols}x{rows} pixels; the limit is {limits.max_pixels}")
@@ -137,6 +170,22 @@ def _decode_dicom(data: bytes, limits: ImageLimits) -> Image.Image:
         return Image.fromarray(array).convert("RGB")
     except Exception as exc:
         raise ImageError(f"unsupported DICOM colour data ({photometric}): {exc}") from exc
+
+
+def _name_transfer_syntax(ds) -> None:
+    """A raw data set (no file meta group) does not name its transfer syntax, which pydicom needs to decode the
+    pixels: name the uncompressed one its elements were read in (compressed pixel data always has file meta)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def load_image(ref: str, *, base_dir: str | None = None, limits: ImageLimits = ImageLimits()) -> Image.Image:
