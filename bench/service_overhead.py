@@ -144,7 +144,7 @@ def main() -> None:
         from rq import Worker
         from rq.job import Job as RQJob
 
-        from hscr_service.core.jobs import rq_job_id
+        from hscr_jobs.lifecycle import rq_job_id
 
         connection = redis.Redis(port=redis_port)
         wait_until(lambda: Worker.count(connection=connection) >= 1, 180, "worker up")

@@ -9,10 +9,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Only the two components the API needs; worker/ and trainer/ (torch) never enter this image.
+# Only the components the API needs (the SDK contract and the job lifecycle); worker/ and trainer/ (torch)
+# never enter this image.
 COPY client/ /src/client/
+COPY jobs/ /src/jobs/
 COPY service/ /src/service/
-RUN pip install /src/client /src/service \
+RUN pip install /src/client /src/jobs /src/service \
     && rm -rf /src \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
     && useradd --create-home --uid 10001 hscr

@@ -24,10 +24,10 @@ RUN apt-get update \
 RUN pip install "vllm==0.32.*"
 
 COPY client/ /src/client/
-COPY service/ /src/service/
+COPY jobs/ /src/jobs/
 COPY worker/ /src/worker/
 COPY docker/worker_healthcheck.py /usr/local/bin/hscr-worker-healthcheck
-RUN pip install /src/client /src/service /src/worker \
+RUN pip install /src/client /src/jobs /src/worker \
     && rm -rf /src \
     && chmod 0755 /usr/local/bin/hscr-worker-healthcheck \
     && useradd --create-home --uid 10001 hscr

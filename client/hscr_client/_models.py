@@ -125,9 +125,17 @@ class JobCreate(BaseModel):
 
 
 class RequestCounts(_Wire):
+    """Every item lands in exactly one count: ``total = completed + failed + cancelled + expired``.
+
+    ``cancelled`` and ``expired`` items were never run (the job was cancelled, or its completion window ended
+    first); the dataset's ``skipped.jsonl`` lists them with the reason.
+    """
+
     total: int = 0
     completed: int = 0
     failed: int = 0
+    cancelled: int = 0
+    expired: int = 0
 
 
 class ChunkCounts(_Wire):

@@ -1,7 +1,8 @@
 """A dataset's manifest (``manifest.json``), error file and card (``README.md``), written last.
 
 :func:`finalize` merges what a dataset's chunks wrote (``_chunks/part-*.json`` sidecars, ``_errors/part-*.jsonl``)
-into ``errors.jsonl``, ``README.md`` and ``manifest.json`` (last: its presence means the dataset is complete).
+and the items never run (a cancel or an expiry) into ``errors.jsonl``, ``skipped.jsonl``, ``README.md`` and
+``manifest.json`` (last: its presence means the dataset is complete).
 No torch: the worker finalizes a finished job, and the API one that ends with no chunk running (a cancel or an
 expiry). Layout and file names: :mod:`hscr_client.schema`.
 """
@@ -29,12 +30,17 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def finalize(location: Location, *, params: dict, model: dict, extra: dict | None = None) -> dict:
-    """Merge chunk sidecars and errors; write ``errors.jsonl``, ``README.md`` and ``manifest.json`` last."""
+def finalize(location: Location, *, params: dict, model: dict, extra: dict | None = None,
+             skipped: list[dict] | None = None) -> dict:
+    """Merge chunk sidecars and errors; write ``errors.jsonl``, ``skipped.jsonl``, ``README.md`` and
+    ``manifest.json`` last. ``skipped``: ``{"custom_id", "reason"}`` rows of the items never run, where
+    ``reason`` is ``cancelled`` or ``expired``."""
+    skipped = list(skipped or [])
     sidecars = [json.loads(location.read_bytes(p)) for p in location.list("_chunks")]
     sidecars.sort(key=lambda s: s["chunk"])
     errors = b"".join(location.read_bytes(p) for p in location.list("_errors"))
     location.write_bytes(schema.ERRORS, errors)
+    location.write_bytes(schema.SKIPPED, "".join(json.dumps(row) + "\n" for row in skipped).encode())
     # A chunk whose items all failed writes no shard (an empty Parquet file breaks datasets' loader).
     shards = {config: [s["shards"][config] for s in sidecars if config in s["shards"]] for config in schema.CONFIGS}
     manifest = {
@@ -42,10 +48,13 @@ def finalize(location: Location, *, params: dict, model: dict, extra: dict | Non
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "configs": {config: {"shards": shards[config], "rows": sum(s["rows"] for s in shards[config])}
                     for config in schema.CONFIGS},
-        "request_counts": {"total": sum(s["items"] for s in sidecars),
+        "request_counts": {"total": sum(s["items"] for s in sidecars) + len(skipped),
                            "completed": sum(s["completed"] for s in sidecars),
-                           "failed": sum(s["failed"] for s in sidecars)},
+                           "failed": sum(s["failed"] for s in sidecars),
+                           "cancelled": sum(row["reason"] == "cancelled" for row in skipped),
+                           "expired": sum(row["reason"] == "expired" for row in skipped)},
         "errors": schema.ERRORS,
+        "skipped": schema.SKIPPED,
         "parameters": params,
         "model": model,
         "versions": package_versions(),
@@ -82,7 +91,8 @@ Dispreferred responses generated with Hierarchical Self-Contrastive Rewarding fr
 `{manifest["model"].get("path")}` (family `{manifest["model"].get("family", "llava")}`, backend
 `{manifest["model"].get("backend")}`).
 
-- items: {counts["total"]} ({counts["completed"]} completed, {counts["failed"]} failed; see `errors.jsonl`)
+- items: {counts["total"]} ({counts["completed"]} completed, {counts["failed"]} failed (see `errors.jsonl`),
+  {counts.get("cancelled", 0)} cancelled and {counts.get("expired", 0)} expired before they ran (see `skipped.jsonl`))
 - `pairs`: {manifest["configs"]["pairs"]["rows"]} rows in TRL DPOTrainer's vision format
   (`prompt`, `chosen`, `rejected`, `images`), explicit (preferred vs level) and implicit
   (level j vs level m > j) pairs, marked by `pair_type`.

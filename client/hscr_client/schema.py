@@ -7,6 +7,7 @@ Layout of a dataset (a local directory or an S3 prefix)::
     manifest.json           shards, row counts, sha256, parameters, model, versions (written last)
     README.md               dataset card
     errors.jsonl            items that failed, with their custom_id and a reason
+    skipped.jsonl           items never run, with their custom_id and why ("cancelled" or "expired")
 
 Shards carry the ``datasets`` schema metadata, so ``load_dataset("parquet", ...)`` decodes images
 and TRL trains on ``pairs`` with no conversion code. Needs the ``data`` extra (pyarrow, datasets).
@@ -22,6 +23,7 @@ CONFIGS = (PAIRS, RANKED)
 MANIFEST = "manifest.json"
 CARD = "README.md"
 ERRORS = "errors.jsonl"
+SKIPPED = "skipped.jsonl"
 # LLaVA-format data writes the image into the question ("<image>\nWhat is ..."). Rows carry the question
 # without it: the prompt's image entry (``user_turn``) stands for the image, and a second one would not train.
 IMAGE_MARKER = "<image>"

@@ -8,7 +8,6 @@ started when no ``--redis-url`` / ``HSCR_REDIS_URL`` is given.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -19,8 +18,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import click
-
-from hscr_client._models import completion_window_seconds
 
 from .core.security import hash_key, new_key
 
@@ -136,10 +133,13 @@ def stop_children(processes: list[subprocess.Popen], timeout: float = 30) -> Non
 
 
 def parse_duration(value: str) -> timedelta:
-    """'90s', '30m', '24h', '7d' -> timedelta."""
-    if not re.fullmatch(r"[0-9]+[smhd]", value):
-        raise click.BadParameter(f"{value!r} is not a duration like 90s, 30m, 24h or 7d")
-    return timedelta(seconds=completion_window_seconds(value))
+    """'90s', '30m', '24h', '7d' -> timedelta, or a usage error."""
+    from hscr_jobs.maintenance import parse_duration as parse
+
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 @click.group("maintenance")
@@ -152,7 +152,7 @@ def maintenance():
 @click.option("--older-than", default="24h", show_default=True, help="Only uploads started this long ago.")
 def abort_uploads(storage_uri: str, older_than: str):
     """Abort incomplete S3 multipart uploads under STORAGE_URI/datasets/ (left by killed writers)."""
-    from .core.storage import abort_stale_uploads
+    from hscr_jobs.maintenance import abort_stale_uploads
 
     aborted = abort_stale_uploads(storage_uri, older_than=parse_duration(older_than))
     for key in aborted:

@@ -9,6 +9,8 @@ from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 from rq import Queue
 
+from hscr_jobs.store import Store, connect
+
 from . import __version__
 from .api import errors
 from .api.main import api_router
@@ -16,7 +18,6 @@ from .core.config import Settings, get_settings
 from .core.metrics import QueueCollector
 from .core.security import KeyRing
 from .core.storage import Storage
-from .core.store import Store, connect
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -144,12 +144,14 @@ def test_dockerfile_copies_only_files_that_exist_and_dockerignore_lets_them_in(n
 
 def test_api_image_has_no_torch_and_worker_image_has_cuda_and_vllm():
     api = (DOCKER / "api.Dockerfile").read_text()
-    assert {source for source, _ in _copies(DOCKER / "api.Dockerfile")} == {"client/", "service/"}
+    assert {source for source, _ in _copies(DOCKER / "api.Dockerfile")} == {"client/", "jobs/", "service/"}
     assert not re.search(r"pip install[^\n]*(torch|vllm|/src/worker|/src/trainer)", api)
     worker = (DOCKER / "worker.Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:", worker, re.M)
     assert 'pip install "vllm==0.32.*"' in worker
     assert "/src/worker" in worker and "docker/worker_healthcheck.py" in worker
+    # The worker carries the job lifecycle, never the API's code.
+    assert "service/" not in {source for source, _ in _copies(DOCKER / "worker.Dockerfile")}
 
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)

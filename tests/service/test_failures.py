@@ -13,20 +13,26 @@ import time
 from service_helpers import FAST_PARAMS, inline_items, stop, wait_for_job, wait_until
 
 
-def all_ids_exactly_once(client, job: dict, expected: set[str], *, complete: bool = True) -> None:
-    """Each item is written or failed, never both, never twice, and no chunk gave up on its retries; with
-    complete=False (a job that stopped early) some items may be neither."""
+def all_ids_exactly_once(client, job: dict, expected: set[str]) -> None:
+    """Each item is written, failed or skipped (cancelled or expired before it ran), exactly once; the counts
+    match the lists and add up to the total; and no chunk gave up on its retries."""
+    from hscr_client import schema
+    from hscr_client.storage import open_location
     from hscr_worker.dataset import read_rows
 
     ranked = [row["custom_id"] for row in read_rows(job["dataset_uri"], "ranked")]
     errors = [json.loads(line) for line in client.get(f"/v1/jobs/{job['id']}/errors").text.splitlines()]
     failed = [e["custom_id"] for e in errors]
-    assert len(ranked) == len(set(ranked)), "an item was written twice"
-    assert not set(ranked) & set(failed), "an item is both written and failed"
-    if complete:
-        assert set(ranked) | set(failed) == expected, "an item was lost"
-    assert set(ranked) | set(failed) <= expected, "an unknown item"
-    assert len(ranked) == job["request_counts"]["completed"] and len(failed) == job["request_counts"]["failed"]
+    skipped = [json.loads(line) for line in
+               open_location(job["dataset_uri"]).read_bytes(schema.SKIPPED).decode().splitlines()]
+    listed = ranked + failed + [row["custom_id"] for row in skipped]
+    assert len(listed) == len(set(listed)), "an item was written twice, or both written and failed or skipped"
+    assert set(listed) == expected, f"lost: {sorted(expected - set(listed))}; unknown: {sorted(set(listed) - expected)}"
+    counts = job["request_counts"]
+    assert (len(ranked), len(failed)) == (counts["completed"], counts["failed"])
+    assert [sum(r["reason"] == reason for r in skipped) for reason in ("cancelled", "expired")] == \
+        [counts["cancelled"], counts["expired"]]
+    assert counts["total"] == len(expected) == sum(counts[k] for k in ("completed", "failed", "cancelled", "expired"))
     assert not [e for e in errors if "after retries" in e["error"]], "a chunk ran out of retries"
 
 

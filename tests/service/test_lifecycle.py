@@ -3,10 +3,20 @@ Either way the finished shards stay and the manifest lists what exists."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from service_helpers import FAST_PARAMS, inline_items, wait_for_job
 from test_failures import all_ids_exactly_once
+
+
+def skipped_rows(job: dict) -> dict[str, str]:
+    """custom_id -> reason, from the dataset's skipped.jsonl (items never run)."""
+    from hscr_client import schema
+    from hscr_client.storage import open_location
+
+    lines = open_location(job["dataset_uri"]).read_bytes(schema.SKIPPED).decode().splitlines()
+    return {row["custom_id"]: row["reason"] for row in map(json.loads, lines)}
 
 
 def test_cancel_with_no_chunk_running_ends_cancelled_at_once(idle_alice, fixture_items):
@@ -17,9 +27,11 @@ def test_cancel_with_no_chunk_running_ends_cancelled_at_once(idle_alice, fixture
     assert cancelled.status_code == 200, cancelled.text
     job = cancelled.json()
     assert job["status"] == "cancelled" and job["cancelling_at"] and job["cancelled_at"]
-    assert job["chunk_counts"] == {"total": 2, "done": 2} and job["request_counts"]["completed"] == 0
+    assert job["chunk_counts"] == {"total": 2, "done": 2}
+    assert job["request_counts"] == {"total": 6, "completed": 0, "failed": 0, "cancelled": 6, "expired": 0}
     info = idle_alice.get(f"/v1/jobs/{job_id}/dataset").json()
-    assert info["complete"] and info["shards"] == [] and info["manifest"]["request_counts"]["completed"] == 0
+    assert info["complete"] and info["shards"] == [] and info["manifest"]["request_counts"] == job["request_counts"]
+    assert set(skipped_rows(job).values()) == {"cancelled"} and len(skipped_rows(job)) == 6
     assert idle_alice.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
 
 
@@ -41,7 +53,11 @@ def test_job_past_its_completion_window_expires_without_a_worker(idle_alice, fix
     job = idle_alice.get(f"/v1/jobs/{job['id']}").json()
     assert job["status"] == "expired" and job["expired_at"] >= job["expires_at"]
     info = idle_alice.get(f"/v1/jobs/{job['id']}/dataset").json()
-    assert info["complete"] and info["manifest"]["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    # Every item is counted and listed: none ran, all three expired.
+    assert job["request_counts"] == {"total": 3, "completed": 0, "failed": 0, "cancelled": 0, "expired": 3}
+    assert info["complete"] and info["manifest"]["request_counts"] == job["request_counts"]
+    expected = {i["custom_id"]: "expired" for i in inline_items(fixture_items, 3, prefix="idle-expire-")}
+    assert skipped_rows(job) == expected
     listed = {j["id"]: j["status"] for j in idle_alice.get("/v1/jobs", params={"limit": 100}).json()["data"]}
     assert listed[job["id"]] == "expired"
     assert idle_alice.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
@@ -56,11 +72,11 @@ def test_expiry_mid_job_keeps_finished_shards(alice, workers, fixture_items):
     job = wait_for_job(alice, created.json()["id"])
     assert job["status"] == "expired" and job["expired_at"]
     counts = job["request_counts"]
-    assert counts["completed"] + counts["failed"] < counts["total"] == 200
+    assert counts["expired"] > 0 and counts["cancelled"] == 0 and counts["total"] == 200
     info = alice.get(f"/v1/jobs/{job['id']}/dataset").json()
-    assert info["complete"] and info["manifest"]["request_counts"]["completed"] == counts["completed"]
+    assert info["complete"] and info["manifest"]["request_counts"] == counts
     assert len(info["shards"]) == 2 * len(info["manifest"]["configs"]["ranked"]["shards"])  # pairs + ranked
-    all_ids_exactly_once(alice, job, {i["custom_id"] for i in items}, complete=False)
+    all_ids_exactly_once(alice, job, {i["custom_id"] for i in items})
 
 
 def test_each_served_model_has_its_own_queue(stack_env, fixture_items):

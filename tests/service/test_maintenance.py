@@ -13,8 +13,8 @@ from service_helpers import BUCKET
 def test_abort_uploads_left_by_killed_writers(stack_env):
     from botocore.exceptions import ClientError
 
+    from hscr_jobs.maintenance import s3_client
     from hscr_service.cli import maintenance
-    from hscr_service.core.storage import s3_client
 
     client = s3_client()
     root = stack_env["env"]["HSCR_STORAGE_URI"]

@@ -12,8 +12,8 @@ from rq import Queue
 from rq.job import Job as RQJob
 from service_helpers import FAST_PARAMS, inline_items, wait_for_job
 
-from hscr_service.core.jobs import rq_job_id
-from hscr_service.core.store import FileRecord, JobRecord, Store
+from hscr_jobs.lifecycle import rq_job_id
+from hscr_jobs.store import FileRecord, JobRecord, Store
 from hscr_worker.rq_worker import ChunkCommitter
 
 

@@ -15,9 +15,9 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from hscr_client.viewer import Filters, ViewerDataset
 
 service_main = pytest.importorskip("hscr_service.main", reason="the service app (hscr_service) is not installed")
+from hscr_jobs.store import JobRecord  # noqa: E402
 from hscr_service.core.config import Settings  # noqa: E402
 from hscr_service.core.security import hash_key  # noqa: E402
-from hscr_service.core.store import JobRecord  # noqa: E402
 
 KEY_A, KEY_B = "hscr-viewer-test-key-a", "hscr-viewer-test-key-b"
 

@@ -1,109 +1,48 @@
-"""The RQ side of the service: a model-holding worker and the job functions it runs.
+"""The RQ glue of a GPU worker: :class:`HSCRWorker`, its scheduler, and the ``hscr worker`` command.
 
 - :class:`HSCRWorker` is a non-forking ``SimpleWorker`` (a CUDA model cannot cross a fork, and it
   must load once per process, not per job). It overrides these hooks: ``execute_job`` (adds a
   heartbeat thread, since SimpleWorker stops heartbeating mid-job), ``get_heartbeat_ttl`` (short, so a
   SIGKILLed worker's chunk expires from the started registry in seconds), ``kill_horse`` (there is no
   horse: set a cooperative-stop flag the chunk checks between micro-batches), and ``_start_scheduler``
-  / ``run_maintenance_tasks`` (take over the scheduler lock of a dead worker, see
-  :meth:`HSCRWorker.release_dead_scheduler_locks`).
-- :func:`run_chunk` is the unit of work and of retry: it reads ``inputs/<job>/part-<chunk>.jsonl`` and
-  writes that chunk's immutable shards with :func:`hscr_worker.dataset.write_chunk`, so a re-run
-  overwrites its own files. Its counts are settled in Redis exactly once (``Store.settle_chunk``).
+  / ``run_maintenance_tasks`` (an :class:`OwnedScheduler` that dies with its worker, and the takeover of a
+  dead worker's scheduler lock, see :meth:`HSCRWorker.release_dead_scheduler_locks`).
 - Pipelining: inside :class:`HSCRWorker`, a chunk's commit (shards, counts, RQ's success bookkeeping) runs
   on one background thread (:class:`ChunkCommitter`) while the main thread dequeues and computes the next
   chunk. One commit at a time, in order; the chunk stays in RQ's started registry with its heartbeat until
   its commit is done, so its RQ job succeeds only after its shards are written, and a SIGKILL mid-commit
   re-queues it like any running chunk.
-- The chunk that settles last enqueues :func:`finalize_job`, which writes the manifest and card last
-  and only then marks the job ``completed`` (or ``cancelled``).
 
-Job state and Redis keys belong to ``hscr_service.core.store`` (no torch there), shared with the API.
+The functions the worker runs are :mod:`hscr_worker.tasks`; job state, keys and accounting are :mod:`hscr_jobs`
+(shared with the API, which the worker does not depend on).
 """
 
 from __future__ import annotations
 
-import json
+import ctypes
 import logging
+import os
 import queue as queue_module
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import timedelta
 
 import click
-from rq import Callback, Queue, Retry, SimpleWorker, get_current_job
+from rq import Queue, SimpleWorker
 from rq.job import Job as RQJob
 from rq.scheduler import RQScheduler
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 
 from .cli import backend_options_or_usage_error, image_size_options, vllm_engine_options
 from .families import PROFILES
+from .tasks import ChunkCommit, deferred_commits, load_runtime, runtime
 
 log = logging.getLogger("hscr_worker.rq")
 
-CHUNK_INPUT = "part-{chunk:05d}.jsonl"
-TRANSIENT_READ = "cannot read s3://"  # load_image's message when object storage does not answer
-
-
-class TransientError(RuntimeError):
-    """Storage or Redis did not answer; RQ retries the chunk with backoff."""
-
-
-@dataclass
-class Runtime:
-    """What a worker process holds for its lifetime: the model, loaded once."""
-
-    backend: object  # hscr_worker.backends.base.Backend
-    model_name: str
-    micro_batch: int
-    redis_url: str
-    queue: str
-    model_info: dict = field(default_factory=dict)
-    stop: threading.Event = field(default_factory=threading.Event)
-    dead: str | None = None  # why the model server died: the worker stops taking chunks and the process exits
-    _similarities: dict = field(default_factory=dict)
-    _store: object = None
-
-    def similarity(self, name: str):
-        from .similarity import get_similarity
-
-        if name not in self._similarities:
-            self._similarities[name] = get_similarity(name)
-        return self._similarities[name]
-
-    @property
-    def store(self):
-        from hscr_service.core.store import Store, connect
-
-        if self._store is None:
-            self._store = Store(connect(self.redis_url))
-        return self._store
-
-
-_runtime: Runtime | None = None
-
-
-def load_runtime(*, model: str, model_name: str, backend: str, backend_options: dict, micro_batch: int,
-                 redis_url: str, queue: str) -> Runtime:
-    """Load the model once per process; later calls (a worker restarted after a Redis outage) reuse it."""
-    global _runtime
-    if _runtime is None:
-        from .generate import load_backend, model_info
-
-        engine = load_backend(backend, model, **backend_options)
-        _runtime = Runtime(backend=engine, model_name=model_name, micro_batch=micro_batch, redis_url=redis_url,
-                           queue=queue, model_info={"name": model_name, **model_info(engine)})
-    return _runtime
-
-
-def runtime() -> Runtime:
-    if _runtime is None:
-        raise RuntimeError("no model loaded: chunks run only inside `hscr worker` (HSCRWorker)")
-    return _runtime
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 # Delete a scheduler lock whose holder stopped refreshing it: its TTL has run down below ARGV[1].
@@ -113,6 +52,38 @@ local ttl = redis.call('TTL', KEYS[1])
 if ttl >= 0 and ttl < tonumber(ARGV[1]) then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+class OwnedScheduler(RQScheduler):
+    """RQ's scheduler, in a process that ends when its worker does.
+
+    RQ forks the scheduler off the worker. Killed with SIGKILL (an OOM kill, ``docker kill``, a crash), the
+    worker leaves RQ's scheduler running as an orphan that keeps refreshing the queue's scheduler lock, so no
+    restarted worker can schedule again and retries with backoff wait forever. This one asks Linux for SIGTERM
+    when its parent dies (``PR_SET_PDEATHSIG``) and also checks its parent on every tick (other systems, or a
+    parent that died before the request): either way it stops and releases its lock within about a second.
+    """
+
+    def start(self):
+        self._parent_pid = os.getpid()  # the worker; read in the forked child
+        return super().start()
+
+    def work(self):
+        _ask_for_signal_on_parent_death(signal.SIGTERM)
+        super().work()
+
+    def heartbeat(self):
+        if os.getppid() != getattr(self, "_parent_pid", os.getppid()):
+            self.log.warning("scheduler: its worker (pid %s) is gone; stopping", self._parent_pid)
+            self.request_stop()
+        super().heartbeat()
+
+
+def _ask_for_signal_on_parent_death(sig: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent check in OwnedScheduler.heartbeat still holds
+        pass
 
 
 class _Heartbeats:
@@ -203,9 +174,6 @@ class ChunkCommitter:
                 self._idle.set()
 
 
-_defer = threading.local()  # set while HSCRWorker performs a job: run_chunk may hand its commit back
-
-
 class HSCRWorker(SimpleWorker):
     # A chunk's success or failure handling (with its failure callback's timeout) may run on the commit thread.
     death_penalty_class = _MainOrTimerDeathPenalty
@@ -235,9 +203,23 @@ class HSCRWorker(SimpleWorker):
             if release(keys=[key], args=[lock_ttl - self.scheduler_stale_after]):
                 self.log.warning("released the scheduler lock of %s: its holder stopped refreshing it", queue_name)
 
-    def _start_scheduler(self, *args, **kwargs):
+    def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO", *args, **kwargs):
+        """RQ's, with an :class:`OwnedScheduler`: a scheduler that outlives its worker would hold the lock."""
         self.release_dead_scheduler_locks()
-        super()._start_scheduler(*args, **kwargs)
+        self.scheduler = OwnedScheduler(self.queues, connection=self.connection, serializer=self.serializer,
+                                        logging_level=logging_level if logging_level is not None else self.log.level)
+        self.scheduler.acquire_locks()
+        if not self.scheduler.acquired_locks:
+            return  # another worker's scheduler runs; run_maintenance_tasks takes over if it dies
+        if burst:
+            try:
+                self.scheduler.register_birth()
+                self.scheduler.enqueue_scheduled_jobs()
+            finally:
+                self.scheduler.release_locks()
+                self.scheduler.register_death()
+        else:
+            self.scheduler.start()
 
     def run_maintenance_tasks(self):
         scheduler_down = self.scheduler and (not self.scheduler._process or not self.scheduler._process.is_alive())
@@ -250,7 +232,7 @@ class HSCRWorker(SimpleWorker):
     def expire_due_jobs(self) -> None:
         """End jobs whose completion window has passed and that no chunk is running (the API also does this
         when such a job is read)."""
-        from hscr_service.core.jobs import expire_due_jobs
+        from hscr_jobs.lifecycle import expire_due_jobs
 
         try:
             rt = runtime()
@@ -285,11 +267,11 @@ class HSCRWorker(SimpleWorker):
         runtime().stop.clear()
         self.heartbeats.add(job, execution)
         self._running = execution
-        _defer.enabled = self.pipeline_commits and not self._burst
+        deferred_commits.enabled = self.pipeline_commits and not self._burst
         try:
             self.perform_job(job, queue, execution)
         finally:
-            _defer.enabled = False
+            deferred_commits.enabled = False
             if self._running is not None:  # not handed to the committer: the job has ended
                 self._running = None
                 self.heartbeats.remove(execution)
@@ -352,7 +334,7 @@ class HSCRWorker(SimpleWorker):
         """Hourly, in one worker: abort multipart uploads that killed writers left under datasets/."""
         if not self.storage_uri or self.abort_uploads_after is None:
             return
-        from hscr_service.core.storage import abort_stale_uploads
+        from hscr_jobs.maintenance import abort_stale_uploads
 
         try:
             if not self.connection.set("hscr:maintenance:abort-uploads", self.name, nx=True,
@@ -373,213 +355,6 @@ class HSCRWorker(SimpleWorker):
 
 
 _shutdown = threading.Event()
-
-
-# --- job functions (module level: RQ imports them by dotted path) ---------------------------------
-
-def _store():
-    return runtime().store
-
-
-def _read_chunk_input(record, chunk: int) -> list[dict]:
-    from hscr_client.storage import open_location
-
-    try:
-        data = open_location(record.input_uri).read_bytes(CHUNK_INPUT.format(chunk=chunk))
-    except OSError as exc:
-        raise TransientError(f"cannot read the chunk input: {exc}") from exc
-    return [json.loads(line) for line in data.splitlines() if line.strip()]
-
-
-def _stop_reason(store, record, status: str | None = None) -> str | None:
-    """Why this chunk must stop: ``skipped`` (cancel, or an operator's stop), ``expired`` (the job's completion
-    window ended), or None. ``status``: the job's status if just read (else it is read here)."""
-    if runtime().stop.is_set() or (status or store.status(record.tenant, record.id)) in ("cancelling", "cancelled"):
-        return "skipped"
-    if record.expires_at is not None and time.time() >= record.expires_at:
-        return "expired"
-    return None
-
-
-def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
-    """Run HSCR over one chunk and write its shards; settle its counts once; the last chunk finalizes.
-
-    Inside :class:`HSCRWorker` the write is handed back as a :class:`ChunkCommit` that the worker's commit
-    thread runs (and only then marks the RQ job done) while this thread computes the next chunk.
-    """
-
-    from .backends.base import BackendDead
-    from .generate import prepare_all
-    from .pipeline import check_params_supported, run_hscr_stream
-
-    store = _store()
-    record, settled, status = store.chunk_context(tenant, job_id, chunk)  # one round trip
-    if record is None:
-        return {"outcome": "job gone"}
-    if settled:  # a re-run of a chunk that already counted
-        _maybe_finalize(record)
-        return {"outcome": "already settled"}
-    rt = runtime()
-    if record.model != rt.model_name:
-        raise RuntimeError(f"job wants model {record.model!r}; this worker serves {rt.model_name!r}")
-    if reason := _stop_reason(store, record, status):
-        return _skip(record, chunk, reason)
-    params = rt.backend.profile.params(record.params)  # what the job set, else the model family's defaults
-    try:  # a setting this worker's model server cannot give: no retry can help, so the items fail now
-        check_params_supported(rt.backend, params)
-    except ValueError as exc:
-        _fail_chunk(record, chunk, str(exc))
-        return {"outcome": "failed (unsupported setting)"}
-    rows = _read_chunk_input(record, chunk)
-    pre_errors = [{"custom_id": r["custom_id"], "error": r["error"]} for r in rows if "error" in r]
-    prepared, errors = prepare_all([r for r in rows if "error" not in r], base_dir=None)
-    if any(e.error.startswith(TRANSIENT_READ) for e in errors):
-        # Uploaded images were checked at upload: a read failure means storage is down, not a bad item.
-        raise TransientError(next(e.error for e in errors if e.error.startswith(TRANSIENT_READ)))
-    similarity = rt.similarity(params.similarity)
-    stopped: list[str] = []
-
-    def micro_batches():
-        for start in range(0, len(prepared), rt.micro_batch):
-            if start and (reason := _stop_reason(store, record)):  # the first micro-batch was checked above
-                stopped.append(reason)
-                return
-            yield start, prepared[start:start + rt.micro_batch]
-
-    results = []
-    began = time.perf_counter()
-    # On vLLM a micro-batch's re-decode shares engine steps with the next one's own answers.
-    try:
-        for _, batch_results in run_hscr_stream(rt.backend, micro_batches(), params, similarity):
-            results += batch_results
-    except BackendDead as exc:  # RQ retries this chunk (on a live worker); this one stops after it
-        rt.dead = str(exc)
-        raise
-    if stopped:
-        return _skip(record, chunk, stopped[0])
-    commit = ChunkCommit(record, chunk, results, pre_errors + [e.as_dict() for e in errors], get_current_job(),
-                         compute_s=time.perf_counter() - began)
-    return commit if getattr(_defer, "enabled", False) else commit()
-
-
-@dataclass
-class ChunkCommit:
-    """A computed chunk still to be committed: its shards and error file, then its counts (once), then maybe the
-    job's finalize. Calling it does all three and returns run_chunk's result."""
-
-    record: object  # hscr_service.core.store.JobRecord
-    chunk: int
-    results: list
-    errors: list[dict]
-    rq_job: RQJob | None  # the chunk's RQ job: its retry policy is the finalize job's
-    compute_s: float = 0.0  # seconds in run_hscr_stream (in the chunk's RQ result: what the rest of the time went to)
-
-    def __call__(self) -> dict:
-        from hscr_client.storage import open_location
-
-        from .dataset import write_chunk
-
-        try:
-            sidecar = write_chunk(open_location(self.record.dataset_uri), self.chunk, self.results, self.errors)
-        except OSError as exc:
-            raise TransientError(f"cannot write the shards: {exc}") from exc
-        rt = runtime()
-        _, done = rt.store.settle_chunk(self.record.tenant, self.record.id, self.chunk,
-                                        completed=sidecar["completed"], failed=sidecar["failed"],
-                                        model=rt.model_info)
-        _maybe_finalize(self.record, done=done, rq_job=self.rq_job)
-        return {"outcome": "written", "completed": sidecar["completed"], "failed": sidecar["failed"],
-                "compute_s": round(self.compute_s, 4)}
-
-
-def _skip(record, chunk: int, reason: str) -> dict:
-    """Settle a chunk that stopped for a cancel or an expiry (no shard); an operator's stop is a failure."""
-    if reason == "expired" or not runtime().stop.is_set() or \
-            _store().status(record.tenant, record.id) in ("cancelling", "cancelled"):
-        _store().settle_chunk(record.tenant, record.id, chunk, completed=0, failed=0, outcome=reason)
-        _maybe_finalize(record)
-        return {"outcome": "skipped (cancelled)" if reason == "skipped" else "skipped (expired)"}
-    raise RuntimeError("stopped by an operator's stop command")
-
-
-def _maybe_finalize(record, *, done: int | None = None, rq_job: RQJob | None = None) -> None:
-    """Enqueue the job's finalize once every chunk has settled. ``done``: the settled count if just known;
-    ``rq_job``: the calling chunk's RQ job (RQ's current job is per thread)."""
-    if done is not None and done < record.n_chunks:
-        return
-    store = _store()
-    job = store.get_job(record.tenant, record.id)
-    if job is None or job.is_terminal or job.chunk_counts.done < record.n_chunks:
-        return
-    queue = Queue(runtime().queue, connection=store.redis)
-    current = rq_job or get_current_job()
-    retry = Retry(max=current.retries_left or 3, interval=current.retry_intervals or [2, 5, 10]) if current else None
-    queue.enqueue("hscr_worker.rq_worker.finalize_job", record.tenant, record.id,
-                  job_id=f"{record.id}-finalize", retry=retry, result_ttl=3600,
-                  on_failure=Callback("hscr_worker.rq_worker.on_finalize_failure"),
-                  description=f"{record.id} finalize")
-
-
-def finalize_job(tenant: str, job_id: str) -> dict:
-    """Write errors.jsonl, the card and the manifest (last); then the job is completed or cancelled."""
-    from hscr_client.manifest import finalize
-    from hscr_client.storage import open_location
-
-    store = _store()
-    record = store.get_record(tenant, job_id)
-    if record is None or store.status(tenant, job_id) in ("completed", "cancelled", "failed", "expired"):
-        return {"outcome": "nothing to do"}
-    store.set_status(tenant, job_id, "finalizing", allowed_from=("in_progress",))
-    if store.status(tenant, job_id) == "cancelling":
-        final = "cancelled"
-    elif any(c.get("outcome") == "expired" for c in store.chunk_outcomes(tenant, job_id).values()):
-        final = "expired"  # some chunks never ran: the completion window ended first
-    else:
-        final = "completed"
-    try:
-        params = runtime().backend.profile.params(record.params).model_dump()  # the values used
-        manifest = finalize(open_location(record.dataset_uri), params=params, model=runtime().model_info,
-                            extra={"job_id": job_id, "metadata": record.metadata or {}})
-    except OSError as exc:
-        raise TransientError(f"cannot write the manifest: {exc}") from exc
-    store.set_status(tenant, job_id, final, allowed_from=("finalizing", "cancelling"))
-    return {"outcome": final, "request_counts": manifest["request_counts"]}
-
-
-def on_chunk_failure(job: RQJob, connection, exc_type, exc_value, traceback) -> None:
-    """Retries exhausted: the chunk's items fail with the reason, and the job goes on without them."""
-    if job.retries_left:
-        return  # RQ retries it
-    tenant, job_id, chunk = job.args
-    record = _store().get_record(tenant, job_id)
-    if record is not None:
-        _fail_chunk(record, chunk, f"chunk {chunk} failed after retries: {exc_type.__name__}: {exc_value}")
-
-
-def _fail_chunk(record, chunk: int, reason: str) -> None:
-    """Every item of the chunk fails with ``reason`` (errors.jsonl); the job goes on without them."""
-    from hscr_client.storage import open_location
-
-    from .dataset import write_chunk
-
-    store = _store()
-    try:
-        rows = _read_chunk_input(record, chunk)
-        write_chunk(open_location(record.dataset_uri), chunk, [],
-                    [{"custom_id": r["custom_id"], "error": r.get("error") or reason} for r in rows])
-    except Exception as exc:  # storage still down: the counts below still let the job end
-        log.error("cannot record the failure of %s chunk %s: %s", record.id, chunk, exc)
-    n_items = min(record.chunk_size, record.total - chunk * record.chunk_size)
-    store.settle_chunk(record.tenant, record.id, chunk, completed=0, failed=n_items, outcome="failed")
-    _maybe_finalize(record)
-
-
-def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) -> None:
-    if job.retries_left:
-        return
-    tenant, job_id = job.args
-    _store().set_status(tenant, job_id, "failed", allowed_from=("finalizing", "cancelling", "in_progress"),
-                        errors=[{"code": "finalize_failed", "message": f"{exc_type.__name__}: {exc_value}"}])
 
 
 # --- the `hscr worker` command --------------------------------------------------------------------
@@ -617,7 +392,8 @@ def on_finalize_failure(job: RQJob, connection, exc_type, exc_value, traceback) 
               help="Seconds between registry clean-ups (re-queues chunks of dead workers).")
 @click.option("--heartbeat-interval", default=5.0, show_default=True)
 @click.option("--storage-uri", envvar="HSCR_STORAGE_URI", default=None,
-              help="The service's storage root: enables the hourly abort of stale multipart uploads.")
+              help="The service's storage root: checked at start-up (the worker exits at once, saying why, if it "
+                   "cannot be used), and the hourly abort of stale multipart uploads runs under it.")
 @click.option("--abort-uploads-after", default="24h", show_default=True,
               help="Age (90s, 30m, 24h, 7d) at which an incomplete upload under datasets/ is aborted.")
 @click.option("--burst", is_flag=True, help="Quit when the queue is empty.")
@@ -626,16 +402,24 @@ def worker(redis_url, queue, model, model_name, backend, device, profile, score_
            maintenance_interval,
            heartbeat_interval, storage_uri, abort_uploads_after, burst):
     """Run one HSCR worker (one per GPU: set CUDA_VISIBLE_DEVICES). Loads the model once."""
-    from hscr_service.cli import parse_duration
-    from hscr_service.core.store import connect
+    from hscr_jobs.maintenance import StorageUnavailable, check_storage, parse_duration
+    from hscr_jobs.store import connect
 
     from .generate import DEFAULT_MODEL
 
-    upload_age = parse_duration(abort_uploads_after)  # a bad value fails before the model loads
+    try:  # bad settings fail here, in seconds, before the model loads
+        upload_age = parse_duration(abort_uploads_after)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--abort-uploads-after") from exc
     options = backend_options_or_usage_error(
         backend, device=device, profile=profile, score_values=score_values, score_top_k=score_top_k,
         gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, min_pixels=min_pixels,
         max_pixels=max_pixels)
+    if storage_uri:
+        try:
+            check_storage(storage_uri)
+        except StorageUnavailable as exc:
+            raise click.ClickException(f"storage is not usable: {exc}") from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if torch_threads:
         import torch
@@ -647,7 +431,7 @@ def worker(redis_url, queue, model, model_name, backend, device, profile, score_
     HSCRWorker.storage_uri = storage_uri
     HSCRWorker.abort_uploads_after = upload_age
     while not _shutdown.is_set():
-        connection = connect(redis_url)
+        connection = connect(redis_url, ride_out_restarts=True)
         rq_worker = HSCRWorker([queue], connection=connection, worker_ttl=worker_ttl,
                                maintenance_interval=maintenance_interval)
         try:

@@ -8,10 +8,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from rq import Queue
 
+from hscr_jobs.store import Store
+
 from ..core.config import Settings
 from ..core.errors import ServiceError
 from ..core.storage import Storage
-from ..core.store import Store
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 

@@ -12,10 +12,10 @@ import time
 from collections.abc import Iterator
 
 from hscr_client import DatasetInfo, ShardInfo, schema
+from hscr_jobs.store import Store
 
 from .errors import NotFound
 from .storage import Storage, join
-from .store import Store
 
 _CHUNK_NUMBER = re.compile(r"part-(\d+)\.")
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import redis
 import redis.asyncio as aredis
 
-from .store import Store, is_terminal, parse_event
+from hscr_jobs.store import Store, is_terminal, parse_event
 
 BLOCK_MS = 5000
 

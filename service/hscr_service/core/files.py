@@ -12,10 +12,11 @@ import io
 import time
 import uuid
 
+from hscr_jobs.store import FileRecord, Store
+
 from .config import Settings
 from .errors import InvalidInput, TooLarge
 from .storage import Storage
-from .store import FileRecord, Store
 
 DICOM_MAGIC_OFFSET = 128
 

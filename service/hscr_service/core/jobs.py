@@ -1,9 +1,10 @@
-"""Job lifecycle on the API side: validate and normalize items, write chunk inputs, enqueue, cancel.
+"""Jobs on the API side: validate and normalize items, write chunk inputs, enqueue, cancel.
 
 Keyword-only functions that know nothing about HTTP; they raise ``core.errors`` and return wire models.
-A job is split into chunks of ``chunk_size`` items; chunk ``i`` reads ``inputs/<job>/part-<i>.jsonl``
-and writes shard ``i``. Items that fail validation here travel in their chunk as ``{"custom_id",
-"error"}`` rows, so every input line lands in the dataset or in the error file exactly once.
+What happens to a job after that (chunks, accounting, finalize, expiry) is :mod:`hscr_jobs.lifecycle`,
+shared with the workers. A job is split into chunks of ``chunk_size`` items; chunk ``i`` reads
+``inputs/<job>/part-<i>.jsonl`` and writes shard ``i``. Items that fail validation here travel in their chunk
+as ``{"custom_id", "error"}`` rows, so every input line lands in the dataset or in the error file exactly once.
 """
 
 from __future__ import annotations
@@ -16,32 +17,22 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from rq import Callback, Queue, Retry
+from rq import Queue
 
 from hscr_client import Job, JobCreate
 from hscr_client._models import completion_window_seconds
 from hscr_client.items import parse_items_lines
-from hscr_client.manifest import finalize
-from hscr_client.storage import open_location
+from hscr_jobs import lifecycle
+from hscr_jobs.lifecycle import chunk_file
+from hscr_jobs.store import FileRecord, JobRecord, Store
 
 from .config import Settings
 from .errors import Conflict, InvalidInput, NotFound, ServiceError, TooLarge
 from .storage import Storage
-from .store import FileRecord, JobRecord, Store
 
-CHUNK_FUNCTION = "hscr_worker.rq_worker.run_chunk"
-CHUNK_FAILURE_CALLBACK = "hscr_worker.rq_worker.on_chunk_failure"
 INPUT_WRITERS = 8  # concurrent PUTs of a job's chunk inputs on S3
 
 log = logging.getLogger(__name__)
-
-
-def chunk_file(chunk: int) -> str:
-    return f"part-{chunk:05d}.jsonl"
-
-
-def rq_job_id(job_id: str, chunk: int) -> str:
-    return f"{job_id}-chunk-{chunk:05d}"
 
 
 def _resolve_image(ref: object, *, files: dict[str, FileRecord], settings: Settings) -> str:
@@ -165,7 +156,8 @@ def _create(job_id: str, *, tenant: str, request: JobCreate, store: Store, stora
                             "".join(json.dumps(r) + "\n" for r in rows[chunk * size:(chunk + 1) * size]).encode()
                             for chunk in range(n_chunks)})
     store.create_job(record, status="validating")
-    enqueue_chunks(record, queue=queue, settings=settings)
+    lifecycle.enqueue_chunks(record, queue=queue, timeout=settings.chunk_timeout, retries=settings.chunk_retries,
+                             retry_intervals=settings.retry_intervals)
     store.set_status(tenant, job_id, "in_progress", allowed_from=("validating",))
     return store.get_job(tenant, job_id)
 
@@ -180,51 +172,6 @@ def _write_inputs(storage: Storage, parts: dict[str, bytes]) -> None:
     with ThreadPoolExecutor(max_workers=min(INPUT_WRITERS, len(parts))) as pool:
         for future in [pool.submit(storage.write, uri, data) for uri, data in parts.items()]:
             future.result()  # the first failure raises here (after the others finished)
-
-
-def enqueue_chunks(record: JobRecord, *, queue: Queue, settings: Settings) -> None:
-    retry = Retry(max=settings.chunk_retries, interval=settings.retry_intervals) if settings.chunk_retries else None
-    jobs = [Queue.prepare_data(CHUNK_FUNCTION, args=(record.tenant, record.id, chunk),
-                               job_id=rq_job_id(record.id, chunk), timeout=settings.chunk_timeout, retry=retry,
-                               result_ttl=3600, failure_ttl=7 * 24 * 3600, on_failure=Callback(CHUNK_FAILURE_CALLBACK),
-                               description=f"{record.id} chunk {chunk}")
-            for chunk in range(record.n_chunks)]
-    queue.enqueue_many(jobs)
-
-
-def running_chunks(queue: Queue, job_id: str) -> list[str]:
-    """RQ ids of the job's chunks a live worker is running (a killed worker's entry has expired: not running)."""
-    registry = queue.started_job_registry
-    live = registry.connection.zrangebyscore(registry.key, time.time(), "+inf")  # score: heartbeat expiry
-    return [i for i in map(registry.parse_job_id, live) if i.startswith(f"{job_id}-chunk-")]
-
-
-def end_now(record: JobRecord, final: str, *, store: Store, queue: Queue, model: dict | None = None) -> bool:
-    """End a job no chunk is running: its unrun chunks settle empty, the manifest lists what exists.
-
-    ``final`` is ``cancelled`` (from ``cancelling``) or ``expired`` (from ``in_progress``). Returns True when
-    the job ended; False when a chunk is running (the worker that settles the last chunk finalizes) or storage
-    failed (a later cancel or expiry sweep tries again). A queued chunk that a worker picks up later finds
-    itself settled and does nothing; one dequeued while this runs sees the status first and skips.
-    """
-    if record.queue and record.queue != queue.name:  # a sweep from a worker of another queue
-        queue = Queue(record.queue, connection=queue.connection)
-    if running_chunks(queue, record.id):
-        return False
-    outcome = "skipped" if final == "cancelled" else "expired"
-    settled = store.chunk_outcomes(record.tenant, record.id)
-    for chunk in range(record.n_chunks):
-        if chunk not in settled:
-            store.settle_chunk(record.tenant, record.id, chunk, completed=0, failed=0, outcome=outcome)
-    model = model or store.model_info(record.tenant, record.id) or {"name": record.model}
-    try:
-        finalize(open_location(record.dataset_uri), params=record.params, model=model,
-                 extra={"job_id": record.id, "metadata": record.metadata or {}})
-    except OSError as exc:
-        log.warning("cannot write the manifest of %s yet: %s", record.id, exc)
-        return False
-    allowed = ("cancelling",) if final == "cancelled" else ("validating", "in_progress")
-    return store.set_status(record.tenant, record.id, final, allowed_from=allowed)
 
 
 def cancel_job(*, tenant: str, job_id: str, store: Store, queue: Queue) -> Job:
@@ -243,35 +190,19 @@ def cancel_job(*, tenant: str, job_id: str, store: Store, queue: Queue) -> Job:
         current = store.get_job(tenant, job_id)
         raise Conflict(f"job {job_id} is {current.status if current else 'gone'}; only validating or in_progress "
                        "jobs can be cancelled")
-    end_now(store.get_record(tenant, job_id), "cancelled", store=store, queue=queue)
+    lifecycle.end_now(store.get_record(tenant, job_id), "cancelled", store=store, queue=queue)
     return store.get_job(tenant, job_id)
 
 
-def expire_if_due(job: Job, *, tenant: str, store: Store, queue: Queue, model: dict | None = None) -> Job:
-    """A job past its completion window ends ``expired`` (finished shards kept) unless it is finishing.
-
-    With a chunk running, the worker skips the job's remaining work and the last chunk finalizes it as
-    ``expired``; this ends it here when nothing runs (no worker, or its chunks wait behind other jobs).
-    """
+def expire_if_due(job: Job, *, tenant: str, store: Store, queue: Queue) -> Job:
+    """A read that finds a job past its completion window ends it ``expired`` when nothing runs it (see
+    :func:`hscr_jobs.lifecycle.expire_if_due`); returns the job as it is now."""
     if job.status not in ("validating", "in_progress") or job.expires_at is None or time.time() < job.expires_at:
         return job
     record = store.get_record(tenant, job.id)
     if record is not None:
-        end_now(record, "expired", store=store, queue=queue, model=model)
+        lifecycle.expire_if_due(record, store=store, queue=queue)
     return store.get_job(tenant, job.id) or job  # ended here, by a concurrent sweep, or not yet
 
 
-def expire_due_jobs(*, store: Store, queue: Queue, model: dict | None = None) -> int:
-    """The expiry sweep (workers run it with their registry maintenance). Returns how many jobs ended."""
-    ended = 0
-    for tenant, job_id in store.due_jobs():
-        job = store.get_job(tenant, job_id)
-        if job is None or job.is_terminal:
-            store.redis.zrem(store.deadlines_key, json.dumps([tenant, job_id]))
-            continue
-        ended += expire_if_due(job, tenant=tenant, store=store, queue=queue, model=model).status == "expired"
-    return ended
-
-
-__all__ = ["ServiceError", "cancel_job", "chunk_file", "create_job", "end_now", "expire_due_jobs", "expire_if_due",
-           "normalize", "rq_job_id", "running_chunks"]
+__all__ = ["ServiceError", "cancel_job", "create_job", "expire_if_due", "normalize"]

@@ -10,7 +10,7 @@ Reads and writes go through ``hscr_client.storage`` (pyarrow.fs); presigned URLs
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlparse
@@ -98,39 +98,3 @@ class Storage:
             return None
         endpoint = os.environ.get("HSCR_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
         return {"endpoint_url": endpoint} if endpoint else {}
-
-
-def s3_client():
-    """A boto3 S3 client from the service's settings (``HSCR_S3_ENDPOINT``, ``AWS_*``); path-style addressing
-    for custom endpoints (SeaweedFS, MinIO)."""
-    import boto3
-    from botocore.config import Config
-
-    endpoint = os.environ.get("HSCR_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-    config = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}) if endpoint else None
-    return boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_REGION", "us-east-1"),
-                        config=config)
-
-
-def abort_stale_uploads(root_uri: str, *, older_than: timedelta, under: str = "datasets") -> list[str]:
-    """Abort incomplete S3 multipart uploads under ``<root>/<under>/`` started more than ``older_than`` ago.
-
-    A writer killed mid-upload (a SIGKILLed worker writing a shard) leaves its uploaded parts behind:
-    invisible to listings, but stored (and billed) until aborted. A retried chunk writes its shard again
-    under the same key, so nothing of value is lost; ``older_than`` keeps uploads still in flight. Returns
-    the keys whose uploads were aborted; local storage has none.
-    """
-    parsed = urlparse(root_uri)
-    if parsed.scheme != "s3":
-        return []
-    bucket = parsed.netloc
-    prefix = "/".join(p for p in (parsed.path.strip("/"), under.strip("/")) if p) + "/"
-    cutoff = datetime.now(timezone.utc) - older_than
-    client = s3_client()
-    aborted = []
-    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
-        for upload in page.get("Uploads", []):
-            if upload["Initiated"] <= cutoff:
-                client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-                aborted.append(upload["Key"])
-    return aborted

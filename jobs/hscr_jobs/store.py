@@ -3,7 +3,8 @@
 Keys (every one under its tenant, so another tenant's id simply finds nothing)::
 
     hscr:t:<tenant>:job:<id>          hash: doc (immutable JSON), status, <status>_at, completed, failed,
-                                      chunks_done, errors, model (what the worker that ran it reported)
+                                      cancelled, expired, chunks_done, errors, model (what the worker that
+                                      ran it reported)
     hscr:t:<tenant>:job:<id>:chunks   hash: chunk -> its counts; a chunk settles once (HSETNX)
     hscr:t:<tenant>:job:<id>:events   stream of Event JSON (the SSE feed)
     hscr:t:<tenant>:jobs              zset: job ids by creation time (listing, pagination)
@@ -12,7 +13,8 @@ Keys (every one under its tenant, so another tenant's id simply finds nothing)::
     hscr:t:<tenant>:idem:<sha256>     the job an Idempotency-Key created (24 h)
     hscr:deadlines                    zset: [tenant, job id] of unfinished jobs by expires_at (the expiry sweep)
 
-Methods that write take an optional ``pipeline``, as rq's do, so callers can batch writes atomically.
+Every user-supplied part of a key (tenant, job id, file id) goes through :func:`key_part`, which escapes ``:``
+and ``%``: ids are validated at the API's edge, and even a string that slipped past cannot reach another key.
 No HTTP and no torch here.
 """
 
@@ -48,24 +50,41 @@ return 0
 """
 
 # A chunk's counts are added exactly once, however often the chunk runs. Returns {newly, chunks_done}.
-# ARGV[5] (optional): the worker's model info, kept if none is recorded yet (one round trip for both).
+# ARGV[3..6]: completed, failed, cancelled, expired. ARGV[7] (optional): the worker's model info, kept if none
+# is recorded yet (one round trip for both).
 _SETTLE_CHUNK = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
-if ARGV[5] then redis.call('HSETNX', KEYS[1], 'model', ARGV[5]) end
+if ARGV[7] then redis.call('HSETNX', KEYS[1], 'model', ARGV[7]) end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'completed', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'failed', ARGV[4])
+  redis.call('HINCRBY', KEYS[1], 'cancelled', ARGV[5])
+  redis.call('HINCRBY', KEYS[1], 'expired', ARGV[6])
   return {1, redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)}
 end
 return {0, tonumber(redis.call('HGET', KEYS[1], 'chunks_done') or '0')}
 """
 
 
-def connect(url: str) -> redis.Redis:
-    """A client that rides out a Redis restart: reconnects with backoff for about half a minute."""
-    retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20)
+def connect(url: str, *, ride_out_restarts: bool = False) -> redis.Redis:
+    """A Redis client whose every call is bounded in time.
+
+    The default (the API, the CLI) gives up within about a second when Redis does not answer, so a request
+    is answered 503 at once instead of hanging. ``ride_out_restarts`` (a worker, mid-chunk) reconnects with
+    backoff for about half a minute, so a Redis restart costs no work.
+    """
+    if ride_out_restarts:
+        retry, connect_timeout, read_timeout = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20), 2, 30
+    else:
+        retry, connect_timeout, read_timeout = Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1), 0.5, 5
     return redis.Redis.from_url(url, retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-                                health_check_interval=10, socket_connect_timeout=2, socket_timeout=30)
+                                health_check_interval=10, socket_connect_timeout=connect_timeout,
+                                socket_timeout=read_timeout)
+
+
+def key_part(value: str) -> str:
+    """A user-supplied string as one key segment: ``:`` (the separator) and ``%`` (the escape) are escaped."""
+    return value.replace("%", "%25").replace(":", "%3A")
 
 
 @dataclass
@@ -118,20 +137,23 @@ class Store:
         self._settle = client.register_script(_SETTLE_CHUNK)
 
     # --- keys ---
+    def _tenant(self, tenant: str) -> str:
+        return f"{self.prefix}:t:{key_part(tenant)}"
+
     def job_key(self, tenant: str, job_id: str) -> str:
-        return f"{self.prefix}:t:{tenant}:job:{job_id}"
+        return f"{self._tenant(tenant)}:job:{key_part(job_id)}"
 
     def jobs_index(self, tenant: str) -> str:
-        return f"{self.prefix}:t:{tenant}:jobs"
+        return f"{self._tenant(tenant)}:jobs"
 
     def file_key(self, tenant: str, file_id: str) -> str:
-        return f"{self.prefix}:t:{tenant}:file:{file_id}"
+        return f"{self._tenant(tenant)}:file:{key_part(file_id)}"
 
     def files_index(self, tenant: str) -> str:
-        return f"{self.prefix}:t:{tenant}:files"
+        return f"{self._tenant(tenant)}:files"
 
     def idempotency_key(self, tenant: str, key_digest: str) -> str:
-        return f"{self.prefix}:t:{tenant}:idem:{key_digest}"
+        return f"{self._tenant(tenant)}:idem:{key_part(key_digest)}"
 
     @property
     def deadlines_key(self) -> str:
@@ -171,7 +193,7 @@ class Store:
         key = self.job_key(record.tenant, record.id)
         with self.redis.pipeline() as pipe:
             pipe.hset(key, mapping={"doc": json.dumps(asdict(record)), "status": status, f"{status}_at": now,
-                                    "completed": 0, "failed": 0, "chunks_done": 0})
+                                    "completed": 0, "failed": 0, "cancelled": 0, "expired": 0, "chunks_done": 0})
             pipe.zadd(self.jobs_index(record.tenant), {record.id: time.time()})
             if record.expires_at is not None:
                 pipe.zadd(self.deadlines_key, {json.dumps([record.tenant, record.id]): record.expires_at})
@@ -192,7 +214,7 @@ class Store:
 
     def get_job(self, tenant: str, job_id: str) -> Job | None:
         fields = self.redis.hgetall(self.job_key(tenant, job_id))
-        return self._job(fields) if fields else None
+        return self._job(fields) if fields.get(b"doc") or fields.get("doc") else None
 
     def _job(self, raw: dict) -> Job:
         fields = {_text(k): _text(v) for k, v in raw.items()}
@@ -201,8 +223,8 @@ class Store:
         return Job(
             id=record["id"], status=fields["status"], model=record["model"], params=record["params"],
             input_file_id=record.get("input_file_id"), metadata=record.get("metadata"),
-            request_counts=RequestCounts(total=record["total"], completed=int(fields.get("completed", 0)),
-                                         failed=int(fields.get("failed", 0))),
+            request_counts=RequestCounts(total=record["total"], **{
+                name: int(fields.get(name) or 0) for name in ("completed", "failed", "cancelled", "expired")}),
             chunk_counts=ChunkCounts(total=record["n_chunks"], done=int(fields.get("chunks_done", 0))),
             errors=json.loads(fields["errors"]) if fields.get("errors") else None,
             dataset_uri=record["dataset_uri"], created_at=record["created_at"], expires_at=record.get("expires_at"),
@@ -254,13 +276,16 @@ class Store:
             (doc, status), settled = pipe.execute()
         return (JobRecord(**json.loads(doc)) if doc else None), bool(settled), _text(status)
 
-    def settle_chunk(self, tenant: str, job_id: str, chunk: int, *, completed: int, failed: int,
-                     outcome: str = "written", model: dict | None = None) -> tuple[bool, int]:
+    def settle_chunk(self, tenant: str, job_id: str, chunk: int, *, completed: int = 0, failed: int = 0,
+                     cancelled: int = 0, expired: int = 0, outcome: str = "written",
+                     model: dict | None = None) -> tuple[bool, int]:
         """Record a chunk's counts once (and ``model``, the worker's model info, if the job has none yet).
-        Returns (newly settled, chunks settled so far)."""
+        Every item of a chunk lands in exactly one count. Returns (newly settled, chunks settled so far)."""
         key = self.job_key(tenant, job_id)
-        counts = json.dumps({"completed": completed, "failed": failed, "outcome": outcome, "at": time.time()})
-        args = [chunk, counts, completed, failed] + ([json.dumps(model)] if model is not None else [])
+        counts = json.dumps({"completed": completed, "failed": failed, "cancelled": cancelled, "expired": expired,
+                             "outcome": outcome, "at": time.time()})
+        args = [chunk, counts, completed, failed, cancelled, expired] + (
+            [json.dumps(model)] if model is not None else [])
         newly, done = self._settle(keys=[key, key + ":chunks"], args=args)
         if newly == 1:
             self.publish(tenant, job_id, "job.shard" if outcome == "written" else "job.progress", chunk=chunk)
