@@ -16,6 +16,7 @@ Resource families (input, output and list types never mix)::
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -41,6 +42,44 @@ EventType = Literal["job.status", "job.progress", "job.shard"]
 MAX_QUESTION_CHARS = 4000
 MAX_METADATA_KEYS = 16
 
+# One rule for every id a client names: an item's custom_id (inline or in an items file), job and file ids (in
+# paths, input_file_id, an item's image, the ``after`` cursor) and Idempotency-Keys. No separator (':' of the
+# service's Redis keys, '/' of storage paths), space or control character ever travels inside an id.
+ID_MAX_CHARS = 256
+ID_PATTERN = rf"^[A-Za-z0-9._-]{{1,{ID_MAX_CHARS}}}$"
+ID_RULE = f"1 to {ID_MAX_CHARS} characters, each an ASCII letter, a digit, '.', '_' or '-'"
+_ID = re.compile(ID_PATTERN[1:-1])
+
+
+def is_valid_id(value: object) -> bool:
+    """Whether ``value`` follows the id rule (:data:`ID_RULE`)."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def id_problem(value: object, what: str) -> str | None:
+    """Why ``value`` is no valid id, in words that say how to fix it; None when it is one."""
+    if is_valid_id(value):
+        return None
+    if not isinstance(value, str):
+        return f"{what} must be a string of {ID_RULE}, not {json_type(value)}"
+    shown = repr(value if len(value) <= 40 else value[:40] + "...")
+    return f"{what} {shown} is not a valid id ({len(value)} characters): use {ID_RULE}"
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a value's type, for messages about items (which are JSON)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string" if isinstance(value, str) else type(value).__name__
+
 
 class _Wire(BaseModel):
     # Servers may add fields later; an older SDK must still parse the answer.
@@ -53,6 +92,8 @@ class ErrorDetail(_Wire):
     code: str = Field(description="Machine-readable reason, e.g. 'not_found', 'invalid_request', 'too_large'.")
     message: str = Field(description="What went wrong and how to fix it, for a person.")
     param: str | None = Field(None, description="The request field at fault, when there is one.")
+    request_id: str | None = Field(None, description="The request's id (also the X-Request-ID header): quote it "
+                                                     "when reporting a problem.")
 
 
 class ErrorResponse(_Wire):
@@ -87,9 +128,9 @@ class ItemInput(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    custom_id: str | None = Field(None, min_length=1, max_length=256,
-                                  description="Your id for the item, echoed in the dataset and the error file "
-                                              "[default: item-<index>].")
+    custom_id: str | None = Field(None, pattern=ID_PATTERN,
+                                  description=f"Your id for the item, echoed in the dataset and the error file: "
+                                              f"{ID_RULE} (the same rule in items files) [default: item-<index>].")
     image: str = Field(min_length=1, description="An uploaded file id ('file-...', purpose 'image') or a "
                                                  "base64 data URI (data:image/png;base64,...).")
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
@@ -101,8 +142,8 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_file_id: str | None = Field(None, description="An uploaded file with purpose 'items' (JSONL, one item "
-                                                        "per line).")
+    input_file_id: str | None = Field(None, pattern=ID_PATTERN,
+                                      description="An uploaded file with purpose 'items' (JSONL, one item per line).")
     items: list[ItemInput] | None = Field(None, min_length=1, description="Inline items (small jobs).")
     model: str | None = Field(None, description="Model to run [default: the service's configured model]. "
                                                 "Must be one the workers serve.")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+from ._models import id_problem
+
 
 def parse_items_lines(lines: Iterable[bytes | str]) -> list[dict]:
     """Items JSONL lines -> raw items, in order; blank lines are skipped but still counted.
@@ -17,8 +19,9 @@ def parse_items_lines(lines: Iterable[bytes | str]) -> list[dict]:
     text with ``str.splitlines()``: it also breaks at U+2028 and others, which JSON strings may hold raw.
     Bytes lines are decoded per line, so an invalid UTF-8 byte costs only its own line.
 
-    An item without ``custom_id`` gets ``line-N``; a malformed line N becomes
-    ``{"custom_id": "line-N", "error": "malformed JSON on line N: <reason>"}``.
+    An item without ``custom_id`` (or with ``null``) gets ``line-N``; a malformed line N becomes
+    ``{"custom_id": "line-N", "error": "malformed JSON on line N: <reason>"}``, and so does a line whose
+    custom_id breaks the id rule (``_models.ID_RULE``, the rule of inline items too).
     """
     items: list[dict] = []
     for number, line in enumerate(lines, start=1):
@@ -31,7 +34,11 @@ def parse_items_lines(lines: Iterable[bytes | str]) -> list[dict]:
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             items.append({"custom_id": f"line-{number}", "error": f"malformed JSON on line {number}: {exc}"})
             continue
-        item.setdefault("custom_id", f"line-{number}")
+        if item.get("custom_id") is None:
+            item["custom_id"] = f"line-{number}"
+        elif problem := id_problem(item["custom_id"], "custom_id"):
+            items.append({"custom_id": f"line-{number}", "error": f"line {number}: {problem}"})
+            continue
         items.append(item)
     return items
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hscr_client import HSCRParams, schema
+from hscr_client._models import json_type
 from hscr_client.items import parse_items_lines
 from hscr_client.manifest import finalize
 from hscr_client.storage import open_location
@@ -37,19 +38,6 @@ def read_items(path: str) -> tuple[list[dict], list[ItemError]]:
     failed = [item for item in parsed if item.keys() == {"custom_id", "error"}]  # the parser's error rows
     items = [item for item in parsed if item.keys() != {"custom_id", "error"}]
     return items, [ItemError(item["custom_id"], item["error"]) for item in failed]
-
-
-def json_type(value: object) -> str:
-    """The JSON name of a value's type, for messages about items (which are JSON)."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def prepare(item: dict, *, base_dir: str | None, limits: ImageLimits) -> PreparedItem:
