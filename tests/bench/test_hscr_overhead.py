@@ -6,6 +6,15 @@ import math
 import hscr_overhead
 from common import compare_to_baseline
 
+RATIO = "hscr_over_plain_cpu_time"
+
+
+def flagged_batches(results: list[dict], scale: float, tolerance: float, sizes=(1, 2)) -> list[str]:
+    """The batches ``compare_to_baseline`` flags against a baseline of these results' ratios times ``scale``."""
+    ratios = {r["batch_size"]: r[RATIO] for r in results}
+    baseline = {"results": [{"batch_size": b, RATIO: ratios[b] * scale} for b in sizes]}
+    return [line.split(":")[0] for line in compare_to_baseline(results, baseline, tolerance, key=RATIO)]
+
 
 def test_overhead_run_and_baseline_check(tmp_path, capsys):
     """Both fixture models by default, a row each in the table; a baseline entry checks its own model."""
@@ -37,9 +46,12 @@ def test_overhead_run_and_baseline_check(tmp_path, capsys):
             assert r["hscr"]["generated_tokens"] > r["plain"]["generated_tokens"] > 0
             assert r["hscr"]["mean_levels_per_row"] > 0
             assert r["plain"]["peak_memory_bytes"] > 0 and r["hscr"]["peak_memory_bytes"] > 0
-        # a run compared with itself is within any tolerance
-        assert compare_to_baseline(entry["results"], entry, tolerance=0.0, key="hscr_over_plain_cpu_time") == []
-
+        # The check against baselines around this run's own ratios: one 10 % above each passes; one 10 % below
+        # is a regression of exactly the batches it lists, which a 20 % tolerance absorbs.
+        assert flagged_batches(entry["results"], 1.1, 0.0) == []
+        assert flagged_batches(entry["results"], 1 / 1.1, 0.0) == ["batch 1", "batch 2"]
+        assert flagged_batches(entry["results"], 1 / 1.1, 0.2) == []
+        assert flagged_batches(entry["results"], 1 / 1.1, 0.0, sizes=(2,)) == ["batch 2"]
 
 def test_one_model_baseline_of_the_format_before_models(tmp_path, capsys):
     """The committed baseline (one model's JSON, no ``models``) still checks the model it names."""
