@@ -42,9 +42,25 @@ def test_dicom_windowing_and_monochrome1(tmp_path, example_image):
     assert np.abs(np.asarray(mono1, float) - np.asarray(mono2, float)).mean() < 2  # inverted back
 
 
-def test_multiframe_dicom_uses_the_first_frame(tmp_path, example_image):
-    image = load_image(str(write_dicom(example_image, tmp_path / "mf.dcm", frames=3)))
-    assert image.size == (64, 64)
+def test_multiframe_dicom_uses_the_first_frame(tmp_path):
+    """Three different pictures as the frames of one file: the loaded image is the first one's."""
+    import pydicom
+
+    pictures = [e.image.convert("L") for e in synthetic.make_examples(3, 23)]
+    frames = []
+    for k, picture in enumerate(pictures):  # each frame stored exactly as write_dicom stores a one-frame file
+        frames.append(pydicom.dcmread(write_dicom(picture, tmp_path / f"frame{k}.dcm")).pixel_array)
+    ds = pydicom.dcmread(tmp_path / "frame0.dcm")
+    ds.NumberOfFrames = len(frames)
+    ds.PixelData = np.stack(frames).tobytes()
+    ds.save_as(tmp_path / "mf.dcm", enforce_file_format=True)
+
+    got = np.asarray(load_image(str(tmp_path / "mf.dcm")).convert("L"), float).ravel()
+    greys = [np.asarray(p, float).ravel() for p in pictures]
+    assert got.size == 64 * 64
+    assert np.corrcoef(greys[0], greys[1])[0, 1] < 0.9 and np.corrcoef(greys[0], greys[2])[0, 1] < 0.9
+    assert np.corrcoef(got, greys[0])[0, 1] > 0.99
+    assert np.corrcoef(got, greys[1])[0, 1] < 0.9 and np.corrcoef(got, greys[2])[0, 1] < 0.9
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm"])
