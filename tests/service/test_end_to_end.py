@@ -7,8 +7,8 @@ import json
 from service_helpers import inline_items, wait_for_job
 
 
-def upload_items_file(client, root, n: int, prefix: str) -> str:
-    """Upload n fixture images, then an items JSONL that references them by file id."""
+def upload_items_file(client, root, n: int, prefix: str) -> tuple[str, list[str]]:
+    """Upload n fixture images, then an items JSONL that references them by file id: its id and the custom_ids."""
     lines = []
     for row in [json.loads(line) for line in (root / "items.jsonl").read_text().splitlines()[:n]]:
         with open(root / row["image"], "rb") as f:
@@ -19,7 +19,7 @@ def upload_items_file(client, root, n: int, prefix: str) -> str:
     items = client.post("/v1/files", data={"purpose": "items"},
                         files={"file": ("items.jsonl", ("\n".join(lines) + "\n").encode())})
     assert items.status_code == 201, items.text
-    return items.json()["id"]
+    return items.json()["id"], [json.loads(line)["custom_id"] for line in lines]
 
 
 def test_job_end_to_end_dataset_in_s3_loads_with_datasets(alice, workers, fixture_items, stack_env):
@@ -27,7 +27,8 @@ def test_job_end_to_end_dataset_in_s3_loads_with_datasets(alice, workers, fixtur
 
     from hscr_client import DatasetInfo, Job, schema
 
-    file_id = upload_items_file(alice, fixture_items, 10, "e2e-")
+    file_id, submitted = upload_items_file(alice, fixture_items, 10, "e2e-")
+    assert len(set(submitted)) == 10
     created = alice.post("/v1/jobs", json={"input_file_id": file_id, "metadata": {"run": "e2e"},
                                            "params": {"n_masks": 2, "max_new_tokens": 24}})
     assert created.status_code == 201, created.text
@@ -53,9 +54,13 @@ def test_job_end_to_end_dataset_in_s3_loads_with_datasets(alice, workers, fixtur
     assert len(pairs) == info.manifest["configs"]["pairs"]["rows"] > 0
     ranked = load_dataset("parquet", data_files={"train": [s.url for s in info.shards if s.config == "ranked"]},
                           split="train")
-    assert sorted(ranked["custom_id"]) == sorted(f"e2e-fx-77-{i:05d}" for i in range(10)
-                                                 if f"e2e-fx-77-{i:05d}" in set(ranked["custom_id"]))
-    assert len(ranked) == finished.request_counts.completed
+    # Every submitted item comes out exactly once: a ranked row, or a line of the error file (an item
+    # HSCR found no level for); the ids in both are the submitted ones, none lost, none added.
+    errors = [json.loads(line) for line in alice.get(f"/v1/jobs/{job.id}/errors").text.splitlines()]
+    error_ids = [e["custom_id"] for e in errors]
+    assert len(ranked) == len(set(ranked["custom_id"])) == finished.request_counts.completed > 0
+    assert len(error_ids) == finished.request_counts.failed
+    assert sorted([*ranked["custom_id"], *error_ids]) == sorted(submitted)
 
     # Progress events: the stream replays from the start and ends on the terminal status.
     with alice.stream("GET", f"/v1/jobs/{job.id}/events") as stream:
