@@ -6,6 +6,7 @@ Components register a ``hscr.commands`` entry point that returns a list of click
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -21,6 +22,27 @@ from ._client import Client
 from ._exceptions import HSCRError
 from ._models import Job
 from ._params import HSCRParams
+
+
+class LazyCommand(click.Command):
+    """A command whose module is imported only when the command runs or shows its own help.
+
+    ``hscr --help`` lists it from its name and ``short_help`` alone, so a component whose command module
+    pulls in torch (``hscr worker``) costs nothing to the other commands. ``target`` is ``"module:attribute"``.
+    """
+
+    def __init__(self, name: str, target: str, short_help: str) -> None:
+        super().__init__(name, short_help=short_help, help=short_help, add_help_option=False)
+        self.target = target
+
+    def resolve(self) -> click.Command:
+        module_name, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        # click parses and invokes through the context's command: from here on it is the real one.
+        return self.resolve().make_context(info_name, args, parent=parent, **extra)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,22 +1,21 @@
-"""HSCR training job: multi-level preference optimization on HSCR datasets, and evaluation."""
+"""HSCR training job: multi-level preference optimization on HSCR datasets, and evaluation.
 
-from hscr_worker._compat import ensure_torchvision_importable
+Every name below is imported when first asked for: they pull in torch, transformers and peft, and the
+``hscr`` command group imports this package (through ``hscr_trainer.cli``) to build ``hscr train``.
+"""
 
-ensure_torchvision_importable()  # before transformers touches torchvision
+from __future__ import annotations
 
-from .hscr_config import HSCRConfig  # noqa: E402
-from .losses import LOSSES, VARIANTS  # noqa: E402
+import importlib
+from typing import Any
 
 __all__ = ["HSCRConfig", "HSCRTrainer", "LOSSES", "PreferenceStream", "VARIANTS"]
 
+_LAZY = {"HSCRConfig": ".hscr_config", "HSCRTrainer": ".hscr_trainer", "LOSSES": ".losses", "VARIANTS": ".losses",
+         "PreferenceStream": ".data"}
 
-def __getattr__(name: str):  # the trainer pulls in transformers: import it only when asked
-    if name == "HSCRTrainer":
-        from .hscr_trainer import HSCRTrainer
 
-        return HSCRTrainer
-    if name == "PreferenceStream":
-        from .data import PreferenceStream
-
-        return PreferenceStream
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from hscr_worker._compat import ensure_torchvision_importable
 
-from .losses import LOSSES, VARIANTS
+ensure_torchvision_importable()  # before transformers touches torchvision (the package no longer does it)
+
+from transformers import TrainingArguments  # noqa: E402
+
+from .losses import LOSSES, VARIANTS  # noqa: E402
 
 
 @dataclass

@@ -8,8 +8,21 @@ from pathlib import Path
 import click
 
 from hscr_client import HSCRParams
+from hscr_client._cli import LazyCommand
 
-from .families import PROFILES
+
+class ProfileChoice(click.Choice):
+    """``--profile``: the model profiles' names, read when a command parses or shows the option. The families
+    import torch, which building the ``hscr`` command group must not (``tests/test_cli_imports.py``)."""
+
+    def __init__(self) -> None:  # click.Choice's would read the names now
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        from .families import PROFILES
+
+        return tuple(sorted(PROFILES))
 
 
 def _param_options(func):
@@ -82,7 +95,7 @@ def for_family(engine, params: HSCRParams) -> HSCRParams:
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default=None, help="torch device of the transformers backend, or of the vLLM backend's "
               "vision tower (its engine uses the GPUs CUDA_VISIBLE_DEVICES shows) [default: cuda if present].")
-@click.option("--profile", type=click.Choice(sorted(PROFILES)), default=None,
+@click.option("--profile", type=ProfileChoice(), default=None,
               help="Model family: prompt template and image preprocessing [default: detected from the model].")
 @click.option("--batch-size", default=32, show_default=True, help="Items per chunk (one shard per chunk).")
 @click.option("--score-top-k", type=click.IntRange(min=1), default=None,
@@ -211,7 +224,10 @@ def convert_llava(source, out_dir, vision_tower, dtype):
     click.echo(f"run it with: hscr generate --backend vllm --model {out_dir} --profile {profile} ...")
 
 
-def commands() -> list[click.Command]:
-    from .rq_worker import worker
+# rq_worker imports torch (the families, the backends): `hscr worker` loads it only when it runs.
+worker = LazyCommand("worker", "hscr_worker.rq_worker:worker",
+                     short_help="Run one HSCR worker (one per GPU: set CUDA_VISIBLE_DEVICES).")
 
+
+def commands() -> list[click.Command]:
     return [generate, fixture, quality, worker, convert_llava]
