@@ -15,6 +15,9 @@ def test_preferred_answer_longer_than_the_budget_only_couples_inside_it(fixture_
     results = run_hscr(fixture_backend, items, params, lexical)
     assert len(results) == len(items)
     for result in results:
+        # a real result, coupled on a response that does reach past the budget (word-level tokenizer)
+        assert result.error is None and result.coupled and result.levels, result
+        assert len(result.corrupted.split()) > 12
         assert all(c["position"] < 6 for c in result.coupled)
         for level in result.levels:
             assert all(r["position"] < 6 for r in level.replacements)
@@ -28,6 +31,7 @@ def test_an_item_beyond_the_context_fails_alone(fixture_backend):
     long_item = PreparedItem("ctx-long", "what is seen " * 300, examples[0].image.convert("RGB"))
     params = HSCRParams()
     alone = run_hscr(fixture_backend, items, params, lexical)
+    assert all(r.error is None and r.coupled and r.levels for r in alone)  # real results to compare with
     mixed = run_hscr(fixture_backend, [items[0], long_item, *items[1:]], params, lexical)
     assert [r.custom_id for r in mixed] == ["ctx-0", "ctx-long", "ctx-1", "ctx-2"]
     assert "context of 256 tokens" in mixed[1].error and not mixed[1].levels
