@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from hscr_client.storage import Location, open_location
+from hscr_jobs.maintenance import check_storage
 
 
 def join(uri: str, *parts: str) -> str:
@@ -58,10 +59,10 @@ class Storage:
         return uri[len(self.root) + 1:]
 
     def check(self) -> None:
-        """Raise if the root cannot be listed (readiness)."""
-        from pyarrow import fs as pafs
-
-        self.location.fs.get_file_info(pafs.FileSelector(self.location.base, allow_not_found=True))
+        """Raise (readiness) unless the root can be used now: for S3, the endpoint answers, the bucket exists and
+        the credentials may read it. The service does not create the bucket: ``/readyz`` stays 503 until it
+        exists."""
+        check_storage(self.root, timeout=2.0)
 
     # --- URLs handed to clients ---
     @cached_property
