@@ -219,8 +219,36 @@ def _same_as_batch_by_batch(backend, items, params, batch_size=6):
     assert sum(len(r.levels) for _, results in streamed for r in results) >= 10
 
 
-def test_stream_without_overlap_on_transformers_is_batch_by_batch(hf_backend):
-    assert hf_backend.continuous_batching is False  # padded static batches: merging them buys nothing
+def test_stream_without_overlap_on_transformers_is_batch_by_batch(hf_backend, heldout_items):
+    """Padded static batches gain nothing from merging: by default a transformers stream decodes each batch's own
+    answers, then its re-decodes, and hands its results over before the next batch's first engine call."""
+    assert hf_backend.continuous_batching is False
+    params = HSCRParams()
+    items = heldout_items[:12]
+    batches = [(k, items[4 * k:4 * k + 4]) for k in range(3)]
+    # which batch a request belongs to, by its image's visual tokens (questions repeat between items)
+    encoded = hf_backend.encode_images([it.image for it in items])
+
+    def batch_of(request) -> int:
+        return next(k // 4 for k, v in enumerate(encoded) if torch.equal(v.embeds, request.visual.embeds))
+
+    events: list[tuple] = []
+    generate = hf_backend.generate
+
+    def recorded(requests):
+        kinds = {"re-decode" if r.forced is not None else "answer" for r in requests}
+        events.append(("/".join(sorted(kinds)), sorted({batch_of(r) for r in requests})))
+        return generate(requests)
+
+    hf_backend.generate = recorded  # instance attribute: shadows the method for this test only
+    try:
+        for key, results in run_hscr_stream(hf_backend, iter(batches), params, get_similarity(params.similarity)):
+            events.append(("results", key))
+            assert [r.custom_id for r in results] == [it.custom_id for it in batches[key][1]]
+            assert any(r.levels for r in results)  # each batch has re-decodes to order
+    finally:
+        del hf_backend.generate
+    assert events == [event for k in range(3) for event in (("answer", [k]), ("re-decode", [k]), ("results", k))]
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
