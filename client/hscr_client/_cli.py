@@ -105,7 +105,9 @@ def _echo_json(model: Any) -> None:
 
 def _summary(job: Job) -> str:
     counts = job.request_counts
-    return (f"{job.id}  {job.status:<11}  {counts.completed}/{counts.total} done, {counts.failed} failed  "
+    skipped = "".join(f", {n} {name}" for name, n in (("cancelled", counts.cancelled), ("expired", counts.expired))
+                      if n)
+    return (f"{job.id}  {job.status:<11}  {counts.completed}/{counts.total} done, {counts.failed} failed{skipped}  "
             f"{job.model}")
 
 

@@ -367,3 +367,12 @@ def test_load_opens_a_config_as_a_datasets_dataset(tmp_path):
     assert dataset.num_rows == 2 and dataset[0]["custom_id"] == "a"
     assert dataset.features == hscr_client.schema.features("pairs")
     assert not list((tmp_path / "cache").rglob("ranked/*.parquet"))  # only the asked config is fetched
+
+
+def test_job_summary_counts_every_item():
+    from hscr_client._cli import _summary
+
+    counts = {"total": 10, "completed": 4, "failed": 1, "cancelled": 5, "expired": 0}
+    job = hscr_client.Job.model_validate(job_json(status="cancelled", request_counts=counts))
+    assert job.request_counts.cancelled == 5
+    assert "4/10 done, 1 failed, 5 cancelled" in _summary(job) and "expired" not in _summary(job)

@@ -61,7 +61,7 @@ def _parse_errors(text: str) -> list[dict[str, Any]]:
 
 
 class _Progress:
-    """A tqdm bar over a job's items (completed + failed of total); silent unless asked for."""
+    """A tqdm bar over a job's items (every item accounted for, of total); silent unless asked for."""
 
     def __init__(self, job_id: str, enabled: bool) -> None:
         self._bar = tqdm(total=None, unit="item", desc=job_id, disable=not enabled, dynamic_ncols=True)
@@ -70,7 +70,7 @@ class _Progress:
         counts = job.request_counts
         if counts.total and self._bar.total != counts.total:
             self._bar.total = counts.total
-        self._bar.n = counts.completed + counts.failed
+        self._bar.n = counts.completed + counts.failed + counts.cancelled + counts.expired
         self._bar.set_postfix(status=job.status, failed=counts.failed, refresh=False)
         self._bar.refresh()
 
