@@ -140,7 +140,11 @@ class ItemInput(BaseModel):
 class JobCreate(BaseModel):
     """Create a job from an uploaded items file (``input_file_id``) or from inline ``items``: exactly one."""
 
-    model_config = ConfigDict(extra="forbid")
+    # "Exactly one" in the JSON schema too, so the spec describes precisely the bodies the service accepts.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["input_file_id"], "properties": {"input_file_id": {"type": "string"}, "items": {"type": "null"}}},
+        {"required": ["items"], "properties": {"items": {"type": "array"}, "input_file_id": {"type": "null"}}},
+    ]})
 
     input_file_id: str | None = Field(None, pattern=ID_PATTERN,
                                       description="An uploaded file with purpose 'items' (JSONL, one item per line).")
@@ -149,7 +153,8 @@ class JobCreate(BaseModel):
                                                 "Must be one the workers serve.")
     params: HSCRParams = Field(default_factory=HSCRParams, description="HSCR parameters.")
     metadata: dict[str, str] | None = Field(None, description=f"Up to {MAX_METADATA_KEYS} string pairs, "
-                                                              "returned with the job.")
+                                                              "returned with the job.",
+                                            json_schema_extra={"maxProperties": MAX_METADATA_KEYS})
     completion_window: str | None = Field(
         None, pattern=COMPLETION_WINDOW_PATTERN, examples=["24h"],
         description="Time the job has to finish, as <number><s|m|h|d> (OpenAI Batch's completion_window) "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -54,6 +55,13 @@ class Location:
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         """Write an object whole. Locally via a temporary file and a rename, so readers never see half."""
+        self.write_stream(relative, (data,))
+
+    def write_stream(self, relative: str, blocks: Iterable[bytes]) -> None:
+        """Write an object from ``blocks`` without holding it whole (an upload streamed from its spool file).
+        Locally via a temporary file and a rename, so readers never see half, and nothing is left if ``blocks``
+        raises; on S3 the object may then hold what was written so far (pyarrow cannot abort the upload), so a
+        caller records an object only after this returns."""
         from pyarrow import fs as pafs
 
         target = self.path(relative)
@@ -61,12 +69,18 @@ class Location:
         if isinstance(self.fs, pafs.LocalFileSystem):
             self.fs.create_dir(parent, recursive=True)
             tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-            with self.fs.open_output_stream(tmp) as out:
-                out.write(data)
+            try:
+                with self.fs.open_output_stream(tmp) as out:
+                    for block in blocks:
+                        out.write(block)
+            except BaseException:
+                self.fs.delete_file(tmp)
+                raise
             self.fs.move(tmp, target)
         else:
             with self.fs.open_output_stream(target) as out:
-                out.write(data)
+                for block in blocks:
+                    out.write(block)
 
     def read_bytes(self, relative: str) -> bytes:
         with self.fs.open_input_stream(self.path(relative)) as f:

@@ -12,7 +12,8 @@ from rq import Queue
 from hscr_jobs.store import Store, connect
 
 from . import __version__
-from .api import errors
+from .api import errors, openapi
+from .api.edge import BodyLimit, RequestContext
 from .api.main import api_router
 from .core.config import Settings, get_settings
 from .core.metrics import QueueCollector
@@ -43,6 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for model in settings.served_models:  # each model's queue (see Settings.queue_for)
         QueueCollector.register(Queue(settings.queue_for(model), connection=client))
     Instrumentator(excluded_handlers=["/metrics"]).instrument(app).expose(app, include_in_schema=False)
+    # Added last, so outermost: every request gets its id and its body cap before anything else runs.
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RequestContext)
+    openapi.install(app, settings)
     return app
 
 

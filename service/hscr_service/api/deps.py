@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from rq import Queue
 
+from hscr_client._models import ID_PATTERN, ID_RULE
 from hscr_jobs.store import Store
 
 from ..core.config import Settings
@@ -53,3 +54,9 @@ StoreDep = Annotated[Store, Depends(get_store)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+# Ids in paths and queries follow the one id rule (hscr_client._models.ID_RULE), checked before any lookup.
+JobIdPath = Annotated[str, Path(pattern=ID_PATTERN, description=f"A job id ('job-...'): {ID_RULE}.")]
+FileIdPath = Annotated[str, Path(pattern=ID_PATTERN, description=f"A file id ('file-...'): {ID_RULE}.")]
+AfterQuery = Annotated[str | None, Query(pattern=ID_PATTERN,
+                                         description=f"The last id of the previous page ({ID_RULE}).")]

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from rq import Queue
 
 from hscr_client import Job, JobCreate
-from hscr_client._models import completion_window_seconds
+from hscr_client._models import completion_window_seconds, id_problem, is_valid_id
 from hscr_client.items import parse_items_lines
 from hscr_jobs import lifecycle
 from hscr_jobs.lifecycle import chunk_file
@@ -39,6 +39,8 @@ def _resolve_image(ref: object, *, files: dict[str, FileRecord], settings: Setti
     """An item's image -> what the worker loads. Only the tenant's own files or inline data: no paths, no URLs.
     ``files``: the tenant's records of the file ids the items name (read in one round trip)."""
     if isinstance(ref, str) and ref.startswith("file-"):
+        if problem := id_problem(ref, "image file id"):
+            raise ValueError(problem)
         record = files.get(ref)
         if record is None:
             raise ValueError(f"image file {ref!r} not found")
@@ -56,8 +58,9 @@ def _resolve_image(ref: object, *, files: dict[str, FileRecord], settings: Setti
 
 def normalize(items: list[dict], *, tenant: str, store: Store, settings: Settings) -> list[dict]:
     """Each item -> {custom_id, image, question, answer} or {custom_id, error}."""
-    files = store.get_files(tenant, [item["image"] for item in items
-                                     if isinstance(item.get("image"), str) and item["image"].startswith("file-")])
+    files = store.get_files(tenant, [item["image"] for item in items  # ids that break the id rule: per-item errors
+                                     if isinstance(item.get("image"), str) and item["image"].startswith("file-")
+                                     and is_valid_id(item["image"])])
     seen: set[str] = set()
     rows = []
     for index, item in enumerate(items):
@@ -140,7 +143,8 @@ def _create(job_id: str, *, tenant: str, request: JobCreate, store: Store, stora
     if not raw:
         raise InvalidInput("the items file has no items", param="input_file_id")
     if len(raw) > settings.max_items_per_job:
-        raise TooLarge(f"the job has {len(raw)} items; the limit is {settings.max_items_per_job} per job",
+        raise TooLarge(f"the job has {len(raw)} items; the limit is {settings.max_items_per_job} per job "
+                       "(HSCR_MAX_ITEMS_PER_JOB): split the items into several jobs",
                        param="items")
     rows = normalize(raw, tenant=tenant, store=store, settings=settings)
     size = settings.chunk_size

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from ..errors import RETRY_AFTER_SECONDS
+
 router = APIRouter(tags=["health"])
 CHECK_TIMEOUT = 3.0
 
@@ -23,9 +25,12 @@ async def healthz():
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@router.get("/readyz", response_model=Health,
+            responses={503: {"model": Health, "description": "Not ready: ``checks`` names what is unreachable.",
+                             "headers": {"Retry-After": {"description": "Seconds to wait before asking again.",
+                                                         "schema": {"type": "integer"}}}}})
 async def readyz(request: Request):
-    """Ready when Redis answers PING and the storage root can be listed."""
+    """Ready when Redis answers PING and the storage root can be listed (each check bounded in time)."""
     state = request.app.state
     checks = {}
     for name, probe in (("redis", state.store.redis.ping), ("storage", state.storage.check)):
@@ -36,4 +41,6 @@ async def readyz(request: Request):
             checks[name] = f"unreachable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
     body = Health(status="ok" if ready else "unavailable", checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+    if ready:
+        return JSONResponse(body.model_dump())
+    return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})

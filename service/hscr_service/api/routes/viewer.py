@@ -19,9 +19,18 @@ from pydantic import BaseModel
 
 from hscr_client.viewer import MAX_PAGE_ROWS, MODALITIES, DatasetCache, Filters, ViewerDataset, render_app
 
-from ...core.errors import InvalidInput, NotFound
-from ..deps import StoreDep, TenantDep, get_tenant
+from ...core.errors import NotFound
+from ..deps import JobIdPath, StoreDep, TenantDep, get_tenant
 from ..errors import ERROR_RESPONSES
+
+# The modality filter's values, as the spec's enum: exactly what Filters accepts.
+Modality = Literal[tuple(MODALITIES)]  # type: ignore[valid-type]
+# The page itself is HTML, its errors are JSON like every route's: say so per status (FastAPI would document
+# them under the route's text/html).
+_JSON_ERRORS = {status: {"description": spec["description"],
+                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                         **({"headers": spec["headers"]} if "headers" in spec else {})}
+                for status, spec in ERROR_RESPONSES.items()}
 
 router = APIRouter(prefix="/v1/jobs", tags=["viewer"], responses=ERROR_RESPONSES)
 _optional_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
@@ -70,8 +79,9 @@ def _urls(request: Request, job_id: str) -> dict[str, str]:
 
 
 @router.get("/{job_id}/viewer", response_class=HTMLResponse, name="viewer_page",
-            responses={200: {"content": {"text/html": {}}, "description": "The viewer page."}})
-def viewer_page(request: Request, store: StoreDep, cache: ViewerCacheDep, job_id: str,
+            responses={200: {"content": {"text/html": {"schema": {"type": "string"}}},
+                             "description": "The viewer page."}, **_JSON_ERRORS})
+def viewer_page(request: Request, store: StoreDep, cache: ViewerCacheDep, job_id: JobIdPath,
                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_optional_bearer)]):
     """The viewer page of the job's dataset (see the module doc for how a browser authenticates)."""
     title = f"HSCR job {job_id}"
@@ -85,7 +95,7 @@ def viewer_page(request: Request, store: StoreDep, cache: ViewerCacheDep, job_id
 
 
 @router.get("/{job_id}/viewer/summary", name="viewer_summary", response_model=dict[str, Any])
-def viewer_summary(tenant: TenantDep, store: StoreDep, cache: ViewerCacheDep, job_id: str):
+def viewer_summary(tenant: TenantDep, store: StoreDep, cache: ViewerCacheDep, job_id: JobIdPath):
     """Counts, levels and modalities of the job's dataset, for the page's header and filters."""
     dataset = job_dataset(tenant=tenant, job_id=job_id, store=store, cache=cache)
     return dataset.summary(title=f"HSCR job {job_id}", source=f"job {job_id}")
@@ -93,18 +103,17 @@ def viewer_summary(tenant: TenantDep, store: StoreDep, cache: ViewerCacheDep, jo
 
 @router.get("/{job_id}/viewer/rows", name="viewer_rows", response_model=ViewerPage)
 def viewer_rows(
-    tenant: TenantDep, store: StoreDep, cache: ViewerCacheDep, job_id: str,
+    tenant: TenantDep, store: StoreDep, cache: ViewerCacheDep, job_id: JobIdPath,
     offset: Annotated[int, Query(ge=0, le=10_000_000, description="Items to skip.")] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_ROWS, description="Items per page.")] = 25,
     status: Annotated[Literal["ranked", "errors", "warnings", "all"],
                       Query(description="ranked rows, failed items, rows with warnings, or all.")] = "ranked",
     level: Annotated[int | None, Query(ge=0, le=1000, description="Only rows with this level.")] = None,
     q: Annotated[str, Query(max_length=500, description="Words that must all occur (case-insensitive).")] = "",
-    modality: Annotated[str | None, Query(max_length=64, description=f"One of {', '.join(MODALITIES)}.")] = None,
+    modality: Annotated[Modality | None, Query(description="Only rows whose question or answers name this "
+                                                           "modality.")] = None,
 ):
     """A page of the job's dataset as view rows with thumbnails (filters as in ``hscr_client.viewer.Filters``)."""
-    if modality is not None and modality not in MODALITIES:
-        raise InvalidInput(f"modality must be one of {', '.join(MODALITIES)}", param="modality")
     dataset = job_dataset(tenant=tenant, job_id=job_id, store=store, cache=cache)
     filters = Filters(level=level, q=q, modality=modality, status=status)
     return dataset.page(filters, offset=offset, limit=limit)
