@@ -162,6 +162,36 @@ def test_too_many_inline_items_names_the_setting(alice):
     assert "limit is 200" in response.text and "HSCR_MAX_ITEMS_PER_JOB" in response.text
 
 
+# --- images at upload (item 8) -------------------------------------------------------------------------------
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` and holds no pixel data: what a bomb's header says."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_upload_messages_cite_our_pixel_limit_and_accept_dicom_without_preamble(alice):
+    from pydicom.data import get_testdata_file
+
+    bomb = alice.post("/v1/files", data={"purpose": "image"}, files={"file": ("b.png", png_header(20_000, 20_000))})
+    assert bomb.status_code == 422, bomb.text
+    message = bomb.json()["error"]["message"]
+    assert "400000000 pixels" in message and "the limit is 40000000 (HSCR_MAX_IMAGE_PIXELS" in message, message
+    assert "178956970" not in message  # Pillow's own limit, which fires first for an image this large
+    dicom = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    headerless = alice.post("/v1/files", data={"purpose": "image"}, files={"file": ("ct.dcm", dicom[132:])})
+    assert headerless.status_code == 201, headerless.text
+    assert headerless.json()["content_type"] == "application/dicom"
+    junk = alice.post("/v1/files", data={"purpose": "image"}, files={"file": ("x.dcm", b"\x00" * 300)})
+    assert junk.status_code == 422 and "not a readable image" in junk.text  # force-parses, but holds no image
+
+
 # --- hostile ids --------------------------------------------------------------------------------------------
 
 HOSTILE_IDS = ["a:b", "job-1:chunks", "x" * 257, "a b", "über", "a%3Ab", "tab\there", "q?x=1", "semi;colon"]
