@@ -101,8 +101,10 @@ def test_declared_oversized_body_is_refused_before_it_is_read(small_api):
         status, headers, body, _, elapsed = raw_exchange(url, head, [b"{" + b" " * 1023])  # 1 KB of 400 MB
         assert status == 413, (status, body[:300])  # not 100 Continue: the body is never asked for
         assert elapsed < 2, elapsed
+        print(f"\ndeclared 400 MB body {expect.strip() or '(no Expect)'}: 413 after {elapsed * 1000:.0f} ms")
         error = json.loads(body)["error"]
         assert "HSCR_MAX_INLINE_REQUEST_BYTES" in error["message"] and error["request_id"] == headers["x-request-id"]
+    print(f"API peak memory grew by {(peak_rss(pid) - before) / MIB:.1f} MiB")
     assert peak_rss(pid) - before < 10 * MIB
     answer = httpx.post(f"{url}/v1/jobs", headers={**AUTH, "Content-Type": "application/json"},
                         content=b"{" + b" " * (INLINE_LIMIT + 10) + b"}")
@@ -123,6 +125,8 @@ def test_chunked_body_is_counted_while_it_streams(small_api):
     status, _, body, sent, _ = raw_exchange(url, head, [b'5\r\n{"ite\r\n', *blocks])
     assert status == 413, (status, body[:300])
     assert "HSCR_MAX_INLINE_REQUEST_BYTES" in json.loads(body)["error"]["message"]
+    print(f"\nchunked body: 413 after {sent / 1024:.0f} KiB sent (limit {INLINE_LIMIT / 1024:.0f} KiB); "
+          f"API peak memory grew by {(peak_rss(pid) - before) / MIB:.1f} MiB")
     assert sent < 8 * MIB, sent  # it stopped the stream soon after the limit, not at the end
     assert peak_rss(pid) - before < 20 * MIB
     assert httpx.get(f"{url}/healthz").status_code == 200  # and serves the next request
