@@ -6,7 +6,8 @@
 - Their structure: the services, one GPU per worker, healthchecks, Redis AOF, SeaweedFS ``mini``,
   and every required variable defined in ``.env.example``.
 - The Dockerfiles copy only files that exist, and the API image never gets torch.
-- ``docker-compose config`` (Debian's docker-compose 1.29 parses without an engine) when installed.
+- ``docker-compose config`` (Debian's docker-compose 1.29 parses without an engine; ``bash scripts/setup.sh --tests``
+  installs it, and under CI=true its absence fails the run instead of skipping these checks).
 - The worker's healthcheck script against a real Redis with a real RQ worker registration.
 """
 
@@ -158,7 +159,7 @@ def test_api_image_has_no_torch_and_worker_image_has_cuda_and_vllm():
 def test_docker_compose_config_accepts_the_file(path, tmp_path):
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose (Debian's 1.29, `apt-get install docker-compose`) is not installed; "
+        pytest.skip("docker-compose (Debian's 1.29: `bash scripts/setup.sh --tests`) is not installed; "
                     "the schema and structure checks above still ran")
     env = {**os.environ, "HSCR_REDIS_HOST": "main-host", "HSCR_MAIN_S3_ENDPOINT": "http://main-host:8333"}
     result = subprocess.run([binary, "-f", str(path), "--env-file", str(ENV_EXAMPLE), "config", "--quiet"],
@@ -171,7 +172,7 @@ def test_a_worker_host_without_the_main_hosts_s3_endpoint_is_refused():
     worker-only host: the workers file asks for the main host's endpoint under its own name."""
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose (Debian's 1.29) is not installed")
+        pytest.skip("docker-compose (Debian's 1.29: `bash scripts/setup.sh --tests`) is not installed")
     env = {key: value for key, value in os.environ.items() if key != "HSCR_MAIN_S3_ENDPOINT"}
     env["HSCR_REDIS_HOST"] = "main-host"
     result = subprocess.run([binary, "-f", str(DOCKER / "compose.workers.yaml"), "--env-file", str(ENV_EXAMPLE),
@@ -183,7 +184,7 @@ def test_docker_compose_config_refuses_missing_secrets(tmp_path):
     """Without the .env, the required secrets stop compose with our message (not a half-configured stack)."""
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose (Debian's 1.29) is not installed")
+        pytest.skip("docker-compose (Debian's 1.29: `bash scripts/setup.sh --tests`) is not installed")
     empty_env = tmp_path / "empty.env"
     empty_env.write_text("")
     env = {key: value for key, value in os.environ.items() if key not in _env_example()}
