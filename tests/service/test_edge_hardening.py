@@ -345,3 +345,26 @@ def test_reads_answer_503_at_once_while_redis_is_down_and_recover(stack_env, tmp
     finally:
         stop(process)
         private.stop()
+
+
+# --- the served spec ----------------------------------------------------------------------------------------
+
+def test_every_ref_in_the_served_spec_resolves(api):
+    """The events route once embedded Event's own schema, whose '#/$defs/RequestCounts' pointed nowhere."""
+    spec = httpx.get(f"{api}/openapi.json").json()
+
+    def refs(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    found = set(refs(spec))
+    assert "#/components/schemas/Event" in found
+    for ref in found:
+        assert ref.startswith("#/components/schemas/"), ref
+        assert ref.rsplit("/", 1)[1] in spec["components"]["schemas"], ref
