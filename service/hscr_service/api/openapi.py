@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
 from hscr_client import Event
@@ -22,7 +21,7 @@ from ..core.config import Settings
 REF_TEMPLATE = "#/components/schemas/{model}"
 EVENTS_PATH = "/v1/jobs/{job_id}/events"
 
-# operationId-free links: (path, method) of each operation that takes the created resource's id.
+# Link name -> (path, method) of each operation that takes the created resource's id.
 _JOB_OPERATIONS = {
     "GetJob": ("/v1/jobs/{job_id}", "get"),
     "CancelJob": ("/v1/jobs/{job_id}/cancel", "post"),
@@ -54,8 +53,8 @@ def _link(schema: dict[str, Any], path: str, method: str, status: str, operation
         links[name] = {"operationId": target["operationId"], "parameters": {parameter: "$response.body#/id"}}
 
 
-def build(app: FastAPI, settings: Settings) -> dict[str, Any]:
-    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+def complete(schema: dict[str, Any], settings: Settings) -> None:
+    """Complete FastAPI's spec in place (see the module doc)."""
     _add_components(schema, [Event])
     events = schema["paths"].get(EVENTS_PATH, {}).get("get")
     if events is not None:
@@ -68,13 +67,14 @@ def build(app: FastAPI, settings: Settings) -> dict[str, Any]:
     if "model" in job_create:
         job_create["model"] = {"anyOf": [{"type": "string", "enum": list(settings.served_models)}, {"type": "null"}],
                                "title": "Model", "description": job_create["model"].get("description", "")}
-    return schema
 
 
 def install(app: FastAPI, settings: Settings) -> None:
+    fastapi_openapi = app.openapi  # builds the spec once and caches it in app.openapi_schema
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = build(app, settings)
+            complete(fastapi_openapi(), settings)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
