@@ -40,11 +40,15 @@ class Settings(BaseSettings):
                                    description="Default time a job has to finish (<number><s|m|h|d>); a job "
                                                "still running then ends 'expired'.")
 
-    max_items_per_job: int = Field(10_000, ge=1)
-    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    max_items_file_bytes: int = Field(256 * 1024 * 1024, ge=1)
-    max_inline_request_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    # Limits: a request over one gets a 4xx naming it and its HSCR_* variable (docs/service.md, Limits).
+    max_items_per_job: int = Field(10_000, ge=1, description="Items per job, inline or from a file (413).")
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Bytes of an image upload or inline image.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Pixels of an image, read from its header "
+                                                                "(decompression-bomb guard).")
+    max_items_file_bytes: int = Field(256 * 1024 * 1024, ge=1, description="Bytes of an items-file upload.")
+    max_inline_request_bytes: int = Field(64 * 1024 * 1024, ge=1,
+                                          description="Bytes of any request body but an upload (POST /v1/jobs with "
+                                                      "inline items); checked before the body is read.")
     presign_seconds: int = Field(3600, ge=60, le=7 * 24 * 3600)
     event_keepalive_seconds: float = Field(15.0, gt=0)
 
