@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import click
 
 from hscr_client import HSCRParams
 from hscr_client._cli import LazyCommand
+
+
+def library_progress_at_debug() -> None:
+    """The libraries' own progress bars (transformers' "Loading weights", hub downloads, datasets' "Generating
+    train split") show only at ``HSCR_LOG_LEVEL=debug``: a command shows its own progress, not theirs.
+
+    By the libraries' variables, so child processes and a user's explicit setting (``=0``) are honoured."""
+    if os.environ.get("HSCR_LOG_LEVEL", "").strip().lower() == "debug":
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # they read the variables when first imported: one already imported is told directly
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
+    if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1" and "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 class ProfileChoice(click.Choice):
@@ -109,6 +136,7 @@ def for_family(engine, params: HSCRParams) -> HSCRParams:
 def generate(model, input_path, output, backend, device, profile, batch_size, score_top_k, gpu_memory_utilization,
              max_model_len, min_pixels, max_pixels, paper, **options):
     """Generate an HSCR preference dataset from an items JSONL file."""
+    library_progress_at_debug()
     from tqdm import tqdm
 
     from .generate import DEFAULT_MODEL, generate_dataset, load_backend, read_items
@@ -176,6 +204,7 @@ def fixture_train(out_dir, family, steps):
 @click.option("--seed", default=999, show_default=True)
 def fixture_evaluate(model, n, seed):
     """Held-out accuracy of the fixture model with the image, a blank image and another item's image."""
+    library_progress_at_debug()
     from .fixture.evaluate import evaluate_model
     from .generate import DEFAULT_MODEL
 
@@ -190,6 +219,7 @@ def fixture_evaluate(model, n, seed):
 @_param_options
 def quality(model, n, seed, paper, **options):
     """HSCR quality on held-out fixture items: R-precision of coupled tokens, level error rates."""
+    library_progress_at_debug()
     from .backends.transformers import TransformersBackend
     from .fixture.quality import measure
     from .generate import DEFAULT_MODEL
