@@ -270,6 +270,7 @@ class DatasetInfo(_Wire):
     manifest_url: str | None = None
     card_url: str | None = None
     errors_url: str | None = None
+    skipped_url: str | None = Field(None, description="Items never run (cancelled or expired), once finalized.")
     url_expires_at: int | None = Field(None, description="Unix seconds after which presigned URLs stop working.")
     storage_options: dict[str, Any] | None = Field(None, description="Non-secret options for reading ``uri`` "
                                                                      "directly (e.g. the S3 endpoint).")

@@ -97,7 +97,8 @@ def test_bad_items_become_per_item_errors(alice, bob, workers, fixture_items):
     job = wait_for_job(alice, created.json()["id"])
     assert job["status"] == "completed"
     errors_text = alice.get(f"/v1/jobs/{job['id']}/errors").text
-    assert job["request_counts"] == {"total": len(lines), "completed": 2, "failed": len(lines) - 2}, errors_text
+    assert job["request_counts"] == {"total": len(lines), "completed": 2, "failed": len(lines) - 2, "cancelled": 0,
+                                     "expired": 0}, errors_text
     errors = {e["custom_id"]: e["error"] for e in map(json.loads, alice.get(f"/v1/jobs/{job['id']}/errors")
                                                        .text.splitlines())}
     assert "malformed JSON" in errors["line-3"]

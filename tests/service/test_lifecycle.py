@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
 from service_helpers import FAST_PARAMS, inline_items, wait_for_job
 from test_failures import all_ids_exactly_once
 
@@ -31,6 +32,7 @@ def test_cancel_with_no_chunk_running_ends_cancelled_at_once(idle_alice, fixture
     assert job["request_counts"] == {"total": 6, "completed": 0, "failed": 0, "cancelled": 6, "expired": 0}
     info = idle_alice.get(f"/v1/jobs/{job_id}/dataset").json()
     assert info["complete"] and info["shards"] == [] and info["manifest"]["request_counts"] == job["request_counts"]
+    assert httpx.get(info["skipped_url"]).text.count('"cancelled"') == 6  # a presigned URL of skipped.jsonl
     assert set(skipped_rows(job).values()) == {"cancelled"} and len(skipped_rows(job)) == 6
     assert idle_alice.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
 

@@ -54,7 +54,7 @@ def _plan(info: DatasetInfo, directory: Path, config: Config | NotGiven) -> list
             continue
         plan.append(_Download(shard.url, target, shard.sha256))
     for url, name in ((info.manifest_url, schema.MANIFEST), (info.card_url, schema.CARD),
-                      (info.errors_url, schema.ERRORS)):
+                      (info.errors_url, schema.ERRORS), (info.skipped_url, schema.SKIPPED)):
         if url:
             plan.append(_Download(url, directory / name, None))
     return plan

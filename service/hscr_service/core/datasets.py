@@ -42,6 +42,8 @@ def dataset_info(*, tenant: str, job_id: str, store: Store, storage: Storage, ex
     shards = [ShardInfo(config=config, chunk=_chunk_of(s["path"]), path=s["path"], rows=s["rows"],
                         sha256=s["sha256"], bytes=s["bytes"]) for config, s in entries]
     extras = [schema.MANIFEST, schema.CARD, schema.ERRORS] if manifest else []
+    if manifest and manifest.get("skipped"):  # datasets finalized before skipped.jsonl existed have none
+        extras.append(schema.SKIPPED)
     urls = storage.urls([join(job.dataset_uri, s.path) for s in shards] + [join(job.dataset_uri, e) for e in extras],
                         expires)
     for shard, url in zip(shards, urls, strict=False):
@@ -50,6 +52,7 @@ def dataset_info(*, tenant: str, job_id: str, store: Store, storage: Storage, ex
     return DatasetInfo(job_id=job.id, status=job.status, complete=manifest is not None, uri=job.dataset_uri,
                        shards=shards, manifest=manifest, manifest_url=named.get(schema.MANIFEST),
                        card_url=named.get(schema.CARD), errors_url=named.get(schema.ERRORS),
+                       skipped_url=named.get(schema.SKIPPED),
                        url_expires_at=int(time.time()) + expires if storage.is_s3 else None,
                        storage_options=storage.public_options())
 
