@@ -188,11 +188,12 @@ def fixture_items(n, seed, out, images):
 
 @fixture.command("train")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--family", type=click.Choice(["llava", "qwen2.5-vl"]), default="llava", show_default=True,
-              help="llava rebuilds fixture/model, qwen2.5-vl fixture/model-qwen2.5-vl.")
+@click.option("--family", type=click.Choice(["llava", "qwen2.5-vl", "gemma3"]), default="llava", show_default=True,
+              help="llava rebuilds fixture/model, qwen2.5-vl fixture/model-qwen2.5-vl, gemma3 fixture/model-gemma3.")
 @click.option("--steps", type=int, default=None, help="[default: 1500]")
 def fixture_train(out_dir, family, steps):
-    """Retrain a fixture model with the seeded recipe (LLaVA about 4-8 minutes on 2 cores, Qwen2.5-VL 12-20)."""
+    """Retrain a fixture model with the seeded recipe (LLaVA about 4-8 minutes on 2 cores, Qwen2.5-VL, Gemma 3
+    12-25)."""
     from .fixture.train import train
 
     click.echo(json.dumps(train(out_dir, family=family, steps=steps), indent=2))

@@ -4,7 +4,8 @@ Prompts go in as embeddings (the image placeholder expanded to the visual tokens
 positions from the model family: a model that sees only ``inputs_embeds`` cannot tell where an
 image's tokens sit (Qwen's M-RoPE would silently count them as text), and a dropped image must
 keep its survivors where they were. Greedy decoding is a small loop over the KV cache, so those
-positions hold at every step.
+positions hold at every step. A family whose image tokens attend to each other bidirectionally
+(Gemma 3) also gets ``token_type_ids`` marking the image's rows in the prompt pass.
 """
 
 from __future__ import annotations
@@ -61,25 +62,42 @@ class TransformersBackend(ProcessorBackend):
             positions = torch.arange(embeds.shape[0]).unsqueeze(0)
         return embeds, positions.to(self.device)
 
-    def _pad(self, inputs: Sequence[tuple[torch.Tensor, torch.Tensor]], *, left: bool):
+    def _pad(self, inputs: Sequence[tuple[torch.Tensor, torch.Tensor]], *, left: bool,
+             images: Sequence[tuple[int, int]] | None = None):
         """One batch from ``(embeds [L, hidden], positions [P, L])`` rows: embeddings ``[B, L, hidden]``,
-        positions ``long[P, B, L]`` and the attention mask; padded on the left (decoding appends on the
-        right) or on the right (scoring reads each row from its start)."""
+        positions ``long[P, B, L]``, the attention mask and the token types; padded on the left (decoding
+        appends on the right) or on the right (scoring reads each row from its start).
+
+        Token types (``long[B, L]``, 1 = image) only for a family whose image tokens attend to each other
+        bidirectionally (Gemma 3), from each row's image span ``images[row] = (start, n_tokens)``; else None.
+        """
         length = max(e.shape[0] for e, _ in inputs)
         embeds = torch.zeros(len(inputs), length, inputs[0][0].shape[1], device=self.device, dtype=inputs[0][0].dtype)
         positions = torch.ones(inputs[0][1].shape[0], len(inputs), length, device=self.device, dtype=torch.long)
         mask = torch.zeros(len(inputs), length, device=self.device, dtype=torch.long)
+        bidirectional = self.profile.image_attention == "bidirectional"
+        types = torch.zeros(len(inputs), length, device=self.device, dtype=torch.long) if bidirectional else None
         for row, (e, p) in enumerate(inputs):
-            span = slice(length - e.shape[0], length) if left else slice(0, e.shape[0])
+            offset = length - e.shape[0] if left else 0
+            span = slice(offset, offset + e.shape[0])
             embeds[row, span], positions[:, row, span], mask[row, span] = e, p, 1
-        return embeds, positions, mask
+            if types is not None:
+                start, n = images[row]
+                types[row, offset + start: offset + start + n] = 1  # kept and zeroed rows are image rows too
+        return embeds, positions, mask, types
+
+    def _image_span(self, ids: Sequence[int], visual: VisualTokens) -> tuple[int, int]:
+        """Where the visual rows sit in the expanded prompt: (first row, count)."""
+        return list(ids).index(self.image_token_id), visual.n_tokens
 
     def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 cache: DynamicCache | None = None) -> torch.Tensor:
-        """Logits ``[B, L, V]``; ``positions`` is ``long[P, B, L]``."""
+                 types: torch.Tensor | None = None, cache: DynamicCache | None = None) -> torch.Tensor:
+        """Logits ``[B, L, V]``; ``positions`` is ``long[P, B, L]``; ``types`` the token types (Gemma 3's
+        bidirectional image attention; a decode step's new tokens are text: None)."""
         position_ids = positions[0] if positions.shape[0] == 1 else positions
+        extra = {} if types is None else {"token_type_ids": types}
         return self.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask,
-                          past_key_values=cache, use_cache=cache is not None).logits
+                          past_key_values=cache, use_cache=cache is not None, **extra).logits
 
     # ---- generation and scoring ----
     @torch.inference_mode()
@@ -91,11 +109,12 @@ class TransformersBackend(ProcessorBackend):
 
     def _generate_batch(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
         inputs = [self._inputs([*r.prompt_ids, *r.response_prefix], r.visual) for r in requests]
-        embeds, positions, mask = self._pad(inputs, left=True)
+        embeds, positions, mask, types = self._pad(inputs, left=True,
+                                                   images=[self._image_span(r.prompt_ids, r.visual) for r in requests])
         n_pos = positions.shape[0]
         next_position = torch.stack([p.max() + 1 for _, p in inputs])  # [B]: the first response token's
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(embeds, positions, mask, cache)[:, -1]
+        logits = self._forward(embeds, positions, mask, types, cache)[:, -1]
         max_new = max(r.max_new_tokens for r in requests)
         generated: list[list[int]] = [[] for _ in requests]
         rows: list[list[torch.Tensor]] = [[] for _ in requests]
@@ -121,7 +140,7 @@ class TransformersBackend(ProcessorBackend):
             step_embeds = self._embed_tokens(torch.tensor(tokens, device=self.device)).unsqueeze(1)
             step_positions = (next_position + step).view(1, -1, 1).expand(n_pos, -1, -1)
             mask = torch.cat([mask, mask.new_ones(len(requests), 1)], dim=1)
-            logits = self._forward(step_embeds, step_positions, mask, cache)[:, -1]
+            logits = self._forward(step_embeds, step_positions, mask, None, cache)[:, -1]
         responses = []
         for row, r in enumerate(requests):
             ids = generated[row] if self.ignore_eos else self._cut_at_stop(generated[row])
@@ -139,7 +158,8 @@ class TransformersBackend(ProcessorBackend):
 
     def _score_batch(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
         inputs = [self._inputs([*r.prompt_ids, *r.response_ids], r.visual) for r in requests]
-        logits = self._forward(*self._pad(inputs, left=False))
+        logits = self._forward(*self._pad(inputs, left=False,
+                                          images=[self._image_span(r.prompt_ids, r.visual) for r in requests]))
         out = []
         for row, ((e, _), r) in enumerate(zip(inputs, requests, strict=True)):
             n_resp = len(r.response_ids)

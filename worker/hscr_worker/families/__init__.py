@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import llava, qwen2_vl
+from . import gemma3, llava, qwen2_vl
 from .base import ModelFamily, UnsupportedModel
 
-PROFILES: dict[str, ModelFamily] = {**llava.PROFILES, **qwen2_vl.PROFILES}
+PROFILES: dict[str, ModelFamily] = {**llava.PROFILES, **qwen2_vl.PROFILES, **gemma3.PROFILES}
 FAMILY_MODEL_TYPES: dict[str, tuple[str, ...]] = {
     "llava (profiles fixture, llava-1.5, llava-med)": ("llava",),
     "qwen2-vl": ("qwen2_vl",),
     "qwen2.5-vl": ("qwen2_5_vl",),
+    "gemma3 (MedGemma)": ("gemma3",),
 }
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")

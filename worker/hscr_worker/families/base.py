@@ -1,13 +1,14 @@
 """What a model family is to HSCR: the one place that knows a checkpoint architecture's edges.
 
-A family (one module per architecture: ``llava``, ``qwen2_vl``) knows its chat template and stop
+A family (one module per architecture: ``llava``, ``qwen2_vl``, ``gemma3``) knows its chat template and stop
 tokens, its image preprocessing, how an image becomes post-projector visual tokens and how many
 placeholder positions they take, where those tokens sit in the model's positional encoding (so
 visual-token dropout keeps the surviving tokens where they were), and what a cache keyed on an
 image must include. Backends ask it; ``core/`` and the pipeline never see a family.
 
 A *profile* is one named family instance (``--profile``): LLaVA has three prompt variants
-(``fixture``, ``llava-1.5``, ``llava-med``), Qwen two versions (``qwen2-vl``, ``qwen2.5-vl``).
+(``fixture``, ``llava-1.5``, ``llava-med``), Qwen two versions (``qwen2-vl``, ``qwen2.5-vl``), Gemma 3 one
+(``gemma3``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -105,6 +107,12 @@ class ModelFamily:
         """``config`` with a zero-layer language model: loading it reads the vision side only."""
         config.get_text_config().num_hidden_layers = 0
         return config
+
+    # ---- attention ----
+    # How an image's tokens attend to each other: "causal" like text (LLaVA, Qwen), or "bidirectional"
+    # among the tokens of one image (Gemma 3: the transformers backend then passes token_type_ids, the
+    # image's rows marked 1, whole or dropped).
+    image_attention: Literal["causal", "bidirectional"] = "causal"
 
     # ---- positions ----
     def position_ids(self, ids: Sequence[int], image_token_id: int, visual: VisualTokens) -> torch.Tensor | None:
