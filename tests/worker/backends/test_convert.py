@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -107,12 +108,23 @@ class OriginalLlava:
         tower["embeddings.position_ids"] = torch.arange(17).unsqueeze(0)
         save_file(tower, self.clip_dir / "model.safetensors")
 
+    def prompt_ids(self, question: str, image_token_id: int) -> list[int]:
+        """LLaVA-Med's mistral_instruct prompt (``tokenizer_image_token``): one placeholder id for the image."""
+        before, after = "[INST] ", f"\n{question} [/INST]"
+        return (self.tokenizer(before, add_special_tokens=False)["input_ids"] + [image_token_id]
+                + self.tokenizer(after, add_special_tokens=False)["input_ids"])
+
     @torch.no_grad()
-    def logits(self, question: str, image: Image.Image) -> torch.Tensor:
-        """LLaVA-Med's mistral_instruct prompt with the image spliced in; logits at every position."""
+    def logits(self, question: str, image: Image.Image, response: Sequence[int] = (), *,
+               pad: bool = False) -> torch.Tensor:
+        """LLaVA-Med's mistral_instruct prompt with the image spliced in, then ``response``; logits at every
+        position. ``pad``: LLaVA's ``image_aspect_ratio="pad"`` preprocessing (``process_images``), the image
+        centred on a square of the image processor's mean colour before the processor sees it."""
+        if pad:
+            image = expand2square(image, tuple(int(x * 255) for x in self.image_processor.image_mean))
         before, after = "[INST] ", f"\n{question} [/INST]"
         ids_before = self.tokenizer(before, add_special_tokens=False)["input_ids"]
-        ids_after = self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        ids_after = self.tokenizer(after, add_special_tokens=False)["input_ids"] + list(response)
         pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         hidden = self.vision(pixels, output_hidden_states=True).hidden_states[SELECT_LAYER][:, 1:]
         features = self.projector(hidden)[0]
@@ -120,6 +132,16 @@ class OriginalLlava:
         embeds = torch.cat([embed(torch.tensor(ids_before)), features, embed(torch.tensor(ids_after))])
         return self.language(inputs_embeds=embeds[None]).logits[0]
 
+
+def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """LLaVA's ``expand2square`` (llava/mm_utils.py): the image centred on a square canvas of ``background``."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 def _image(seed: int) -> Image.Image:
     generator = torch.Generator().manual_seed(seed)
@@ -223,6 +245,26 @@ def test_conversion_refuses_what_it_cannot_express(original, tmp_path):
     (target / "x").write_text("")
     with pytest.raises(ConversionError, match="not empty"):
         convert_llava_checkpoint(original.source, target)
+
+
+def test_llava_med_profile_gives_the_model_what_llava_med_gives_it(converted, original):
+    """The ``llava-med`` profile (prompt ids, pad-to-square images) through the transformers backend against
+    LLaVA's own preprocessing and forward on the original checkpoint. The two backends share the profile's
+    code (the test below), so only a reference outside it can catch a bug there."""
+    from hscr_worker.backends.base import ScoreRequest
+    from hscr_worker.backends.transformers import TransformersBackend
+
+    out, report = converted
+    hf = TransformersBackend(str(out), device="cpu", profile="llava-med")
+    prompt = hf.prompt_ids(QUESTION)
+    assert prompt == original.prompt_ids(QUESTION, report.image_token_id)
+    response = original.tokenizer("a lesion in the left lung .", add_special_tokens=False)["input_ids"]
+    vocab = len(original.tokenizer)
+    for seed in range(3):
+        image = _image(seed)  # 64 x 40: padded to a square first
+        rows = hf.score([ScoreRequest(prompt, hf.encode_images([image])[0], response)])[0]
+        expected = original.logits(QUESTION, image, response, pad=True)[-len(response) - 1:-1]
+        torch.testing.assert_close(rows[:, :vocab], expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.vllm

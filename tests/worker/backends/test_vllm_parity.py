@@ -83,14 +83,75 @@ def qwen_backends(vllm_engine):
     return vllm_engine(QWEN_FIXTURE), TransformersBackend(QWEN_FIXTURE, device="cpu")
 
 
+def _family_backends(family: str, request) -> tuple:
+    """(vLLM, transformers) backends of the family's bundled fixture."""
+    if family == "llava":
+        return request.getfixturevalue("vllm_backend"), request.getfixturevalue("hf_backend")
+    return request.getfixturevalue("qwen_backends")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2.5-vl"])
+def test_prompts_and_images_are_what_the_checkpoints_own_processor_makes(family, heldout_items, request):
+    """Every other test here runs both backends through the same family code (``prompt_ids``, ``prepare_images``,
+    ``encode_images``), so a bug there is invisible to them. The reference here is the checkpoint's own
+    processor (``AutoProcessor``: its chat template, tokenizer and image processor) and the HF model's own
+    forward and ``generate`` over what it makes (the model merges the image and, for Qwen, places M-RoPE itself).
+    Images: held-out items and two non-square ones (Qwen keeps their aspect: an h x w grid, h != w)."""
+    from hscr_worker._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from transformers import AutoProcessor
+
+    vllm_backend, hf_backend = _family_backends(family, request)
+    processor = AutoProcessor.from_pretrained(hf_backend.model_path)
+    model = hf_backend.model  # the checkpoint's weights, run through the model's own forward below
+    question, picture = heldout_items[3].question, heldout_items[3].image.convert("RGB")
+    cases = [(it.question, it.image) for it in heldout_items[:3]]
+    cases += [(question, picture.resize((96, 64))), (question, picture.resize((64, 96)))]
+    image_token = hf_backend.image_token_id
+    for question, image in cases:
+        content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        ids = inputs["input_ids"][0].tolist()
+        run = [k for k, t in enumerate(ids) if t == image_token]
+        assert run == list(range(run[0], run[0] + len(run)))  # one image: one run of placeholders
+        prompt = hf_backend.prompt_ids(question)
+        assert prompt == ids[:run[0] + 1] + ids[run[-1] + 1:]  # the processor's ids, the run as one placeholder
+        for backend in (hf_backend, vllm_backend):
+            assert backend.prompt_ids(question) == prompt
+        visual = hf_backend.encode_images([image])[0]
+        assert visual.n_tokens == len(run)
+
+        # The model's own greedy answer to the processor's input is the backends' answer ...
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=64, do_sample=False)[0, len(ids):].tolist()
+        stops = [k for k, t in enumerate(generated) if t in hf_backend.stop_token_ids]
+        expected = generated[:stops[0]] if stops else generated
+        answers = [b.generate([GenerateRequest(prompt, b.encode_images([image])[0], 64)])[0]
+                   for b in (hf_backend, vllm_backend)]
+        assert answers == [expected, expected] and expected
+
+        # ... and its logits over the processor's input + that answer are the backends' score rows.
+        full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], torch.tensor([expected])], 1)}
+        full["attention_mask"] = torch.ones_like(full["input_ids"])
+        if "mm_token_type_ids" in inputs:  # Qwen: which positions are image tokens (the answer's are text)
+            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
+                                                   torch.zeros(1, len(expected), dtype=torch.long)], 1)
+        with torch.no_grad():
+            logits = model(**full).logits[0, len(ids) - 1:-1]
+        for backend in (hf_backend, vllm_backend):
+            rows = backend.score([ScoreRequest(prompt, backend.encode_images([image])[0], expected)])[0]
+            worst = float((rows - logits).abs().max())
+            assert worst <= SCORE_ATOL, f"{backend.name}: largest logit difference {worst:.2e}"
+
+
 @pytest.mark.parametrize("setting", ["shipped", "paper"])
 @pytest.mark.parametrize("family", ["llava", "qwen2.5-vl"])
 def test_hscr_decisions_identical_on_every_item(family, setting, heldout_items, request):
     """>= 50 held-out items per family: identical answers, coupled positions, levels and errors."""
-    if family == "llava":
-        vllm_backend, hf_backend = request.getfixturevalue("vllm_backend"), request.getfixturevalue("hf_backend")
-    else:
-        vllm_backend, hf_backend = request.getfixturevalue("qwen_backends")
+    vllm_backend, hf_backend = _family_backends(family, request)
     assert vllm_backend.profile.name == hf_backend.profile.name == ("fixture" if family == "llava" else family)
     params = hf_backend.profile.params() if setting == "shipped" else HSCRParams.paper()  # the family's defaults
     similarity = get_similarity(params.similarity)

@@ -47,7 +47,7 @@ class LlavaFamily(ModelFamily):
         rgb = super().prepare_images(processor, images)
         if self.preprocess == "pad_to_square":
             mean = getattr(processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
-            background = tuple(int(round(c * 255)) for c in mean)
+            background = tuple(int(c * 255) for c in mean)  # LLaVA truncates: int(x*255), not round
             rgb = [pad_to_square(im, background) for im in rgb]
         return rgb
 
