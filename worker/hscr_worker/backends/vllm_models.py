@@ -1,4 +1,15 @@
-"""Out-of-tree vLLM models for HSCR: Qwen2-VL and Qwen2.5-VL fed visual tokens the worker computed.
+"""Out-of-tree vLLM models for HSCR: Qwen2-VL, Qwen2.5-VL and Gemma 3 fed visual tokens the worker computed.
+
+Gemma 3 (MedGemma; ``HSCRGemma3ForConditionalGeneration``): vLLM 0.32's ``gemma3_mm`` refuses
+precomputed embeddings (``assert image_embeds is None``) and expands ``<start_of_image>`` to the
+processor's full 256-token sequence. The subclass takes ``image_embeds`` (``float[1, n, hidden]``, any
+``n``: a removed image has fewer rows) and expands the prompt's single ``<image_soft_token>`` (which the
+worker writes between ``<start_of_image>`` and ``<end_of_image>``, as transformers' processor does) to
+exactly ``n`` soft tokens. Pixel input (vLLM's own profiling run) stays the stock model's. Where the
+attention backend supports it (vLLM's ``mm_prefix``, GPU) the soft tokens attend to each other
+bidirectionally; vLLM 0.32's CPU attention treats them causally.
+
+Qwen:
 
 The worker runs the vision tower itself and hands vLLM post-projector embeddings. After ``remove``-
 mode dropout an image has fewer tokens than its grid, and each survivor must keep the M-RoPE
@@ -44,6 +55,12 @@ from hscr_worker._compat import ensure_torchvision_importable
 ensure_torchvision_importable()
 
 import torch  # noqa: E402
+from vllm.model_executor.models.gemma3_mm import (  # noqa: E402
+    Gemma3DummyInputsBuilder,
+    Gemma3ForConditionalGeneration,
+    Gemma3MultiModalProcessor,
+    Gemma3ProcessingInfo,
+)
 from vllm.model_executor.models.qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -60,7 +77,8 @@ from vllm.model_executor.models.qwen2_vl import (  # noqa: E402
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.inputs import MultiModalFieldConfig  # noqa: E402
-from vllm.multimodal.parse import DictEmbeddingItems  # noqa: E402
+from vllm.multimodal.parse import DictEmbeddingItems, ImageEmbeddingItems  # noqa: E402
+from vllm.multimodal.processing.processor import PromptReplacement  # noqa: E402
 
 from hscr_worker.families.qwen2_vl import mrope_positions  # noqa: E402
 
@@ -249,8 +267,52 @@ class HSCRQwen2_5_VLForConditionalGeneration(_KeptTokensModel, Qwen2_5_VLForCond
     """vLLM's Qwen2.5-VL, taking kept visual tokens (``image_token_index``) at their full-image positions."""
 
 
+# ---- Gemma 3 ----
+class HSCRGemma3MultiModalProcessor(Gemma3MultiModalProcessor):
+    """Gemma 3's processor, taking ``image_embeds``: the prompt's one ``<image_soft_token>`` becomes ``n`` of
+    them (the stock processor would put a full ``\n\n<start_of_image>`` + 256 soft tokens +
+    ``<end_of_image>\n\n`` sequence at ``<start_of_image>``, and only for pixels)."""
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+                "image_embeds": MultiModalFieldConfig.batched("image")}
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        images = mm_items.get("image") if "image" in mm_items else None
+        if not isinstance(images, ImageEmbeddingItems):
+            return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        soft_token = int(self.info.get_hf_config().image_token_index)
+        return [PromptReplacement(modality="image", target=[soft_token],
+                                  replacement=lambda item_idx: [soft_token] * images.get_feature_size(item_idx))]
+
+
+@MULTIMODAL_REGISTRY.register_processor(HSCRGemma3MultiModalProcessor, info=Gemma3ProcessingInfo,
+                                        dummy_inputs=Gemma3DummyInputsBuilder)
+class HSCRGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
+    """vLLM's Gemma 3, taking post-projector ``image_embeds`` (one ``[n, hidden]`` tensor per image)."""
+
+    def _parse_and_validate_image_input(self, **kwargs: object):
+        embeds = kwargs.pop("image_embeds", None)
+        if embeds is None:
+            return super()._parse_and_validate_image_input(**kwargs)
+        if kwargs.get("pixel_values") is not None:
+            raise ValueError("one request carries pixel_values and image_embeds")
+        rows = list(embeds) if isinstance(embeds, (list, tuple)) else list(embeds.unbind(0))
+        hidden = self.config.text_config.hidden_size
+        if any(r.ndim != 2 or r.shape[-1] != hidden for r in rows):
+            raise ValueError(f"Gemma 3 image_embeds must be [n, {hidden}] per image, got "
+                             f"{[tuple(r.shape) for r in rows]}")
+        return {"type": "image_embeds", "data": rows}
+
+    def _process_image_input(self, image_input) -> list[torch.Tensor]:
+        if isinstance(image_input, dict) and image_input.get("type") == "image_embeds":
+            return [r.to(self.dtype) for r in image_input["data"]]
+        return super()._process_image_input(image_input)
+
+
 ARCHITECTURES: dict[str, type] = {cls.__name__: cls for cls in (HSCRQwen2VLForConditionalGeneration,
-                                                                 HSCRQwen2_5_VLForConditionalGeneration)}
+                                                                 HSCRQwen2_5_VLForConditionalGeneration,
+                                                                 HSCRGemma3ForConditionalGeneration)}
 
 
 def register_models() -> None:
@@ -267,5 +329,5 @@ def register_models() -> None:
             ModelRegistry.register_model(arch, cls)
 
 
-__all__ = ["ARCHITECTURES", "INDEX_KEY", "HSCRQwen2VLForConditionalGeneration",
+__all__ = ["ARCHITECTURES", "INDEX_KEY", "HSCRGemma3ForConditionalGeneration", "HSCRQwen2VLForConditionalGeneration",
            "HSCRQwen2_5_VLForConditionalGeneration", "qwen_image_data", "register_models"]
