@@ -24,8 +24,17 @@ def test_trl_dpo_trainer_on_pairs(hscr_dataset, tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all(math.isfinite(h["loss"]) for h in logged)
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
-    # TRL saw the image: the chosen answers are far likelier than a blind model would make them.
     assert logged[0]["logps/chosen"] > logged[0]["logps/rejected"]
+    # TRL sees each pair's own image: its evaluation of the same pairs (one per item), each given another
+    # item's image (prompts and answers unchanged), finds the chosen answers far less likely.
+    first_of_item = {}
+    for index, custom_id in enumerate(pairs["custom_id"]):
+        first_of_item.setdefault(custom_id, index)
+    rows = pairs.select(sorted(first_of_item.values())[:8])
+    images = rows["images"]
+    swapped = rows.map(lambda row, k: {"images": images[(k + 1) % len(images)]}, with_indices=True)
+    matched, mismatched = trainer.evaluate(eval_dataset=rows), trainer.evaluate(eval_dataset=swapped)
+    assert matched["eval_logps/chosen"] > mismatched["eval_logps/chosen"] + 5.0, (matched, mismatched)
 
 
 def test_trl_dpo_trainer_on_qwen_pairs(qwen_model, qwen_dataset, tmp_path):
