@@ -42,8 +42,12 @@ def test_truth_has_no_hallucination_and_scores_perfectly():
 
 def test_evaluate_fixture_model():
     result = evaluate_fixture(DEFAULT_MODEL, n=24, seed=31)
-    assert result["items"] == 24 and 0.5 <= result["exact"] <= 1.0
-    assert 0.0 <= result["hallucination"] <= 0.5 and "kind" in result["per_attribute"]
+    # The fixture is good but not perfect on held-out items (docs/trainer.md: base 82 % exact, 17 % hallucinating):
+    # the evaluation finds both its right answers and the lesions it makes up, a whole number of the 24 items each.
+    assert result["items"] == 24 and 0.5 <= result["exact"] < 1.0
+    assert 0.0 < result["hallucination"] <= 0.5 and "kind" in result["per_attribute"]
+    for rate in ("exact", "hallucination"):
+        assert result[rate] * 24 == pytest.approx(round(result[rate] * 24), abs=0.01)
     with pytest.raises(ValueError, match="training seed"):
         evaluate_fixture(DEFAULT_MODEL, n=4, seed=1234)
 
