@@ -33,11 +33,44 @@ def test_implicit_is_milder_level_vs_worse_level():
     assert got.tolist() == pytest.approx([expected_0, 0.0], rel=1e-6)  # one level: no implicit pair
 
 
-def test_single_level_explicit_equals_trl_sigmoid_dpo():
-    chosen, rejected = torch.tensor([0.3, -0.2]), torch.tensor([-0.7, 0.4])
-    trl_dpo = -torch.nn.functional.logsigmoid(GAMMA * (chosen - rejected))
-    got = explicit_loss(torch.stack([chosen, rejected], 1), torch.ones(2, 2, dtype=torch.bool), GAMMA)
-    assert torch.allclose(got, trl_dpo)
+def test_explicit_loss_is_trls_sigmoid_dpo_loss_over_the_explicit_pairs(hscr_dataset, tmp_path):
+    """Against TRL's own loss code: ``DPOTrainer`` (sigmoid loss) evaluates each explicit pair of one item of a
+    real HSCR dataset (``pairs`` config) and reports its loss and both rewards, beta * log-ratio. The explicit
+    term over the item's log-ratios [preferred, level 1, level 2, ...] is the sum of TRL's pair losses, and
+    with a single level TRL's loss itself (gamma is TRL's beta)."""
+    from datasets import load_dataset
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import DPOConfig, DPOTrainer
+
+    from hscr_worker.generate import DEFAULT_MODEL
+
+    pairs = load_dataset("parquet", data_files=str(hscr_dataset / "pairs" / "*.parquet"), split="train")
+    explicit_rows: dict[str, list[int]] = {}
+    for index, (custom_id, kind) in enumerate(zip(pairs["custom_id"], pairs["pair_type"], strict=True)):
+        if kind == "explicit":
+            explicit_rows.setdefault(custom_id, []).append(index)
+    rows = next(found for found in explicit_rows.values() if len(found) >= 2)  # an item with several levels
+    # A policy that is not the reference (its output layer scaled), so that no log-ratio is 0.
+    reference = AutoModelForImageTextToText.from_pretrained(DEFAULT_MODEL)
+    policy = AutoModelForImageTextToText.from_pretrained(DEFAULT_MODEL)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(1.3)
+    beta = 0.3
+    args = DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=["sigmoid"], per_device_eval_batch_size=1,
+                     report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs,
+                         processing_class=AutoProcessor.from_pretrained(DEFAULT_MODEL))
+    trl = [trainer.evaluate(eval_dataset=pairs.select([row])) for row in rows]
+    preferred = [m["eval_rewards/chosen"] / beta for m in trl]
+    levels = [m["eval_rewards/rejected"] / beta for m in trl]
+    assert preferred == pytest.approx([preferred[0]] * len(rows), abs=1e-4)  # one preferred answer, every pair
+    assert all(abs(x) > 0.01 for x in [preferred[0], *levels])
+
+    logratios = torch.tensor([[preferred[0], *levels]])
+    summed = explicit_loss(logratios, torch.ones_like(logratios, dtype=torch.bool), beta)
+    assert summed.item() == pytest.approx(sum(m["eval_loss"] for m in trl), rel=1e-5)
+    single = explicit_loss(logratios[:, :2], torch.ones(1, 2, dtype=torch.bool), beta)
+    assert single.item() == pytest.approx(trl[0]["eval_loss"], rel=1e-5)
 
 
 def test_padding_columns_never_contribute():
