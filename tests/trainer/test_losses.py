@@ -1,4 +1,4 @@
-"""The loss terms as pure functions, against hand-computed values (no model)."""
+"""The loss terms as pure functions, against hand-computed values, and the explicit term against TRL's DPO loss."""
 
 import math
 
