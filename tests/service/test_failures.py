@@ -161,7 +161,9 @@ def test_sigkilled_worker_leaves_no_scheduler_and_its_chunk_is_retried(chaos, fi
         assert schedulers, "the victim runs RQ's scheduler in a child process"
         retries_before = held[0].retries_left
         victim.kill_alone()
+        killed_at = time.monotonic()
         wait_until(lambda: not any(alive(pid) for pid in schedulers), 15, "the orphaned scheduler to exit")
+        print(f"\nthe killed worker's scheduler exited within {time.monotonic() - killed_at:.1f} s")
         wait_until(lambda: scheduler_lock(stack_env) is None, 15, "the dead worker's scheduler lock to be released")
         rescuer = ChaosWorker(stack_env, "chaos-rescuer")
 
@@ -170,6 +172,8 @@ def test_sigkilled_worker_leaves_no_scheduler_and_its_chunk_is_retried(chaos, fi
             return held[0].retries_left == retries_before - 1
 
         wait_until(requeued, 180, "the killed chunk to be re-queued", interval=0.2)
+        print(f"killed chunk re-queued {time.monotonic() - killed_at:.1f} s after SIGKILL (heartbeat TTL 4 s, "
+              "maintenance every 3 s, including the replacement worker's start-up)")
         job = wait_for_job(chaos, job_id)
         assert job["status"] == "completed", job
         all_ids_exactly_once(chaos, job, expected)
