@@ -1,4 +1,4 @@
-"""HSCR at 7B scale: what a preference row costs on a GPU (issue #7), LLaVA-1.5-7B or Qwen2.5-VL-7B.
+"""HSCR at 7B scale: what a preference row costs on a GPU (issue #7), LLaVA-1.5-7B, Qwen2.5-VL-7B or Gemma 3 4B.
 
 ``--arch llava-1.5-7b`` (default) builds a LLaVA-1.5-7B-architecture model (CLIP ViT-L/14-336 +
 Vicuna/Llama-2-7B) from its config with random bf16 weights (nothing is downloaded: the compute is
@@ -8,7 +8,11 @@ vocab padded to 32,064 as in llava-hf), synthetic 336x336 images and ~50-token q
 ViT of 32 blocks, 2x2 merger, Qwen2-7B language model with M-RoPE; 8.29 B parameters), a
 word-level tokenizer over its 152,064-entry vocabulary with Qwen's special tokens at their published
 ids and its ChatML template, and ``Qwen2VLImageProcessor`` bounded so that a synthetic
-``--image-size`` square (448 px) gives ``(448 / 28)**2`` = 256 visual tokens. Then, per batch size, plain greedy
+``--image-size`` square (448 px) gives ``(448 / 28)**2`` = 256 visual tokens. ``--arch gemma3-4b`` builds
+MedGemma-4b-it's architecture (Gemma 3 4B: SigLIP-so400m at 896 px pooled to 256 soft tokens, a 34-layer
+language model with sliding-window and global layers, bidirectional attention among an image's tokens; 4.30 B
+parameters), a word-level tokenizer over its 262,208-entry vocabulary with Gemma's special tokens at their
+published ids, and the Gemma 3 chat template. Then, per batch size, plain greedy
 generation and HSCR generation (``run_hscr``, 3 levels) of the same items run side by side on the
 same GPU, every response forced to ``--max-new-tokens`` (random weights would stop at a random EOS).
 
@@ -21,6 +25,7 @@ in the same engine call as chunk k+1's own answers, what ``hscr generate`` does 
 
     python bench/gpu_scale.py --out gpu_scale.json            # on a GPU machine
     python bench/gpu_scale.py --arch qwen2.5-vl-7b --out gpu_scale_qwen.json
+    python bench/gpu_scale.py --arch gemma3-4b --out gpu_scale_gemma3.json
     python bench/gpu_scale.py --tiny --batch-sizes 1 2 --min-rows 1 --out /tmp/gpu_scale.json
     python bench/gpu_scale.py --tiny --arch qwen2.5-vl-7b --batch-sizes 1 2 --min-rows 1 --out /tmp/g.json
 """
@@ -48,6 +53,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E4
 from transformers import (  # noqa: E402
     CLIPImageProcessor,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
     GenerationConfig,
     LlamaConfig,
     LlavaConfig,
@@ -61,6 +70,7 @@ from transformers import (  # noqa: E402
     Qwen2VLVideoProcessor,
 )
 
+from hscr_worker.fixture import gemma3 as gemma_fixture  # noqa: E402
 from hscr_worker.fixture import qwen as qwen_fixture  # noqa: E402
 from hscr_worker.fixture.model import make_portable  # noqa: E402
 from hscr_worker.pipeline import PreparedItem  # noqa: E402
@@ -207,7 +217,79 @@ def build_qwen_processor(config: Qwen2_5_VLConfig, image_size: int) -> Qwen2_5_V
                                chat_template=qwen_fixture.CHAT_TEMPLATE)
 
 
-# ---- both architectures ----
+# ---- Gemma 3 4B (MedGemma-4b-it, MedGemma 1.5 4B) ----
+# Gemma's special tokens at their published ids (google/gemma-3-4b-it, medgemma-4b-it); the tiny config puts
+# them below 16. The newline runs are words too: vLLM's Gemma 3 processor looks them up.
+GEMMA_SPECIAL = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 105, "<end_of_turn>": 106,
+                 "<start_of_image>": 255999, "<end_of_image>": 256000, "<image_soft_token>": 262144}
+GEMMA_TINY_SPECIAL = {token: k for k, token in enumerate(GEMMA_SPECIAL)}
+GEMMA_TEMPLATE_WORDS = ("user", "model", "\n", "\n\n", "\n\n\n", "\n\n\n\n")  # ids 4-9 (tiny: 9-14)
+GEMMA_PROFILE = "gemma3"
+GEMMA_FIRST_QUESTION_WORD = 16
+
+
+def gemma_config(tiny: bool) -> Gemma3Config:
+    """google/medgemma-4b-it's architecture (its config.json's numbers), or a tiny one of the same shape (head_dim
+    32 for vLLM's CPU attention; a 112-px image of 8x8 patches pooled 2x2 into 16 soft tokens)."""
+    special = GEMMA_TINY_SPECIAL if tiny else GEMMA_SPECIAL
+    if tiny:
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=112)
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, vocab_size=576,
+                    max_position_embeddings=512, sliding_window=512,
+                    layer_types=["sliding_attention", "full_attention"])
+        tokens = 16
+    else:
+        vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                      image_size=896)
+        text = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, vocab_size=262208,
+                    max_position_embeddings=131072, sliding_window=1024,
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
+        tokens = 256
+    vision |= dict(patch_size=14, vision_use_head=False, layer_norm_eps=1e-6)
+    text |= dict(hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, tie_word_embeddings=True,
+                 bos_token_id=special["<bos>"], eos_token_id=[special["<eos>"], special["<end_of_turn>"]],
+                 pad_token_id=special["<pad>"])
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=tokens,
+                          boi_token_index=special["<start_of_image>"], eoi_token_index=special["<end_of_image>"],
+                          image_token_index=special["<image_soft_token>"], tie_word_embeddings=True)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (special["<bos>"], special["<eos>"],
+                                                                     special["<pad>"])
+    return config
+
+
+def gemma_special_ids(config: Gemma3Config) -> dict[str, int]:
+    return GEMMA_TINY_SPECIAL if config.image_token_index < 1000 else GEMMA_SPECIAL
+
+
+def build_gemma_processor(config: Gemma3Config) -> Gemma3Processor:
+    """A word-level tokenizer over the whole vocabulary (words ``w<id>``, Gemma's special tokens at their ids,
+    the template's words and the newline runs), Gemma 3's chat template and its image processor at the tower's
+    size (no pan-and-scan)."""
+    specials = {i: token for token, i in gemma_special_ids(config).items()}
+    vocab = {specials.get(i, f"w{i}"): i for i in range(config.text_config.vocab_size)}
+    first = 9 if config.image_token_index < 1000 else 4
+    for i, word in enumerate(GEMMA_TEMPLATE_WORDS, start=first):
+        del vocab[f"w{i}"]
+        vocab[word] = i
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # newlines are whitespace: the prompt has none
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"})
+    fast.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                                                           "<end_of_image>", "<image_soft_token>"]})
+    size = config.vision_config.image_size
+    images = Gemma3ImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                  do_pan_and_scan=False)
+    return Gemma3Processor(image_processor=images, tokenizer=fast, chat_template=gemma_fixture.CHAT_TEMPLATE,
+                           image_seq_length=config.mm_tokens_per_image)
+
+
+# ---- the architectures ----
 @dataclass(frozen=True)
 class Arch:
     name: str  # --arch
@@ -224,17 +306,24 @@ ARCHS = {
     "llava-1.5-7b": Arch("llava-1.5-7b", "LLaVA-1.5-7B", PROFILE, LlavaForConditionalGeneration, make_portable, None),
     "qwen2.5-vl-7b": Arch("qwen2.5-vl-7b", "Qwen2.5-VL-7B", QWEN_PROFILE, Qwen2_5_VLForConditionalGeneration,
                           qwen_fixture.make_portable, 4096),
+    "gemma3-4b": Arch("gemma3-4b", "Gemma 3 4B (MedGemma-4b-it)", GEMMA_PROFILE, Gemma3ForConditionalGeneration,
+                      gemma_fixture.make_portable, 4096),
 }
 
 
 def arch_of(config) -> Arch:
+    if isinstance(config, Gemma3Config):
+        return ARCHS["gemma3-4b"]
     return ARCHS["llava-1.5-7b" if isinstance(config, LlavaConfig) else "qwen2.5-vl-7b"]
 
 
 def visual_tokens(config, image_size: int | None = None) -> int:
-    """Visual tokens per image: LLaVA's fixed grid, or Qwen's ``image_size`` square after the 2x2 merge."""
+    """Visual tokens per image: LLaVA's fixed grid, Gemma's pooled soft tokens, or Qwen's ``image_size`` square
+    after the 2x2 merge."""
     if isinstance(config, LlavaConfig):
         return config.image_seq_length
+    if isinstance(config, Gemma3Config):
+        return config.mm_tokens_per_image
     return (image_size // (QWEN_PATCH * QWEN_MERGE)) ** 2
 
 
@@ -254,6 +343,11 @@ def write_random_checkpoint(config: LlavaConfig | Qwen2_5_VLConfig, processor, d
         ids = qwen_special_ids(config)
         model.generation_config = GenerationConfig(bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
                                                    eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]])
+    if arch.profile == GEMMA_PROFILE:  # a turn ends at <end_of_turn>, the text at <eos>; a non-zero projector
+        ids = gemma_special_ids(config)
+        model.generation_config = GenerationConfig(bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"],
+                                                   eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]])
+        gemma_fixture.reinit_projector(model)
     n_parameters = sum(p.numel() for p in model.parameters())
     model.save_pretrained(directory, max_shard_size="1000GB")
     del model
@@ -270,6 +364,10 @@ def synthetic_items(n: int, config: LlavaConfig | Qwen2_5_VLConfig, question_wor
     rng = np.random.default_rng(seed)
     if isinstance(config, LlavaConfig):
         size, first, vocab = config.vision_config.image_size, 5, config.image_token_index
+    elif isinstance(config, Gemma3Config):  # question words between the template's words and <start_of_turn>
+        size, first = config.vision_config.image_size, GEMMA_FIRST_QUESTION_WORD
+        vocab = gemma_special_ids(config)["<start_of_turn>"] if config.image_token_index > 1000 else \
+            config.text_config.vocab_size
     else:
         size, first, vocab = image_size, QWEN_FIRST_QUESTION_WORD, qwen_special_ids(config)["<|endoftext|>"]
     items = []
@@ -351,9 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         processor = build_qwen_processor(config, image_size)
     else:
         if args.image_size is not None:
-            parser.error("--image-size is for --arch qwen2.5-vl-7b (LLaVA's tower takes 336x336)")
-        config = model_config(args.tiny)
-        processor = build_processor(config)
+            parser.error("--image-size is for --arch qwen2.5-vl-7b (LLaVA's tower takes 336x336, Gemma's 896x896)")
+        config = gemma_config(args.tiny) if arch.profile == GEMMA_PROFILE else model_config(args.tiny)
+        processor = build_gemma_processor(config) if arch.profile == GEMMA_PROFILE else build_processor(config)
     n_items = max(max(rows_for(b, min_rows), b * args.stream_chunks) for b in args.batch_sizes)
     items = synthetic_items(n_items, config, args.question_words, 0, image_size)
     report: dict = {"benchmark": "gpu_scale", "env": env_block(device), "arch": arch.name, "tiny": args.tiny,

@@ -2,7 +2,8 @@
 
 Each model is instantiated on PyTorch's meta device from its published architecture numbers (nothing
 is downloaded or allocated), so the parameter count is exact for that architecture; the KV cache is
-``2 (K, V) x layers x kv_heads x head_dim x 2 bytes`` per token. vLLM adds activations, the CUDA
+``2 (K, V) x layers x kv_heads x head_dim x 2 bytes`` per token (for Gemma 3 an upper bound: five of every
+six layers slide over 1,024 tokens, and vLLM keeps only that window for them). vLLM adds activations, the CUDA
 graphs and the vision encoder's workspace on top (``--gpu-memory-utilization`` bounds the total).
 
     python bench/model_memory.py --max-model-len 8192
@@ -21,6 +22,7 @@ import torch  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForImageTextToText,
     CLIPVisionConfig,
+    Gemma3Config,
     LlavaConfig,
     MistralConfig,
     Qwen2_5_VLConfig,
@@ -40,6 +42,17 @@ def qwen25(hidden: int, layers: int, heads: int, kv: int, inter: int, vision_int
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision)
 
 
+# Gemma 3's SigLIP-so400m tower (896 px, 14-px patches pooled to 256 soft tokens), as in MedGemma's config.json.
+GEMMA3_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     image_size=896, patch_size=14, vision_use_head=False)
+
+
+def gemma3(hidden: int, layers: int, heads: int, kv: int, head_dim: int, inter: int) -> Gemma3Config:
+    text = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                head_dim=head_dim, intermediate_size=inter, vocab_size=262208, sliding_window=1024)
+    return Gemma3Config(text_config=text, vision_config=GEMMA3_VISION, mm_tokens_per_image=256)
+
+
 MODELS = {
     # name: (config, family, profile)
     "Lingshu-7B": (lambda: qwen25(3584, 28, 28, 4, 18944), "qwen2.5-vl"),
@@ -51,6 +64,8 @@ MODELS = {
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
         vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
                            spatial_merge_size=2), tie_word_embeddings=True), "qwen2-vl"),
+    "MedGemma-4b-it / MedGemma 1.5 4B (Gemma 3 4B)": (lambda: gemma3(2560, 34, 8, 4, 256, 10240), "gemma3"),
+    "MedGemma-27b-it (Gemma 3 27B)": (lambda: gemma3(5376, 62, 32, 16, 128, 21504), "gemma3"),
     "LLaVA-Med v1.5 (Mistral-7B)": (lambda: LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                        num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
