@@ -25,3 +25,14 @@ def qwen_backend():
 
     torch.set_num_threads(1)
     return TransformersBackend("fixture-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def gemma_backend():
+    """The bundled Gemma 3 fixture (MedGemma's architecture) on the transformers backend, loaded once per session."""
+    import torch
+
+    from hscr_worker.backends.transformers import TransformersBackend
+
+    torch.set_num_threads(1)
+    return TransformersBackend("fixture-gemma3")

@@ -165,7 +165,8 @@ class PreferenceCollator:
     ``input_ids``/``attention_mask`` ``(N, L)``; ``completion_mask`` ``(N, L)`` bool, True on response
     tokens; every image input the processor makes, each sequence holding its item's image once:
     LLaVA's ``pixel_values`` ``(N, 3, H, W)``; Qwen2-VL's ``pixel_values`` ``(sum of patches, D)``
-    with ``image_grid_thw`` ``(N, 3)`` and the per-token ``mm_token_type_ids`` ``(N, L)``;
+    with ``image_grid_thw`` ``(N, 3)`` and the per-token ``mm_token_type_ids`` ``(N, L)``; Gemma 3's
+    ``pixel_values`` ``(N, 3, H, W)`` with ``token_type_ids`` ``(N, L)`` (its image attention is bidirectional);
     ``item_index``/``level_index`` ``(N,)`` where each sequence goes in the ``(B, K+1)`` level grid;
     ``level_mask`` ``(B, K+1)`` bool; ``sequence_keys`` (N strings) name each (item, response) pair, for
     precomputed reference log-probs.
@@ -187,7 +188,7 @@ class PreferenceCollator:
         if self.family is None:
             return self.processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         question = self.family.clean_question(self.processor, message_text(prompt))
-        return self.family.prompt_text(self.processor, question)
+        return self.family.processor_prompt(self.processor, question)
 
     def completion_ids(self, prompt: list[dict], prompt_text: str, response: str) -> list[int]:
         """Response tokens as the chat template renders the assistant turn (end-of-turn tokens included);
@@ -204,6 +205,7 @@ class PreferenceCollator:
         image = item["image"]
         if self.family is not None:
             image = self.family.prepare_images(self.processor, [image])[0]
+            return prompt_text, self.family.processor_inputs(self.processor, prompt_text, image)
         encoded = self.processor(text=[prompt_text], images=[image], return_tensors="pt")
         return prompt_text, dict(encoded)
 

@@ -28,8 +28,8 @@ from .losses import LOSSES, pair_statistics  # noqa: E402
 
 # Where each family keeps its vision encoder, and the part of it that is the projector (trained in
 # full fine-tuning, as LLaVA-1.5 and the Qwen2-VL recipes do): parameter-name components.
-VISION_ENCODER = {"llava": "vision_tower", "qwen2-vl": "visual"}
-PROJECTOR = {"llava": "multi_modal_projector", "qwen2-vl": "visual.merger"}
+VISION_ENCODER = {"llava": "vision_tower", "qwen2-vl": "visual", "gemma3": "vision_tower"}
+PROJECTOR = {"llava": "multi_modal_projector", "qwen2-vl": "visual.merger", "gemma3": "multi_modal_projector"}
 LANGUAGE_MODEL = "language_model"
 
 

@@ -81,6 +81,17 @@ class ModelFamily:
                              f"found {ids.count(image_token_id)} (does the question contain the image token?)")
         return ids
 
+    def processor_prompt(self, processor, question: str) -> str:
+        """The prompt as the checkpoint's own processor takes it, its image marker unexpanded (training
+        renders prompts through the processor); the same text as ``prompt_text`` unless a family's
+        placeholder differs from the processor's marker (Gemma 3)."""
+        return self.prompt_text(processor, question)
+
+    def processor_inputs(self, processor, text: str, image: Image.Image) -> dict[str, torch.Tensor]:
+        """The processor's model inputs for ``processor_prompt`` text and one prepared image: ids with the
+        image expanded, its pixels and per-token types; they hold the ids ``prompt_ids`` gives, expanded."""
+        return dict(processor(text=[text], images=[image], return_tensors="pt"))
+
     def stop_token_ids(self, tokenizer, generation_config=None) -> list[int]:
         """Every id that ends the assistant's turn: the tokenizer's EOS and the generation config's
         list (chat models end a turn with a token of their own, e.g. ``<|im_end|>``); first = primary."""

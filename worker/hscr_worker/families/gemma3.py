@@ -71,6 +71,13 @@ class Gemma3Family(ModelFamily):
                              f"found {ids.count(image_token_id)}")
         return ids
 
+    def processor_prompt(self, processor, question: str) -> str:
+        return ModelFamily.prompt_text(self, processor, question)  # <start_of_image>: the processor expands it
+
+    def processor_inputs(self, processor, text: str, image: Image.Image) -> dict[str, torch.Tensor]:
+        # the template writes <bos>; token_type_ids mark the soft tokens (bidirectional attention)
+        return dict(processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=False))
+
     def stop_token_ids(self, tokenizer, generation_config=None) -> list[int]:
         ids = super().stop_token_ids(tokenizer, generation_config)
         for token in (TURN_END, "<eos>"):  # the turn's end, and the end of text
