@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 
 class HSCRParams(BaseModel):
@@ -62,7 +62,8 @@ class HSCRParams(BaseModel):
     min_similarity_gap: float = Field(
         0.1, ge=0.0, le=1.0,
         description="Minimum similarity gap between adjacent kept levels. Paper: 0.1.")
-    severity_order: bool = Field(
+    # Strict: 0 or "yes" is refused, as the schema's boolean says (schemathesis caught a 0 accepted).
+    severity_order: StrictBool = Field(
         True,
         description="[choice] Reranking also requires each kept level to replace at least as many tokens as "
                     "the milder one before it, so similarity and error degree agree. Paper: similarity only.")

@@ -376,3 +376,11 @@ def test_job_summary_counts_every_item():
     job = hscr_client.Job.model_validate(job_json(status="cancelled", request_counts=counts))
     assert job.request_counts.cancelled == 5
     assert "4/10 done, 1 failed, 5 cancelled" in _summary(job) and "expired" not in _summary(job)
+
+
+@pytest.mark.parametrize("value", [0, 1, "yes", "false"])
+def test_severity_order_is_a_boolean_not_anything_truthy(value):
+    # The schema says boolean; the API must refuse what the schema refuses (schemathesis found 0 accepted).
+    with pytest.raises(ValueError, match="severity_order"):
+        HSCRParams.model_validate({"severity_order": value})
+    assert HSCRParams(severity_order=False).severity_order is False

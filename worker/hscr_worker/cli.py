@@ -56,8 +56,9 @@ def _param_options(func):
     """One ``--flag`` per HSCR parameter, its help text taken from the parameter's description."""
     for name, field in reversed(list(HSCRParams.model_fields.items())):
         flag = "--" + name.replace("_", "-")
-        func = click.option(flag, name, default=None, type=field.annotation if field.annotation in (int, float)
-                            else str, help=f"{field.description} [default: {field.default}]")(func)
+        kind = {int: int, float: float, bool: click.BOOL}.get(field.annotation, str)  # BOOL: true/false, 1/0, yes/no
+        func = click.option(flag, name, default=None, type=kind,
+                            help=f"{field.description} [default: {field.default}]")(func)
     return func
 
 
