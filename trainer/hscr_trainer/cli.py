@@ -24,7 +24,8 @@ def evaluate() -> None:
 
 @evaluate.command("fixture")
 @click.option("--model", default="fixture", show_default=True,
-              help="Model directory, hub id or fixture name (fixture = fixture-llava, fixture-qwen2.5-vl).")
+              help="Model directory, hub id or fixture name (fixture = fixture-llava, fixture-qwen2.5-vl, "
+                   "fixture-gemma3).")
 @click.option("--n", default=500, show_default=True, help="Held-out items.")
 @click.option("--seed", default=999, show_default=True, help="Item seed (never the training seed 1234).")
 def evaluate_fixture(model, n, seed):
@@ -39,7 +40,8 @@ def evaluate_fixture(model, n, seed):
 
 @evaluate.command("medvqa")
 @click.option("--model", required=True,
-              help="Model directory, hub id or fixture name, of a supported family (LLaVA, Qwen2-VL, Qwen2.5-VL).")
+              help="Model directory, hub id or fixture name, of a supported family (LLaVA, Qwen2-VL, Qwen2.5-VL, "
+                   "Gemma 3).")
 @click.option("--layout", type=click.Choice(["vqa-rad", "slake", "pathvqa", "llava-med"]), required=True)
 @click.option("--root", required=True, type=click.Path(exists=True, file_okay=False), help="Dataset folder.")
 @click.option("--split", default="test", show_default=True)

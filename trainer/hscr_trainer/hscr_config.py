@@ -44,9 +44,9 @@ class HSCRConfig(TrainingArguments):
             adapters (never the vision tower's); `None` means the model family's ``lora_targets``
             (LLaVA and Qwen2-VL: ``q_proj k_proj v_proj o_proj``).
         freeze_vision_tower (`bool`, defaults to `True`): keep the vision encoder frozen in full fine-tuning
-            (LLaVA's ``vision_tower``; Qwen2-VL's ``visual`` but its ``merger``); the projector trains.
+            (LLaVA's and Gemma 3's ``vision_tower``; Qwen2-VL's ``visual`` but its ``merger``); the projector trains.
         model_profile (`str` or `None`, defaults to `None`): the ``hscr_worker`` model profile whose prompt
-            format training uses (``fixture``, ``llava-1.5``, ``llava-med``, ``qwen2-vl``, ``qwen2.5-vl``);
+            format training uses (``fixture``, ``llava-1.5``, ``llava-med``, ``qwen2-vl``, ``qwen2.5-vl``, ``gemma3``);
             `None` detects it from the checkpoint, as ``hscr generate`` does without ``--profile``.
         precompute_ref_log_probs (`bool`, defaults to `False`): score the dataset with the reference once, before
             training, instead of one reference forward pass per step.
@@ -80,7 +80,7 @@ class HSCRConfig(TrainingArguments):
                                         "trains)."})
     model_profile: str | None = field(
         default=None, metadata={"help": "Prompt format: an hscr_worker model profile (fixture, llava-1.5, llava-med, "
-                                        "qwen2-vl, qwen2.5-vl; default: detected, as hscr generate does)."})
+                                        "qwen2-vl, qwen2.5-vl, gemma3; default: detected, as hscr generate does)."})
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Score every response with the reference once before training (saves one "
                                          "forward pass per step; worth it for several epochs or runs)."})

@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hscr-repro"))
     parser.add_argument("--model", default="fixture",
-                        help="the base model: fixture (LLaVA), fixture-qwen2.5-vl, or a directory (one workdir each)")
+                        help="the base model: fixture (LLaVA), fixture-qwen2.5-vl, fixture-gemma3, or a directory "
+                             "(one workdir each)")
     parser.add_argument("--items", type=int, default=2000, help="training items given to hscr generate")
     parser.add_argument("--data-seed", type=int, default=2025)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])

@@ -17,7 +17,8 @@ from .hscr_config import HSCRConfig
 class ScriptArguments:
     dataset: str = field(metadata={"help": "HSCR dataset: a directory, file:// or s3://bucket/prefix URI."})
     model: str = field(default="fixture", metadata={
-        "help": "Model directory, hub id or fixture name: fixture (= fixture-llava), fixture-qwen2.5-vl."})
+        "help": "Model directory, hub id or fixture name: fixture (= fixture-llava), fixture-qwen2.5-vl, "
+                "fixture-gemma3."})
     final_dir: str | None = field(
         default=None, metadata={"help": "Where the final standalone model goes (default: <output_dir>/final)."})
     threads: int | None = field(
