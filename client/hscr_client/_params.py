@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class HSCRParams(BaseModel):
@@ -62,8 +62,7 @@ class HSCRParams(BaseModel):
     min_similarity_gap: float = Field(
         0.1, ge=0.0, le=1.0,
         description="Minimum similarity gap between adjacent kept levels. Paper: 0.1.")
-    # Strict: 0 or "yes" is refused, as the schema's boolean says (schemathesis caught a 0 accepted).
-    severity_order: StrictBool = Field(
+    severity_order: bool = Field(
         True,
         description="[choice] Reranking also requires each kept level to replace at least as many tokens as "
                     "the milder one before it, so similarity and error degree agree. Paper: similarity only.")
@@ -76,6 +75,22 @@ class HSCRParams(BaseModel):
         description="[choice] Which response is corrupted: the model's own greedy answer (default) or the "
                     "preferred answer by teacher forcing.")
     max_new_tokens: int = Field(64, ge=1, le=2048, description="Generation budget for every decode.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_types(cls, data: object) -> object:
+        """A value of the wrong JSON type is refused, as the schema says, instead of coerced: a boolean or a
+        string for a number, anything but a boolean for a boolean (schemathesis found ``false`` and ``0``
+        accepted). 49.0 stays a valid integer, as in JSON Schema; pydantic refuses 49.5."""
+        if not isinstance(data, dict):
+            return data
+        for name, value in data.items():
+            kind = cls.model_fields[name].annotation if name in cls.model_fields else None
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, not {value!r}")
+            if kind in (int, float) and isinstance(value, bool | str):
+                raise ValueError(f"{name} must be a number, not {value!r}")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> HSCRParams:

@@ -378,9 +378,16 @@ def test_job_summary_counts_every_item():
     assert "4/10 done, 1 failed, 5 cancelled" in _summary(job) and "expired" not in _summary(job)
 
 
-@pytest.mark.parametrize("value", [0, 1, "yes", "false"])
-def test_severity_order_is_a_boolean_not_anything_truthy(value):
-    # The schema says boolean; the API must refuse what the schema refuses (schemathesis found 0 accepted).
-    with pytest.raises(ValueError, match="severity_order"):
-        HSCRParams.model_validate({"severity_order": value})
-    assert HSCRParams(severity_order=False).severity_order is False
+@pytest.mark.parametrize(("field", "value"), [("severity_order", 0), ("severity_order", "yes"),
+                                              ("min_similarity_gap", False), ("n_levels", "3"), ("n_levels", 2.5),
+                                              ("dropout_ratio", "0.5")])
+def test_params_refuse_a_value_of_the_wrong_json_type(field, value):
+    # The API must refuse what the schema refuses (schemathesis found 0 and false accepted, coerced).
+    with pytest.raises(ValueError, match=field):
+        HSCRParams.model_validate({field: value})
+
+
+def test_params_take_their_own_types_and_an_integer_for_a_number():
+    params = HSCRParams.model_validate({"severity_order": False, "min_similarity_gap": 0, "dropout_ratio": 1,
+                                        "dropout_mode": "zero", "n_levels": 2.0})  # 2.0: an integer in JSON Schema
+    assert params.severity_order is False and params.min_similarity_gap == 0.0 and params.n_levels == 2
