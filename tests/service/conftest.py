@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _s3server import S3Server, free_port  # tests/_s3server.py
-from service_helpers import BUCKET, CHUNK_SIZE, KEYS, S3_KEY, S3_SECRET, start_api, stop, wait_until
+from _s3server import S3Server  # tests/_s3server.py
+from service_helpers import BUCKET, CHUNK_SIZE, KEYS, S3_KEY, S3_SECRET, RedisServer, start_api, stop
 
 from hscr_service.core.security import hash_key
 
@@ -35,25 +35,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 WANTS_WORKER = pytest.StashKey[bool]()
-
-
-class RedisServer:
-    def __init__(self, directory: Path):
-        self.directory, self.port = directory, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, start_new_session=True)
-        import redis
-
-        wait_until(lambda: redis.Redis(port=self.port).ping(), 10, "redis-server")
-
-    def stop(self) -> None:
-        stop(self.process)
 
 
 @pytest.fixture(scope="session")

@@ -82,3 +82,24 @@ def start_api(stack_env, name: str, **env: str):
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, 30, f"the API ({name})")
     return process, url
+
+
+class RedisServer:
+    """A private redis-server (AOF on, appendfsync always: what was written survives a restart on its port)."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.port = directory, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, start_new_session=True)
+        import redis
+
+        wait_until(lambda: redis.Redis(port=self.port).ping(), 10, "redis-server")
+
+    def stop(self) -> None:
+        stop(self.process)

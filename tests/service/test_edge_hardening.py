@@ -16,7 +16,6 @@ import io
 import json
 import select
 import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -24,8 +23,7 @@ from urllib.parse import quote, urlparse
 
 import httpx
 import pytest
-import redis
-from service_helpers import KEYS, free_port, start_api, stop, wait_until
+from service_helpers import KEYS, RedisServer, start_api, stop, wait_until
 
 from hscr_client._models import ID_RULE
 
@@ -284,27 +282,8 @@ def test_corrupt_job_state_is_a_json_500_with_a_request_id(api, stack_env):
 
 # --- Redis down during reads --------------------------------------------------------------------------------
 
-class PrivateRedis:
-    """A redis-server of this test alone (AOF on, so what was written survives its restart)."""
-
-    def __init__(self, directory: Path):
-        self.directory, self.port = directory, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, start_new_session=True)
-        wait_until(lambda: redis.Redis(port=self.port).ping(), 10, "the private redis-server")
-
-    def stop(self) -> None:
-        stop(self.process)
-
-
 def test_reads_answer_503_at_once_while_redis_is_down_and_recover(stack_env, tmp_path):
-    private = PrivateRedis(tmp_path)
+    private = RedisServer(tmp_path)
     private.start()
     process, url = start_api(stack_env, "redis-down-api", HSCR_REDIS_URL=private.url, HSCR_QUEUE="hscr-redis-down")
     try:
