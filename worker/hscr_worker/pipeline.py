@@ -11,12 +11,15 @@
 7. level m replaces the m highest-shift positions: re-decode under the full image with the
    replacements forced (or splice them in place). A re-decode starts at its level's first
    replaced position, not at the start of the response: up to there it would only reproduce the
-   response (see ``reproduced_prefix``), so that part goes in the prompt as ``response_prefix``;
+   response (see ``reproduced_prefix``), so that part goes in the prompt as ``response_prefix``.
+   Levels are re-decoded mildest first, ``candidates_per_round`` per item per engine call, and an
+   item stops as soon as step 8 keeps j levels with the gap (``candidates_per_round=0``: every
+   level in one call, as the paper generates them all);
 8. rerank candidates by similarity to the preferred answer; keep j levels with the gap
    (``core.rerank``).
 
-Everything is batched across items; no I/O happens here. ``HSCRBatch`` holds the steps as three
-stages around the engine calls, so ``run_hscr_stream`` can put one batch's re-decode and the next
+Everything is batched across items; no I/O happens here. ``HSCRBatch`` holds the steps as stages
+around the engine calls, so ``run_hscr_stream`` can put one batch's re-decode rounds and the next
 batch's own answers into the same engine call.
 """
 
@@ -35,7 +38,7 @@ from .backends.base import Backend, GenerateRequest, ScoreRequest, VisualTokens
 from .core.coupling import coupled_positions, token_shift
 from .core.dropout import keep_masks, mask_generator
 from .core.replace import ForcedDecoder, Replacement, hallucinated_token, level_plans, splice
-from .core.rerank import select_levels
+from .core.rerank import Selection, select_levels
 
 Similarity = Callable[[Sequence[str], str], list[float]]
 K = TypeVar("K")
@@ -99,8 +102,10 @@ def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams
         return []
     batch = HSCRBatch(backend, items, params, similarity, prefix_redecode=prefix_redecode,
                       full_scores_from_decode=full_scores_from_decode)
-    batch.plan(backend.generate(batch.answer_requests))
-    return batch.finish(backend.generate(batch.redecode_requests))
+    requests = batch.plan(backend.generate(batch.answer_requests))
+    while requests:
+        requests = batch.absorb(backend.generate(requests))
+    return batch.finish()
 
 
 def run_hscr_stream(backend: Backend, batches: Iterable[tuple[K, Sequence[PreparedItem]]], params: HSCRParams,
@@ -120,27 +125,46 @@ def run_hscr_stream(backend: Backend, batches: Iterable[tuple[K, Sequence[Prepar
         for key, items in batches:
             yield key, run_hscr(backend, items, params, similarity)
         return
-    waiting: tuple[K, HSCRBatch] | None = None  # a planned batch whose re-decode rides the next call
+    # Planned batches whose re-decode rounds ride the next calls, oldest first; results leave in order.
+    waiting: list[tuple[K, HSCRBatch]] = []
+
+    def call(answers: Sequence[GenerateRequest]) -> list[list[int]]:
+        """One engine call: ``answers`` and every waiting batch's pending round; returns the answers' outputs."""
+        pending = [(batch, batch.redecode_requests) for _, batch in waiting if not batch.done]
+        outputs = backend.generate([*answers, *(r for _, requests in pending for r in requests)])
+        at = len(answers)
+        for batch, requests in pending:
+            batch.absorb(outputs[at:at + len(requests)])
+            at += len(requests)
+        return outputs[:len(answers)]
+
+    def ready() -> Iterator[tuple[K, list[ItemResult]]]:
+        while waiting and waiting[0][1].done:
+            key, batch = waiting.pop(0)
+            yield key, batch.finish()
+
     for key, items in batches:
         batch = HSCRBatch(backend, items, params, similarity)
-        answers = batch.answer_requests
-        redecode = waiting[1].redecode_requests if waiting else []
-        outputs = backend.generate([*answers, *redecode])
-        if waiting:
-            yield waiting[0], waiting[1].finish(outputs[len(answers):])
-        batch.plan(outputs[:len(answers)])
-        waiting = (key, batch)
-    if waiting:
-        yield waiting[0], waiting[1].finish(backend.generate(waiting[1].redecode_requests))
+        own = call(batch.answer_requests)
+        yield from ready()
+        batch.plan(own)
+        waiting.append((key, batch))
+        yield from ready()
+    while waiting:
+        call([])
+        yield from ready()
 
 
 class HSCRBatch:
-    """One batch of items through HSCR in three stages, each around one engine call of the caller's:
+    """One batch of items through HSCR in stages around the caller's engine calls:
 
     1. ``answer_requests``: the own-answer decodes (steps 1-2; images are encoded at construction);
     2. ``plan(own_answers)``: scoring under the full and dropped images, coupled positions,
-       hallucinated tokens and level plans (steps 3-6); fills ``redecode_requests`` (step 7);
-    3. ``finish(redecoded)``: the levels' texts, reranked (steps 7-8) -> one result per item.
+       hallucinated tokens and level plans (steps 3-6); fills ``redecode_requests``, the first round
+       of step 7;
+    3. ``absorb(redecoded)`` per round: the round's candidates in; the next round's requests out
+       (empty once every item has its levels or has none left to try: ``done``);
+    4. ``finish()``: the kept levels, reranked (step 8) -> one result per item.
 
     ``run_hscr`` runs them back to back; ``run_hscr_stream`` interleaves batches.
     """
@@ -186,7 +210,11 @@ class HSCRBatch:
         self.redecode_requests: list[GenerateRequest] = []
         self.results: list[ItemResult] = []
         self.corrupted: list[list[int]] = []  # per item: the response that gets corrupted
-        self._jobs: list[tuple[int, list[Replacement]]] = []  # (item, level plan) per candidate
+        self._plans: list[list[list[Replacement]]] = []  # per item: its level plans, mildest first
+        # per item with plans: its candidates so far, (ids, fired (step, replacement) pairs, unfired count)
+        self._candidates: dict[int, list[tuple[list[int], list[tuple[int, Replacement]], int]]] = {}
+        self._followed: dict[int, int] = {}  # per item: response tokens the full-image greedy decode reproduces
+        self._jobs: list[tuple[int, list[Replacement]]] = []  # this round: (item, level plan) per candidate
         self._decoders: list[ForcedDecoder] = []
 
     def plan(self, own: Sequence[list[int]]) -> list[GenerateRequest]:
@@ -260,56 +288,92 @@ class HSCRBatch:
                 continue
             plans_by_item[i] = level_plans(replacements)
 
-        # Step 7: every level of every item in one batched decode (or spliced in place in finish).
-        self._jobs = [(i, plan) for i, plans in enumerate(plans_by_item) for plan in plans]
+        # Step 7: the levels, mildest first, in rounds of ``candidates_per_round`` per item (or spliced in
+        # place at once); an item stops once its levels are kept (``_next_round``).
+        self._plans = plans_by_item
+        self._candidates = {i: [] for i, plans in enumerate(plans_by_item) if plans}
         if params.replace_mode == "redecode":
             # The own answer is the greedy decode itself; a preferred answer is followed only as long
             # as the model's greedy choice agrees with it (beyond that the re-decode goes its own way).
-            teacher_forced = {i for i, preferred in enumerate(self.preferred_ids) if preferred is not None}
-            followed = {i: reproduced_prefix(full_logits[i], corrupted[i]) if i in teacher_forced
-                        else len(corrupted[i]) for i, _ in self._jobs}
-            for i, plan in self._jobs:
+            self._followed = {i: reproduced_prefix(full_logits[i], corrupted[i])
+                              if self.preferred_ids[i] is not None else len(corrupted[i]) for i in self._candidates}
+        else:
+            for i in self._candidates:
+                self._candidates[i] = [(splice(corrupted[i], plan), [(r.position, r) for r in plan], 0)
+                                       for plan in plans_by_item[i]]
+        self._next_round(list(self._candidates))
+        return self.redecode_requests
+
+    def _next_round(self, items: Sequence[int]) -> None:
+        """The re-decode requests of the next ``candidates_per_round`` levels of each of ``items``."""
+        params = self.params
+        per_round = params.candidates_per_round or params.n_coupled
+        self._jobs, self._decoders, self.redecode_requests = [], [], []
+        if params.replace_mode != "redecode":
+            return
+        for i in items:
+            done = len(self._candidates[i])
+            for plan in self._plans[i][done:done + per_round]:
                 # plan[0] is the first replacement in response order; the decoder fires it at the first
                 # decoded step, where the model must still want the original token (checked there).
                 # (A preferred answer may outrun the budget: keep at least one step to decode.)
-                start = (min(plan[0].position, followed[i], params.max_new_tokens - 1)
+                start = (min(plan[0].position, self._followed[i], params.max_new_tokens - 1)
                          if self.prefix_redecode else 0)
-                prefix = list(corrupted[i][:start])
-                self._decoders.append(ForcedDecoder(corrupted[i], plan, response_prefix=prefix))
-                self.redecode_requests.append(GenerateRequest(prompts[i], visual[i], params.max_new_tokens - start,
+                prefix = list(self.corrupted[i][:start])
+                self._decoders.append(ForcedDecoder(self.corrupted[i], plan, response_prefix=prefix))
+                self._jobs.append((i, plan))
+                self.redecode_requests.append(GenerateRequest(self.prompts[i], self.visual[i],
+                                                              params.max_new_tokens - start,
                                                               forced=self._decoders[-1], response_prefix=prefix))
+
+    def absorb(self, redecoded: Sequence[list[int]]) -> list[GenerateRequest]:
+        """Take one round's re-decode outputs; returns (and keeps) the next round's requests, empty when
+        every item is done: it has ``n_levels`` levels with the gap, or no level left to decode."""
+        if len(redecoded) != len(self._jobs):
+            raise ValueError(f"expected {len(self._jobs)} re-decode outputs, got {len(redecoded)}")
+        for (i, plan), ids, decoder in zip(self._jobs, redecoded, self._decoders, strict=True):
+            self._candidates[i].append((ids, list(decoder.fired), len(plan) - len(decoder.fired)))
+        again = [i for i in dict.fromkeys(i for i, _ in self._jobs)
+                 if len(self._candidates[i]) < len(self._plans[i]) and self._rank(i)[2].shortfall]
+        self._next_round(again)
         return self.redecode_requests
 
-    def finish(self, redecoded: Sequence[list[int]]) -> list[ItemResult]:
-        """Steps 7-8 from the re-decode outputs (ignored in splice mode) -> one result per item."""
-        backend, params = self.backend, self.params
-        if params.replace_mode == "redecode":
-            texts_ids = list(redecoded)
-            fired = [[(step, r) for step, r in d.fired] for d in self._decoders]
-        else:
-            texts_ids = [splice(self.corrupted[i], plan) for i, plan in self._jobs]
-            fired = [[(r.position, r) for r in plan] for _, plan in self._jobs]
+    @property
+    def done(self) -> bool:
+        return not self.redecode_requests
 
-        candidates: dict[int, list[tuple[str, list[tuple[int, Replacement]], int]]] = {}
-        for (i, plan), ids, done in zip(self._jobs, texts_ids, fired, strict=True):
-            candidates.setdefault(i, []).append((backend.decode(ids), done, len(plan) - len(done)))
+    def _rank(self, i: int) -> tuple[list[tuple[str, list[tuple[int, Replacement]], int]], list[float], Selection]:
+        """Item ``i``'s distinct dispreferred candidates so far, their similarities to the preferred answer and
+        the reranker's selection (step 8)."""
+        result = self.results[i]
+        seen, unique = {result.chosen, result.own_answer}, []
+        for ids, done, unfired in self._candidates[i]:
+            text = self.backend.decode(ids)
+            if text not in seen and done:
+                seen.add(text)
+                unique.append((text, done, unfired))
+        if not unique:
+            return unique, [], Selection([], shortfall=True)
+        sims = self.similarity([text for text, _, _ in unique], result.chosen)
+        severity = [len(done) for _, done, _ in unique] if self.params.severity_order else None
+        return unique, sims, select_levels(sims, self.params.n_levels, self.params.min_similarity_gap, severity)
 
-        # Step 8: rerank by similarity to the preferred answer.
+    def finish(self, redecoded: Sequence[list[int]] | None = None) -> list[ItemResult]:
+        """Step 8 once every round is in (``redecoded``: the last round's outputs, if not absorbed yet) -> one
+        result per item."""
+        if redecoded is not None:
+            self.absorb(redecoded)
+        if not self.done:
+            raise RuntimeError("finish() before every re-decode round is in; absorb() the pending requests first")
+        backend = self.backend
         for i, result in enumerate(self.results):
             if result.error:
                 continue
-            seen, unique = {result.chosen, result.own_answer}, []
-            for text, done, unfired in candidates.get(i, []):
-                if text not in seen and done:
-                    seen.add(text)
-                    unique.append((text, done, unfired))
+            unique, sims, selection = self._rank(i)
             result.n_candidates = len(unique)
             if not unique:
                 result.error = "every replacement reproduced the preferred answer: no dispreferred response"
                 continue
-            sims = self.similarity([text for text, _, _ in unique], result.chosen)
-            severity = [len(done) for _, done, _ in unique] if params.severity_order else None
-            selection = select_levels(sims, params.n_levels, params.min_similarity_gap, severity)
             result.shortfall = selection.shortfall
             for level, k in enumerate(selection.indices, start=1):
                 text, done, unfired = unique[k]

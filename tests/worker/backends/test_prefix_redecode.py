@@ -209,9 +209,10 @@ def _same_as_batch_by_batch(backend, items, params, batch_size=6):
     finally:
         del backend.generate
     assert [key for key, _ in streamed] == [key for key, _ in batches]
-    # one call per batch plus the last re-decode; every middle call carries both kinds of request
-    assert len(calls) == len(batches) + 1
-    assert all(n > batch_size for n in calls[1:-1])
+    # one call per batch, then the last batches' remaining re-decode rounds; every call that takes a batch's own
+    # answers after the first also carries the re-decodes of the batch before it
+    assert len(calls) >= len(batches) + 1
+    assert all(n > batch_size for n in calls[1:len(batches)])
     for (key, batch), (_, results) in zip(batches, streamed, strict=True):
         # The own answers' full-image rows come from their decode, and a decode batch that also holds
         # longer re-decode prompts is padded differently (transformers): rounding moves, decisions must not.
@@ -248,7 +249,9 @@ def test_stream_without_overlap_on_transformers_is_batch_by_batch(hf_backend, he
             assert any(r.levels for r in results)  # each batch has re-decodes to order
     finally:
         del hf_backend.generate
-    assert events == [event for k in range(3) for event in (("answer", [k]), ("re-decode", [k]), ("results", k))]
+    # a batch's re-decode rounds (candidates_per_round levels per item each) follow one another
+    rounds = [event for k, event in enumerate(events) if not (k and event == events[k - 1] == ("re-decode", event[1]))]
+    assert rounds == [event for k in range(3) for event in (("answer", [k]), ("re-decode", [k]), ("results", k))]
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
@@ -330,3 +333,70 @@ def test_vllm_an_item_beyond_the_context_fails_alone_in_a_stream(vllm_backend, h
     assert "context of" in streamed[0][3].error
     _same_decisions(streamed[0][:3], run_hscr(vllm_backend, heldout_items[:3], params, similarity), "a long item", 1e-4)
     _same_decisions(streamed[1], run_hscr(vllm_backend, heldout_items[3:6], params, similarity), "a long item", 1e-4)
+
+
+# ---- transformers: re-decodes continue the own answer's KV cache instead of prefilling prompt and image ----
+@pytest.mark.parametrize("family", ["llava", "qwen2.5-vl", "gemma3"])
+def test_transformers_kept_prompt_cache_gives_the_prefilled_decisions(request, heldout_items, family):
+    backend = request.getfixturevalue({"llava": "hf_backend", "qwen2.5-vl": "qwen_backend",
+                                       "gemma3": "gemma_backend"}[family])
+    params = backend.profile.params({})
+    similarity = get_similarity(params.similarity)
+    items = heldout_items[:N_ITEMS]
+    runs = {}
+    for reuse in (False, True):
+        backend.reuse_prompt_cache, before = reuse, dict(vars(backend.stats))
+        try:
+            runs[reuse] = run_hscr(backend, items, params, similarity)
+        finally:
+            backend.reuse_prompt_cache = True
+        runs[reuse, "stats"] = {k: v - before[k] for k, v in vars(backend.stats).items()}
+    # Keys from the batched decode and from a prefill differ in float rounding only.
+    _same_decisions(runs[True], runs[False], "continuing the kept cache", 1e-4)
+    assert sum(len(r.levels) for r in runs[True]) >= 10
+    kept, prefilled = runs[True, "stats"], runs[False, "stats"]
+    assert prefilled["reused_prefill_tokens"] == 0 and kept["reused_prefill_tokens"] > 0
+    assert kept["prefill_tokens"] + kept["reused_prefill_tokens"] == prefilled["prefill_tokens"]
+    assert kept["prefill_tokens"] < prefilled["prefill_tokens"] / 2  # the re-decodes' image tokens came from cache
+    assert kept["decoded_tokens"] == prefilled["decoded_tokens"]
+
+
+def test_kept_prompt_cache_is_only_for_the_same_image_tensor(hf_backend, heldout_items):
+    """The cache is keyed on the image tensor itself: an equal prompt with another image prefills."""
+    prompts, visual, answers = _own_answers(hf_backend, heldout_items[:2])
+    before = hf_backend.stats.reused_prefill_tokens
+    other = [visual[1], visual[0]]  # each prompt with the other item's image
+    hf_backend.generate([GenerateRequest(p, v, 8, response_prefix=a[:1])
+                         for p, v, a in zip(prompts, other, answers, strict=True)])
+    assert hf_backend.stats.reused_prefill_tokens == before
+    hf_backend.generate([GenerateRequest(p, v, 8, response_prefix=a[:1])
+                         for p, v, a in zip(prompts, visual, answers, strict=True)])
+    assert hf_backend.stats.reused_prefill_tokens > before
+
+
+# ---- re-decode rounds: levels mildest first, an item stops once its levels are kept ----
+def test_rounds_decode_fewer_levels_and_keep_the_decisions(hf_backend, heldout_items):
+    items = heldout_items[:N_ITEMS]
+    similarity = get_similarity("lexical")
+    decoded = {}
+    results = {}
+    generate = hf_backend.generate
+    for per_round in (0, 1):
+        count = [0]
+
+        def counted(requests, count=count):
+            count[0] += sum(r.forced is not None for r in requests)
+            return generate(requests)
+
+        hf_backend.generate = counted  # instance attribute: shadows the method for this test only
+        try:
+            results[per_round] = run_hscr(hf_backend, items, HSCRParams(candidates_per_round=per_round), similarity)
+        finally:
+            del hf_backend.generate
+        decoded[per_round] = count[0]
+    # one level per round: an item whose levels are met stops; on these items the kept levels are those of
+    # decoding every level (the greedy reranker keeps the mildest levels that meet the gap)
+    _same_decisions(results[1], results[0], "re-decoding in rounds", 0.0)
+    assert decoded[1] < decoded[0]
+    full = [r for r in results[1] if r.levels and not r.shortfall]
+    assert full, "no item kept its levels without a shortfall: the early stop is not exercised"

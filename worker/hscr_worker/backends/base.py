@@ -98,6 +98,21 @@ class ScoreRequest:
         self.visual = as_visual(self.visual)
 
 
+@dataclass
+class BackendStats:
+    """What a backend's engine computed, in tokens: for benchmarks and the prefix-cache hit rate."""
+
+    prefill_tokens: int = 0  # prompt, image and response-prefix tokens run through the model (not from a cache)
+    reused_prefill_tokens: int = 0  # such tokens taken from a cache instead (a prefix cache hit)
+    decoded_tokens: int = 0  # decode steps, one token each
+    scored_tokens: int = 0  # tokens run through the model by ``score`` (teacher forcing)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        total = self.prefill_tokens + self.reused_prefill_tokens
+        return self.reused_prefill_tokens / total if total else 0.0
+
+
 class Backend(ABC):
     """A Med-VLM as HSCR sees it. Implementations: ``transformers`` (reference), ``vllm``."""
 

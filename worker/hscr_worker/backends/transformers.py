@@ -11,6 +11,7 @@ positions hold at every step. A family whose image tokens attend to each other b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from hscr_worker._compat import ensure_torchvision_importable
 
@@ -20,7 +21,23 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, DynamicCache  # noqa: E402
 
-from .base import GenerateRequest, ProcessorBackend, ScoreRequest, VisualTokens  # noqa: E402
+from .base import BackendStats, GenerateRequest, ProcessorBackend, ScoreRequest, VisualTokens  # noqa: E402
+
+
+@dataclass
+class _CachedRow:
+    """One own-answer decode whose KV cache later re-decodes of the same prompt and image continue."""
+
+    visual: torch.Tensor  # the image's embeddings tensor (identity, not value, is the key)
+    cache: DynamicCache  # its batch's cache; this row is ``row``, its columns ``first`` onwards
+    row: int
+    first: int  # column of the prompt's first token (left padding before it)
+    prompt_end: int  # column of the first response token
+    tokens: list[int]  # response tokens whose keys the cache holds
+    last_prompt_token: int
+    last_prompt_position: int
+    next_position: int  # position of the first response token
+    n_positions: int  # position rows of the family (3 for M-RoPE, else 1)
 
 
 class TransformersBackend(ProcessorBackend):
@@ -28,7 +45,12 @@ class TransformersBackend(ProcessorBackend):
 
     def __init__(self, model_path: str, *, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 32, ignore_eos: bool = False, profile: str | None = None,
-                 min_pixels: int | None = None, max_pixels: int | None = None):
+                 min_pixels: int | None = None, max_pixels: int | None = None, reuse_prompt_cache: bool = True):
+        # Re-decodes continue the own answer's KV cache (``_continue``) instead of prefilling prompt and image
+        # again; False prefills every request (kept to check and measure exactly that).
+        self.reuse_prompt_cache = reuse_prompt_cache
+        self._reusable: dict[tuple[tuple[int, ...], int], _CachedRow] = {}
+        self.stats = BackendStats()
         # Benchmarks only: random weights would stop at a random EOS; this decodes every response
         # to exactly max_new_tokens. Off by default, so responses end at EOS as usual.
         self.ignore_eos = ignore_eos
@@ -102,19 +124,42 @@ class TransformersBackend(ProcessorBackend):
     # ---- generation and scoring ----
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
+        # Rows that continue a kept cache are looked up before this call's own answers replace the kept caches.
+        kept = [self._reusable_row(r) for r in requests]
+        if any(self._keeps(r) for r in requests):
+            self._reusable.clear()
         out: list[list[int]] = []
         for start in range(0, len(requests), self.batch_size):
-            out += self._generate_batch(requests[start:start + self.batch_size])
+            out += self._generate_batch(requests[start:start + self.batch_size], kept[start:start + self.batch_size])
         return out
 
-    def _generate_batch(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
+    def _generate_batch(self, requests: Sequence[GenerateRequest],
+                        kept: Sequence[_CachedRow | None]) -> list[list[int]]:
+        fresh = [k for k, row in enumerate(kept) if row is None]
+        if not fresh:
+            return self._continue(requests, kept)
+        if len(fresh) < len(requests):  # two passes: the rows to prefill, and the rows continuing a kept cache
+            rest = [k for k, row in enumerate(kept) if row is not None]
+            out: dict[int, list[int]] = dict(zip(fresh, self._generate_batch([requests[k] for k in fresh],
+                                                                              [None] * len(fresh)), strict=True))
+            out |= dict(zip(rest, self._continue([requests[k] for k in rest], [kept[k] for k in rest]), strict=True))
+            return [out[k] for k in range(len(requests))]
         inputs = [self._inputs([*r.prompt_ids, *r.response_prefix], r.visual) for r in requests]
         embeds, positions, mask, types = self._pad(inputs, left=True,
                                                    images=[self._image_span(r.prompt_ids, r.visual) for r in requests])
-        n_pos = positions.shape[0]
         next_position = torch.stack([p.max() + 1 for _, p in inputs])  # [B]: the first response token's
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(embeds, positions, mask, types, cache)[:, -1]
+        self.stats.prefill_tokens += int(mask.sum())
+        generated, mask = self._decode(requests, logits, cache, mask, next_position, positions.shape[0])
+        if all(self._keeps(r) for r in requests):
+            self._keep_for_reuse(requests, inputs, generated, cache, mask)
+        return self._responses(requests, generated)
+
+    def _decode(self, requests: Sequence[GenerateRequest], logits: torch.Tensor, cache: DynamicCache,
+                mask: torch.Tensor, next_position: torch.Tensor, n_pos: int) -> tuple[list[list[int]], torch.Tensor]:
+        """Greedy decoding from the last prefilled row's ``logits [B, V]``; ``next_position [B]`` is the position
+        of each row's first decoded token. Returns the tokens per row (stop token included) and the final mask."""
         max_new = max(r.max_new_tokens for r in requests)
         generated: list[list[int]] = [[] for _ in requests]
         rows: list[list[torch.Tensor]] = [[] for _ in requests]
@@ -135,19 +180,89 @@ class TransformersBackend(ProcessorBackend):
                     stop = token in self.stop_token_ids and not self.ignore_eos
                     done[row] = stop or len(generated[row]) >= r.max_new_tokens
                 tokens.append(token)
+            self.stats.decoded_tokens += sum(1 for g in generated if len(g) > step)
             if all(done) or step == max_new - 1:
                 break
             step_embeds = self._embed_tokens(torch.tensor(tokens, device=self.device)).unsqueeze(1)
             step_positions = (next_position + step).view(1, -1, 1).expand(n_pos, -1, -1)
             mask = torch.cat([mask, mask.new_ones(len(requests), 1)], dim=1)
             logits = self._forward(step_embeds, step_positions, mask, None, cache)[:, -1]
-        responses = []
         for row, r in enumerate(requests):
-            ids = generated[row] if self.ignore_eos else self._cut_at_stop(generated[row])
             if r.return_logits:  # step t's row predicts response token t, as a score row does
-                r.logits = torch.stack(rows[row][: len(ids)]) if ids else torch.empty(0, logits.shape[-1])
-            responses.append([*r.response_prefix, *ids])
-        return responses
+                n = len(generated[row] if self.ignore_eos else self._cut_at_stop(generated[row]))
+                r.logits = torch.stack(rows[row][:n]) if n else torch.empty(0, logits.shape[-1])
+        return generated, mask
+
+    def _responses(self, requests: Sequence[GenerateRequest], generated: list[list[int]]) -> list[list[int]]:
+        return [[*r.response_prefix, *(ids if self.ignore_eos else self._cut_at_stop(ids))]
+                for r, ids in zip(requests, generated, strict=True)]
+
+    # ---- re-decodes continue the own answer's KV cache ----
+    def _keeps(self, request: GenerateRequest) -> bool:
+        """Whether this decode's KV cache is kept for later re-decodes: a plain decode from the prompt."""
+        return self.reuse_prompt_cache and request.forced is None and not request.response_prefix
+
+    def _keep_for_reuse(self, requests: Sequence[GenerateRequest], inputs, generated: list[list[int]],
+                        cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Keep these own-answer decodes' KV cache until the next call that decodes own answers: a later request
+        with the same prompt and image tensor whose response prefix they decoded continues from it instead of
+        prefilling the prompt and image again (HSCR's re-decodes start inside the own answer)."""
+        columns = mask.shape[1]
+        if any(layer.keys.shape[-2] != columns for layer in cache.layers):
+            return  # a sliding-window layer dropped its oldest columns: they cannot be addressed
+        length = max(e.shape[0] for e, _ in inputs)  # the padded prompt
+        fed = columns - length  # response tokens whose keys the cache holds
+        for row, (r, (e, p)) in enumerate(zip(requests, inputs, strict=True)):
+            self._reusable[(tuple(r.prompt_ids), id(r.visual.embeds))] = _CachedRow(
+                visual=r.visual.embeds, cache=cache, row=row, first=length - e.shape[0], prompt_end=length,
+                tokens=generated[row][:fed], last_prompt_token=int(r.prompt_ids[-1]),
+                last_prompt_position=int(p[:, -1].max()), next_position=int(p.max()) + 1,
+                n_positions=p.shape[0])
+
+    def _reusable_row(self, request: GenerateRequest) -> _CachedRow | None:
+        """The kept own-answer row ``request`` can continue: same prompt, same image tensor, and the keys of every
+        response-prefix token but the last in its cache (the last one is fed, which gives the first logits)."""
+        if not self.reuse_prompt_cache or request.return_logits:
+            return None
+        row = self._reusable.get((tuple(request.prompt_ids), id(request.visual.embeds)))
+        before_last = list(request.response_prefix[:-1])
+        if row is None or row.visual is not request.visual.embeds or len(before_last) > len(row.tokens):
+            return None
+        return row if row.tokens[:len(before_last)] == before_last else None
+
+    def _continue(self, requests: Sequence[GenerateRequest], kept: Sequence[_CachedRow]) -> list[list[int]]:
+        """Decode ``requests`` from kept caches: each row's keys up to its response prefix's last token (or the
+        prompt's last one), that token fed as a one-token step (the first logits), then greedy decoding."""
+        spans = []  # (row, end of the reused columns, the token fed, its position)
+        for r, row in zip(requests, kept, strict=True):
+            n = len(r.response_prefix)
+            if n:
+                spans.append((row, row.prompt_end + n - 1, r.response_prefix[-1], row.next_position + n - 1))
+            else:
+                spans.append((row, row.prompt_end - 1, row.last_prompt_token, row.last_prompt_position))
+        length = max(end - row.first for row, end, _, _ in spans)
+        n_pos = kept[0].n_positions
+        cache = DynamicCache(config=self.model.config)
+        for index in range(len(kept[0].cache.layers)):
+            keys, values = [], []
+            for row, end, _, _ in spans:  # left-padded to a common length, as a prefilled batch is
+                layer, pad = row.cache.layers[index], (0, 0, length - (end - row.first), 0)
+                keys.append(torch.nn.functional.pad(layer.keys[row.row, :, row.first:end], pad))
+                values.append(torch.nn.functional.pad(layer.values[row.row, :, row.first:end], pad))
+            cache.update(torch.stack(keys), torch.stack(values), index)
+        mask = torch.zeros(len(requests), length + 1, device=self.device, dtype=torch.long)
+        for b, (row, end, _, _) in enumerate(spans):
+            mask[b, length - (end - row.first):] = 1
+        tokens = torch.tensor([token for _, _, token, _ in spans], device=self.device)
+        positions = torch.tensor([position for _, _, _, position in spans], device=self.device)
+        logits = self._forward(self._embed_tokens(tokens).unsqueeze(1),
+                               positions.view(1, -1, 1).expand(n_pos, -1, -1), mask, None, cache)[:, -1]
+        self.stats.prefill_tokens += len(requests)
+        self.stats.reused_prefill_tokens += int(mask.sum()) - len(requests)
+        next_position = torch.tensor([row.next_position + len(r.response_prefix)
+                                      for r, row in zip(requests, kept, strict=True)], device=self.device)
+        generated, _ = self._decode(requests, logits, cache, mask, next_position, n_pos)
+        return self._responses(requests, generated)
 
     @torch.inference_mode()
     def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
@@ -158,8 +273,9 @@ class TransformersBackend(ProcessorBackend):
 
     def _score_batch(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
         inputs = [self._inputs([*r.prompt_ids, *r.response_ids], r.visual) for r in requests]
-        logits = self._forward(*self._pad(inputs, left=False,
-                                          images=[self._image_span(r.prompt_ids, r.visual) for r in requests]))
+        batch = self._pad(inputs, left=False, images=[self._image_span(r.prompt_ids, r.visual) for r in requests])
+        logits = self._forward(*batch)
+        self.stats.scored_tokens += int(batch[2].sum())
         out = []
         for row, ((e, _), r) in enumerate(zip(inputs, requests, strict=True)):
             n_resp = len(r.response_ids)
