@@ -363,7 +363,9 @@ def test_transformers_kept_prompt_cache_gives_the_prefilled_decisions(request, h
 
 def test_kept_prompt_cache_is_only_for_the_same_image_tensor(hf_backend, heldout_items):
     """The cache is keyed on the image tensor itself: an equal prompt with another image prefills."""
-    prompts, visual, answers = _own_answers(hf_backend, heldout_items[:2])
+    first = heldout_items[0]
+    second = next(it for it in heldout_items if it.question != first.question)
+    prompts, visual, answers = _own_answers(hf_backend, [first, second])
     before = hf_backend.stats.reused_prefill_tokens
     other = [visual[1], visual[0]]  # each prompt with the other item's image
     hf_backend.generate([GenerateRequest(p, v, 8, response_prefix=a[:1])
