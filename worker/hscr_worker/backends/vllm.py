@@ -41,7 +41,15 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
 
-from .base import BackendDead, GenerateRequest, ProcessorBackend, ScoreRequest, ScoreValues, VisualTokens  # noqa: E402
+from .base import (  # noqa: E402
+    BackendDead,
+    BackendStats,
+    GenerateRequest,
+    ProcessorBackend,
+    ScoreRequest,
+    ScoreValues,
+    VisualTokens,
+)
 
 FULL_VOCAB_LIMIT = 4096  # dense score rows up to this vocabulary size; top-k rows above
 DEFAULT_SCORE_TOP_K = 20  # vLLM's default max_logprobs
@@ -78,6 +86,7 @@ class VLLMBackend(ProcessorBackend):
         config = self._load_text_side(model_path, profile, min_pixels=min_pixels, max_pixels=max_pixels)
         self.batch_size = batch_size
         self.ignore_eos = ignore_eos
+        self.stats = BackendStats()
 
         # The vision side, in the worker: the transformers model with a zero-layer language model, so
         # the checkpoint's language-model layers (a 7B's 14 GB, materialised in RAM whenever the
@@ -212,6 +221,11 @@ class VLLMBackend(ProcessorBackend):
             prompts.append(self._prompt([*r.prompt_ids, *r.response_prefix], r.visual))
             params.append(sampling)
         outputs = self._run(prompts, params, [r.visual.n_tokens for r in requests])
+        for out in outputs:
+            cached = out.num_cached_tokens or 0  # prompt tokens the prefix cache served
+            self.stats.prefill_tokens += len(out.prompt_token_ids) - cached
+            self.stats.reused_prefill_tokens += cached
+            self.stats.decoded_tokens += len(out.outputs[0].token_ids)
         responses = []
         for r, out in zip(requests, outputs, strict=True):
             completion = out.outputs[0]
@@ -241,6 +255,7 @@ class VLLMBackend(ProcessorBackend):
             params.append(SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=self._row_width,
                                          detokenize=False, flat_logprobs=True, skip_clone=True))
         outputs = self._run(prompts, params, [r.visual.n_tokens for r in requests])
+        self.stats.scored_tokens += sum(len(out.prompt_token_ids) for out in outputs)
         rows = []
         for r, out in zip(requests, outputs, strict=True):
             n = len(r.response_ids)
