@@ -191,7 +191,7 @@ def fixture_items(n, seed, out, images):
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--family", type=click.Choice(["llava", "qwen2.5-vl", "gemma3"]), default="llava", show_default=True,
               help="llava rebuilds fixture/model, qwen2.5-vl fixture/model-qwen2.5-vl, gemma3 fixture/model-gemma3.")
-@click.option("--steps", type=int, default=None, help="[default: 1500]")
+@click.option("--steps", type=int, default=None, help="[default: 1500; gemma3 3000]")
 def fixture_train(out_dir, family, steps):
     """Retrain a fixture model with the seeded recipe (LLaVA about 4-8 minutes on 2 cores, Qwen2.5-VL, Gemma 3
     12-25)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from PIL import Image
@@ -39,6 +40,10 @@ TURN_END = "<end_of_turn>"
 class Gemma3Family(ModelFamily):
     name: str = "gemma3"
     family = "gemma3"
+    # Three masks of 97 %, as Qwen: a SigLIP soft token is pooled from patches that attended to the whole image,
+    # so the few tokens one 95 % mask keeps still show much of it (docs/models.md, "HSCR defaults per family":
+    # both settings measured on held-out items).
+    param_defaults = MappingProxyType({"n_masks": 3, "dropout_ratio": 0.97})
     model_types = ("gemma3",)
     vllm_architecture = "HSCRGemma3ForConditionalGeneration"
     image_attention = "bidirectional"
