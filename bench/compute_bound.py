@@ -80,7 +80,11 @@ def _spent(backend: Backend, before: BackendStats) -> dict:
 
 
 def _phase(backend: Backend, device: torch.device, run) -> dict:
-    """Time, tokens and peak memory of one ``run()``."""
+    """Time, tokens and peak memory of one ``run()``, from a cold prefix cache (vLLM): each mode pays for its own
+    prompts, not for those an earlier mode left in the cache."""
+    engine = getattr(backend, "llm", None)
+    if engine is not None:
+        engine.reset_prefix_cache()
     before = _stats(backend)
     with PeakMemory(device) as memory:
         began = time.perf_counter()

@@ -67,11 +67,12 @@ class HSCRParams(BaseModel):
         description="[choice] Reranking also requires each kept level to replace at least as many tokens as "
                     "the milder one before it, so similarity and error degree agree. Paper: similarity only.")
     candidates_per_round: int = Field(
-        3, ge=0, le=64,
+        0, ge=0, le=64,
         description="[choice] Levels each item re-decodes per engine call, mildest first; after each call the "
                     "reranker runs and an item stops once it keeps n_levels levels with the gap, so the "
-                    "levels it would not keep are never decoded. 0: every level in one call, then rerank "
-                    "(the paper generates all n_coupled levels).")
+                    "levels it would not keep are never decoded. 0 (default): every level in one call, then "
+                    "rerank, as the paper generates all n_coupled levels; rounds save few tokens where most "
+                    "items end in a shortfall and cost a sequential engine call each (docs/bench.md).")
     similarity: str = Field(
         "lexical",
         description="[choice] Similarity for reranking: 'lexical' (token F1, no model) or a "
@@ -113,6 +114,5 @@ class HSCRParams(BaseModel):
         """The paper's reading: one mask removing 70 % of the visual tokens, raw-logit shift, top-n only,
         reranking by similarity alone."""
         setting = {"dropout_ratio": 0.7, "dropout_mode": "remove", "n_masks": 1, "shift": "logit",
-                   "min_shift": 0.0, "severity_order": False,
-                   "candidates_per_round": 0}
+                   "min_shift": 0.0, "severity_order": False}
         return cls(**{**setting, **overrides})
