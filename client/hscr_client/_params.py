@@ -81,6 +81,12 @@ class HSCRParams(BaseModel):
         "own",
         description="[choice] Which response is corrupted: the model's own greedy answer (default) or the "
                     "preferred answer by teacher forcing.")
+    chosen: Literal["reference", "own"] = Field(
+        "reference",
+        description="[choice] The preferred answer of each pair: 'reference' (the item's answer; the model's own "
+                    "where an item has none) or 'own' (on-policy: the model's own answer where it agrees with the "
+                    "reference up to case, spacing and final punctuation, else the reference). Paper: the "
+                    "reference (the dataset's answer).")
     max_new_tokens: int = Field(64, ge=1, le=2048, description="Generation budget for every decode.")
 
     @model_validator(mode="before")

@@ -16,6 +16,9 @@ CASES = {
     "implicit": {"loss_type": "implicit"},
     "explicit+implicit": {"loss_type": "hscr"},
     "hscr+nll": {"loss_type": "hscr", "nll_weight": 0.5},
+    "hscr+dpop": {"loss_type": "hscr", "dpop_lambda": 50.0},
+    "mdpo": {"loss_type": "mdpo"},  # explicit + anchor + image-conditional (the image dropped at the projector)
+    "sft": {"loss_type": "sft"},
     "pairs-config": {"loss_type": "hscr", "dataset_config": "pairs"},
     "lora": {"loss_type": "hscr", "use_peft": True, "learning_rate": 1e-2},
     "grad-accumulation": {"loss_type": "hscr", "gradient_accumulation_steps": 2},
@@ -50,6 +53,37 @@ def test_training_moves_parameters(case, hscr_dataset, tmp_path):
         # of a loss with the explicit term later, the preferred answer leads in nearly all of its pairs.
         assert logged[0]["margins/explicit"] == logged[0]["accuracies/explicit"] == 0.0
         assert logged[-1]["margins/explicit"] > 0.1 and logged[-1]["accuracies/explicit"] >= 0.9
+
+
+def test_dropped_image_changes_only_the_visual_tokens_and_is_the_same_for_both_models(hscr_dataset, tmp_path):
+    """mDPO's conditional term sees the item's image with 95 % of its visual tokens zeroed at the projector's
+    output; the kept tokens are unchanged, and one sequence key gives one mask on the policy and the reference."""
+    from hscr_trainer.hscr_trainer import dropped_image
+
+    config = HSCRConfig(output_dir=str(tmp_path), use_peft=False, loss_type="mdpo", use_cpu=True, max_steps=1)
+    trainer = HSCRTrainer(FIXTURE_MODEL, config, str(hscr_dataset))
+    batch = next(iter(torch.utils.data.DataLoader(trainer.train_dataset, batch_size=2,
+                                                  collate_fn=trainer.data_collator)))
+    pixels = batch["pixel_values"][:2]
+
+    def features(model) -> torch.Tensor:
+        with torch.no_grad():
+            out = model.model.get_image_features(pixel_values=pixels)
+        out = getattr(out, "pooler_output", out)
+        return torch.stack(list(out)) if isinstance(out, list | tuple) else out
+
+    full = features(trainer.model)
+    with dropped_image(trainer.model, trainer.family, 0.95, ["a", "b"]):
+        policy = features(trainer.model)
+    with dropped_image(trainer.ref_model, trainer.family, 0.95, ["a", "b"]):
+        reference = features(trainer.ref_model)
+    kept = policy.abs().sum(-1) != 0
+    assert kept.shape == full.shape[:2]
+    assert int(kept[0].sum()) == full.shape[1] - round(0.95 * full.shape[1])  # the worker's keep_masks
+    assert torch.allclose(policy[kept], full[kept])
+    assert not torch.equal(kept[0], kept[1])  # one mask per key
+    assert torch.equal(reference.abs().sum(-1) != 0, kept)
+    assert torch.equal(features(trainer.model), full)  # the hook is gone after the context
 
 
 def test_both_configs_read_the_same_items(hscr_dataset):

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from hscr_trainer.hscr_config import HSCRConfig
-from hscr_trainer.losses import LOSSES, VARIANTS, explicit_loss, implicit_loss, nll_loss, pair_statistics
+from hscr_trainer.losses import (
+    LOSSES,
+    VARIANTS,
+    anchor_loss,
+    explicit_loss,
+    image_conditional_loss,
+    implicit_loss,
+    nll_loss,
+    pair_statistics,
+)
 
 
 def softplus(x: float) -> float:  # -log sigmoid(x) = log(1 + e^-x)
@@ -111,4 +120,41 @@ def test_config_normalizes_and_checks(tmp_path):
                 {"loss_type": "nll"}):
         with pytest.raises(ValueError):
             HSCRConfig(output_dir=str(tmp_path), **bad)
-    assert set(VARIANTS) == {"dpo", "explicit", "implicit", "hscr"} and set(LOSSES) >= {"explicit", "implicit"}
+    assert set(VARIANTS) == {"dpo", "explicit", "implicit", "hscr", "sft", "mdpo"}
+    assert set(LOSSES) >= {"explicit", "implicit", "anchor", "image_conditional"}
+    # SFT only when asked for by name: the control of the benchmarks, never an accident.
+    assert HSCRConfig(output_dir=str(tmp_path), loss_type="sft").loss_type == ["nll"]
+    assert HSCRConfig(output_dir=str(tmp_path), loss_type="mdpo").loss_type == ["explicit", "anchor",
+                                                                                 "image_conditional"]
+    for bad in ({"dpop_lambda": -1.0}, {"image_dropout_ratio": 0.0}, {"image_dropout_ratio": 1.5}):
+        with pytest.raises(ValueError):
+            HSCRConfig(output_dir=str(tmp_path), **bad)
+
+
+def test_dpop_penalises_only_a_winner_below_its_reference():
+    """DPOP (arXiv 2402.13228): margin - lambda * max(0, -log pi/ref (winner)), scaled by gamma."""
+    lam = 5.0
+    got = explicit_loss(LOGRATIOS, LEVEL_MASK, GAMMA, dpop_lambda=lam)
+    # item 0's winner is above its reference (0.5): no penalty; item 1's (1.0) too.
+    assert torch.allclose(got, explicit_loss(LOGRATIOS, LEVEL_MASK, GAMMA))
+    below = torch.tensor([[-0.5, -1.0, -2.0, -4.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    expected = sum(softplus(GAMMA * (-0.5 - lj) - GAMMA * lam * 0.5) for lj in (-1.0, -2.0, -4.0))
+    assert explicit_loss(below, mask, GAMMA, dpop_lambda=lam).item() == pytest.approx(expected, rel=1e-6)
+    # Implicit pairs: the milder level is the winner; level 1 at -1.0 pays lambda * 1.0 against levels 2 and 3.
+    expected_implicit = (softplus(GAMMA * (-1.0 + 2.0) - GAMMA * lam) + softplus(GAMMA * (-1.0 + 4.0) - GAMMA * lam)
+                         + softplus(GAMMA * (-2.0 + 4.0) - GAMMA * lam * 2.0))
+    assert implicit_loss(below, mask, GAMMA, dpop_lambda=lam).item() == pytest.approx(expected_implicit, rel=1e-6)
+
+
+def test_mdpo_terms():
+    """mDPO (arXiv 2406.11839): the anchor keeps the preferred reward above 0; the conditional term prefers the
+    preferred answer with the real image over the same answer with the image dropped."""
+    assert anchor_loss(LOGRATIOS, LEVEL_MASK, GAMMA).tolist() == pytest.approx([softplus(0.05), softplus(0.1)])
+    dropped = torch.tensor([2.0, -1.0])
+    got = image_conditional_loss(LOGRATIOS, LEVEL_MASK, GAMMA, dropped_logratios=dropped)
+    assert got.tolist() == pytest.approx([softplus(GAMMA * (0.5 - 2.0)), softplus(GAMMA * (1.0 + 1.0))])
+    logratios = torch.zeros(1, 2, requires_grad=True)
+    dropped = torch.zeros(1, requires_grad=True)
+    image_conditional_loss(logratios, torch.ones(1, 2, dtype=torch.bool), GAMMA, dropped_logratios=dropped).backward()
+    assert logratios.grad[0, 0] < 0 < dropped.grad[0]

@@ -254,3 +254,22 @@ class PreferenceCollator:
         batch.update({key: torch.cat(values) for key, values in images.items()})
         return {**batch, "completion_mask": completion_mask, "item_index": torch.tensor(item_index),
                 "level_index": torch.tensor(level_index), "level_mask": level_mask, "sequence_keys": keys}
+
+
+def select_sequences(batch: dict, rows: torch.Tensor) -> dict:
+    """The sub-batch of sequences ``rows`` (indices into the ``N`` sequences) with their images: what
+    ``sequence_logps`` needs (model inputs, ``completion_mask``, ``sequence_keys``)."""
+    n = batch["input_ids"].shape[0]
+    grid = batch.get("image_grid_thw")
+    out: dict = {"sequence_keys": [batch["sequence_keys"][i] for i in rows.tolist()]}
+    for key, value in batch.items():
+        if key in BOOKKEEPING_KEYS and key != "completion_mask" or not isinstance(value, torch.Tensor):
+            continue
+        if grid is not None and key == "pixel_values":  # Qwen2-VL: each image's patches, back to back
+            parts = value.split(grid.prod(-1).tolist())
+            out[key] = torch.cat([parts[i] for i in rows.tolist()])
+        elif value.shape[0] == n:
+            out[key] = value[rows]
+        else:
+            raise ValueError(f"cannot select sequences from batch key {key!r} of shape {tuple(value.shape)}")
+    return out

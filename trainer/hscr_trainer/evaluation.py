@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 
-from hscr_worker.fixture import synthetic
+from hscr_worker.fixture import prior, synthetic
 from hscr_worker.fixture.evaluate import answers_for, score_answers
-from hscr_worker.fixture.train import TRAIN_SEED
+from hscr_worker.fixture.items import make_task_examples
 
 _LESION_SLOT = re.compile(r"^(side|level|kind|size)(\d)$")
 _LESION_ATTRIBUTES = ("side", "level", "kind", "size")
@@ -50,15 +50,23 @@ def score_fixture_answers(answers: list[str], examples: list[synthetic.Example])
     return scores
 
 
-def evaluate_fixture(model: str, *, n: int = 500, seed: int = 999, batch_size: int = 64) -> dict:
+def evaluate_fixture(model: str, *, n: int = 500, seed: int = 999, batch_size: int = 64, task: str = "standard",
+                     split: str = "train", backend=None, per_item: bool = False) -> dict:
     """Greedy answers of ``model`` (a directory, hub id or fixture name) on ``n`` held-out fixture items
-    from ``seed``, scored."""
-    if seed == TRAIN_SEED:
-        raise ValueError(f"seed {TRAIN_SEED} is the fixture's training seed; evaluate on another seed")
-    from hscr_worker.backends.transformers import TransformersBackend
-    from hscr_worker.fixture import resolve_model
+    of ``task`` (and the prior task's ``split``) from ``seed``, scored. The prior task adds
+    ``prior_answer_share``: of the wrong well-formed answers, the share that name the kind the history implies.
+    ``per_item`` adds ``correct``: 1 where an answer is exact, per item (for paired comparisons)."""
+    examples = make_task_examples(n, seed, task, split)
+    if backend is None:
+        from hscr_worker.backends.transformers import TransformersBackend
+        from hscr_worker.fixture import resolve_model
 
-    backend = TransformersBackend(resolve_model(model), batch_size=batch_size)
-    examples = synthetic.make_examples(n, seed)
+        backend = TransformersBackend(resolve_model(model), batch_size=batch_size)
     answers = answers_for(backend, examples, [e.image for e in examples])
-    return {"seed": seed, **score_fixture_answers(answers, examples)}
+    scores = {"seed": seed, **score_fixture_answers(answers, examples)}
+    if task == "prior":
+        scores = {"task": task, "split": split, **scores, **prior.prior_answer_share(answers, examples)}
+    if per_item:
+        scores["correct"] = [int(synthetic.parse(a, e.qtype) == synthetic.facts(e.attrs, e.qtype))
+                             for a, e in zip(answers, examples, strict=True)]
+    return scores

@@ -29,7 +29,11 @@ class HSCRConfig(TrainingArguments):
         loss_weights (`list[float]` or `None`, defaults to `None`): one weight per loss term; `None` means
             equal weights of 1. Paper: equal.
         nll_weight (`float`, defaults to `0.0`): weight of an optional NLL term on the preferred answer
-            (per-token mean). Paper: no SFT term.
+            (per-token mean; RPO, arXiv 2404.19733, = TRL's ``rpo_alpha``). Paper: no SFT term.
+        dpop_lambda (`float`, defaults to `0.0`): DPOP's penalty (arXiv 2402.13228) inside every pair: a winner whose
+            likelihood fell below the reference's pays ``lambda`` times the fall. Paper: none.
+        image_dropout_ratio (`float`, defaults to `0.95`): share of visual tokens zeroed (the worker's dropout, at the
+            projector's output) for the ``image_conditional`` term (mDPO, arXiv 2406.11839), per item a fixed mask.
 
     Data:
         dataset_config (`str`, defaults to `"ranked"`): which config of the HSCR dataset to read: ``ranked``
@@ -62,7 +66,14 @@ class HSCRConfig(TrainingArguments):
     loss_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per loss term (default: all 1, the paper's equal weights)."})
     nll_weight: float = field(
-        default=0.0, metadata={"help": "Weight of an optional per-token NLL term on the preferred answer. Paper: 0."})
+        default=0.0, metadata={"help": "Weight of an optional per-token NLL term on the preferred answer (RPO, "
+                                       "arXiv 2404.19733; TRL's rpo_alpha). Paper: 0."})
+    dpop_lambda: float = field(
+        default=0.0, metadata={"help": "DPOP (arXiv 2402.13228): penalty lambda on a pair winner's likelihood loss "
+                                       "against the reference, inside every pair. Paper: 0."})
+    image_dropout_ratio: float = field(
+        default=0.95, metadata={"help": "Visual tokens zeroed for the image_conditional term (mDPO, arXiv "
+                                        "2406.11839): the worker's dropout, one fixed mask per item."})
     dataset_config: str = field(
         default="ranked", metadata={"help": "Dataset config to read: 'ranked' (all levels per item) or 'pairs'."})
     max_levels: int | None = field(
@@ -100,6 +111,7 @@ class HSCRConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
             self.loss_type = [t for t in self.loss_type.replace(",", " ").split() if t]
+        supervised = self.loss_type == ["sft"]  # asked for by name: the control, not a mistake
         if len(self.loss_type) == 1 and self.loss_type[0] in VARIANTS:
             self.loss_type = list(VARIANTS[self.loss_type[0]])
         unknown = [t for t in self.loss_type if t not in LOSSES]
@@ -129,8 +141,13 @@ class HSCRConfig(TrainingArguments):
             raise ValueError(f"model_dtype must be auto, float32 or bfloat16, got {self.model_dtype!r}")
         if self.use_peft and self.lora_r < 1:
             raise ValueError("lora_r must be >= 1")
-        if self.loss_type == ["nll"]:
-            raise ValueError("nll alone is supervised fine-tuning, not preference optimization; add a preference term")
+        if self.loss_type == ["nll"] and not supervised:
+            raise ValueError("nll alone is supervised fine-tuning, not preference optimization; add a preference term "
+                             "(or ask for it by name: loss_type sft)")
+        if self.dpop_lambda < 0:
+            raise ValueError("dpop_lambda must be >= 0")
+        if not 0 < self.image_dropout_ratio <= 1:
+            raise ValueError(f"image_dropout_ratio must be in (0, 1], got {self.image_dropout_ratio}")
         super().__post_init__()
         # Each process reads its own batches. Dispatching (accelerate's default for an IterableDataset) slices
         # every tensor of a batch along dim 0 as if it held one row per sequence, and the collator's do not:

@@ -22,7 +22,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer  # 
 
 from hscr_worker.fixture import resolve_model  # noqa: E402
 
-from .data import BOOKKEEPING_KEYS, PreferenceCollator, PreferenceStream  # noqa: E402
+from .data import BOOKKEEPING_KEYS, PreferenceCollator, PreferenceStream, select_sequences  # noqa: E402
 from .hscr_config import HSCRConfig  # noqa: E402
 from .losses import LOSSES, pair_statistics  # noqa: E402
 
@@ -103,6 +103,33 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     token_logps = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1).float() \
         - torch.logsumexp(logits.float(), dim=-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+@contextlib.contextmanager
+def dropped_image(model, family, ratio: float, keys: list[str]):
+    """Within this context ``model`` sees each sequence's image with ``ratio`` of its visual tokens zeroed: the
+    worker's dropout (``hscr_worker.core.dropout``) at the projector's output, one mask per sequence key, so the
+    policy and the reference see the same dropped image."""
+    from hscr_worker.core.dropout import apply_dropout, keep_masks, mask_generator
+
+    component = PROJECTOR[family.family]
+    projector = next((m for name, m in model.named_modules() if _within(name, component)
+                      and name.endswith(component)), None)
+    if projector is None:
+        raise ValueError(f"found no {component!r} module in this {family.family} model: cannot drop its image")
+
+    def drop(module, inputs, output):
+        tokens = output if output.dim() == 3 else output.unsqueeze(0)  # Qwen2-VL: every image's tokens, flat
+        masks = [keep_masks(tokens.shape[1], ratio, 1, mask_generator(0, key))[0]
+                 for key in (keys if output.dim() == 3 else ["\x00".join(keys)])]
+        dropped = torch.stack([apply_dropout(t, m.to(t.device), "zero") for t, m in zip(tokens, masks, strict=True)])
+        return dropped if output.dim() == 3 else dropped[0]
+
+    handle = projector.register_forward_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def level_grid(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -196,8 +223,11 @@ class HSCRTrainer(Trainer):
         logratios = level_grid(policy_logps - ref_logps, inputs)
         level_mask = inputs["level_mask"]
         chosen = inputs["level_index"] == 0
-        extras = {"chosen_logps": policy_logps[chosen], "chosen_lengths": lengths[chosen]}
         args: HSCRConfig = self.args
+        extras = {"chosen_logps": policy_logps[chosen], "chosen_lengths": lengths[chosen],
+                  "dpop_lambda": args.dpop_lambda}
+        if "image_conditional" in args.loss_type:
+            extras["dropped_logratios"] = self._dropped_image_logratios(model, inputs)
         loss = logratios.new_zeros(())
         for loss_type, weight in zip(args.loss_type, args.loss_weights, strict=True):
             term = LOSSES[loss_type](logratios, level_mask, args.gamma, **extras).mean()
@@ -207,6 +237,20 @@ class HSCRTrainer(Trainer):
             self._metrics[key].append(value.item())
         self._metrics["logps/chosen"].append(policy_logps[chosen].mean().item())
         return (loss, {"logratios": logratios}) if return_outputs else loss
+
+    def _dropped_image_logratios(self, model, inputs) -> torch.Tensor:
+        """``(B,)`` log pi/ref of each item's preferred answer with its image dropped (mDPO's conditional term)."""
+        rows = (inputs["level_index"] == 0).nonzero().squeeze(-1)
+        sub = select_sequences(inputs, rows)
+        keys = [key.split("\x00", 1)[0] for key in sub["sequence_keys"]]  # per item: its custom id
+        ratio = self.args.image_dropout_ratio
+        with dropped_image(model, self.family, ratio, keys):
+            policy, _ = sequence_logps(model, sub)
+        reference_model = self.ref_model or model
+        with torch.no_grad(), self._reference_context(model), dropped_image(reference_model, self.family, ratio, keys):
+            reference, _ = sequence_logps(reference_model, sub)
+        out = policy.new_zeros(inputs["level_mask"].shape[0])
+        return out.index_put((inputs["item_index"][rows],), policy - reference)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._metrics and "loss" in logs:

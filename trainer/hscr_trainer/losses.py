@@ -9,6 +9,11 @@ Every function takes the same precomputed inputs, so each term is testable witho
 - ``gamma``: the temperature ``g`` of the paper (TRL's ``beta``).
 
 Each returns a ``(B,)`` per-item loss. ``LOSSES`` maps a ``loss_type`` name to its function.
+
+Anchors against likelihood displacement (the summed-log-prob loss is met by pushing every response down, the
+preferred one too): ``nll`` (RPO, arXiv 2404.19733; TRL's ``rpo_alpha``), ``dpop_lambda`` inside every pair (DPOP,
+arXiv 2402.13228), and mDPO's two terms (arXiv 2406.11839): ``anchor`` (the preferred answer's reward above 0) and
+``image_conditional`` (the preferred answer more likely with the real image than with a dropped one).
 """
 
 from __future__ import annotations
@@ -44,23 +49,45 @@ def pair_margins(logratios: torch.Tensor, gamma: float) -> torch.Tensor:
     return rewards[:, :, None] - rewards[:, None, :]
 
 
-def _pairwise_logistic(logratios: torch.Tensor, level_mask: torch.Tensor, gamma: float, kind: str) -> torch.Tensor:
+def _pairwise_logistic(logratios: torch.Tensor, level_mask: torch.Tensor, gamma: float, kind: str,
+                       dpop_lambda: float = 0.0) -> torch.Tensor:
     mask = pair_mask(level_mask, kind)
-    losses = -F.logsigmoid(pair_margins(logratios, gamma))
+    margins = pair_margins(logratios, gamma)
+    if dpop_lambda > 0:  # DPOP: a winner that lost likelihood against the reference pays lambda * that loss
+        margins = margins - gamma * dpop_lambda * F.relu(-logratios)[:, :, None]
+    losses = -F.logsigmoid(margins)
     return (losses * mask).sum(dim=(1, 2))
 
 
-def explicit_loss(logratios: torch.Tensor, level_mask: torch.Tensor, gamma: float, **_) -> torch.Tensor:
+def explicit_loss(logratios: torch.Tensor, level_mask: torch.Tensor, gamma: float, *, dpop_lambda: float = 0.0,
+                  **_) -> torch.Tensor:
     """``L_E = - sum_j log s(g [log pi/ref (y_w)] - g [log pi/ref (y_lj)])``: preferred vs each level.
 
-    With a single level this is exactly pairwise DPO (sigmoid loss).
+    With a single level this is exactly pairwise DPO (sigmoid loss). ``dpop_lambda`` > 0 subtracts
+    ``g * lambda * max(0, -log pi/ref (y_w))`` inside each pair (DPOP).
     """
-    return _pairwise_logistic(logratios, level_mask, gamma, "explicit")
+    return _pairwise_logistic(logratios, level_mask, gamma, "explicit", dpop_lambda)
 
 
-def implicit_loss(logratios: torch.Tensor, level_mask: torch.Tensor, gamma: float, **_) -> torch.Tensor:
+def implicit_loss(logratios: torch.Tensor, level_mask: torch.Tensor, gamma: float, *, dpop_lambda: float = 0.0,
+                  **_) -> torch.Tensor:
     """``L_I = - sum_{j<m} log s(g [log pi/ref (y_lj)] - g [log pi/ref (y_lm)])``: milder error vs worse."""
-    return _pairwise_logistic(logratios, level_mask, gamma, "implicit")
+    return _pairwise_logistic(logratios, level_mask, gamma, "implicit", dpop_lambda)
+
+
+def anchor_loss(logratios: torch.Tensor, level_mask: torch.Tensor, gamma: float, **_) -> torch.Tensor:
+    """mDPO's reward anchor: ``- log s(g [log pi/ref (y_w)])``, the preferred answer's reward kept above 0."""
+    return -F.logsigmoid(gamma * logratios[:, PREFERRED])
+
+
+def image_conditional_loss(logratios: torch.Tensor, level_mask: torch.Tensor, gamma: float, *,
+                           dropped_logratios: torch.Tensor, **_) -> torch.Tensor:
+    """mDPO's conditional preference: ``- log s(g [log pi/ref (y_w | image)] - g [log pi/ref (y_w | dropped)])``.
+
+    ``dropped_logratios``: ``(B,)`` the preferred answer's log-ratio with the image's visual tokens dropped
+    (the worker's dropout), so the model is rewarded for answering from the image, not from the question.
+    """
+    return -F.logsigmoid(gamma * (logratios[:, PREFERRED] - dropped_logratios))
 
 
 def nll_loss(logratios: torch.Tensor, level_mask: torch.Tensor, gamma: float, *,
@@ -73,7 +100,8 @@ def nll_loss(logratios: torch.Tensor, level_mask: torch.Tensor, gamma: float, *,
 
 
 LossFn = Callable[..., torch.Tensor]
-LOSSES: dict[str, LossFn] = {"explicit": explicit_loss, "implicit": implicit_loss, "nll": nll_loss}
+LOSSES: dict[str, LossFn] = {"explicit": explicit_loss, "implicit": implicit_loss, "nll": nll_loss,
+                             "anchor": anchor_loss, "image_conditional": image_conditional_loss}
 
 # Named variants (the paper's ablation rows) -> the loss terms they sum.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -81,6 +109,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "explicit": ("explicit",),
     "implicit": ("implicit",),
     "hscr": ("explicit", "implicit"),
+    "sft": ("nll",),  # supervised fine-tuning on the preferred answers: the control every recipe must beat
+    "mdpo": ("explicit", "anchor", "image_conditional"),  # mDPO's objective on HSCR's pairs
 }
 
 

@@ -40,20 +40,23 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def build_hscr_dataset(workdir: Path, n_items: int, data_seed: int, model: str = "fixture") -> Path:
+def build_hscr_dataset(workdir: Path, n_items: int, data_seed: int, model: str = "fixture", *,
+                       task: str = "standard", params=None, name: str = "hscr") -> Path:
+    """``hscr generate`` on ``n_items`` training items of ``task`` from ``data_seed`` into ``workdir/name``."""
     from hscr_client import HSCRParams
     from hscr_worker.fixture.items import write_items
     from hscr_worker.generate import generate_dataset, load_backend
 
-    out = workdir / "hscr"
+    out = workdir / name
     if (out / "manifest.json").exists():
         return out
     items = workdir / "items" / "items.jsonl"
     if not items.exists():
-        write_items(n_items, data_seed, items, workdir / "items" / "images")
-    log(f"generating HSCR data for {n_items} items (seed {data_seed})")
-    manifest = generate_dataset(load_backend("transformers", resolve_model(model)), str(items), str(out), HSCRParams())
-    log(f"HSCR data: {manifest['request_counts']}")
+        write_items(n_items, data_seed, items, workdir / "items" / "images", task=task)
+    log(f"generating {name} data for {n_items} items (seed {data_seed})")
+    manifest = generate_dataset(load_backend("transformers", resolve_model(model)), str(items), str(out),
+                                params or HSCRParams())
+    log(f"{name} data: {manifest['request_counts']}")
     return out
 
 
@@ -74,8 +77,9 @@ def random_token_levels(text: str, n_levels: int, rng: random.Random, vocabulary
     return levels
 
 
-def build_random_dataset(hscr: Path, workdir: Path, seed: int) -> Path:
-    """The control: HSCR's items and level counts, negatives made by random token replacement."""
+def build_random_dataset(hscr: Path, workdir: Path, seed: int, words: list[str] | None = None) -> Path:
+    """The control: HSCR's items and level counts, negatives made by random token replacement (from ``words``;
+    default the standard task's vocabulary)."""
     from hscr_client import schema
     from hscr_client.storage import open_location
     from hscr_worker.dataset import parquet_bytes, read_rows
@@ -84,7 +88,7 @@ def build_random_dataset(hscr: Path, workdir: Path, seed: int) -> Path:
     if (out / "manifest.json").exists():
         return out
     rng = random.Random(seed)
-    vocabulary = [w for w in synthetic.vocabulary() if w not in ("user", "assistant", ":")]
+    vocabulary = [w for w in words or synthetic.vocabulary() if w not in ("user", "assistant", ":")]
     rows = []
     for row in read_rows(str(hscr), schema.RANKED):
         row = dict(row, levels=random_token_levels(row["corrupted"], len(row["levels"]), rng, vocabulary))

@@ -176,12 +176,17 @@ def fixture():
 @click.option("--seed", default=7, show_default=True, help="Any seed but the training seed (1234).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path))
-def fixture_items(n, seed, out, images):
+@click.option("--task", type=click.Choice(["standard", "prior"]), default="standard", show_default=True,
+              help="prior: the language-prior task (a clinical history that implies the lesion kind).")
+@click.option("--split", type=click.Choice(["train", "in-prior", "counter-prior"]), default="train",
+              show_default=True, help="The prior task's split: train (history -> kind at 0.9), in-prior (the image "
+                                      "agrees with the history), counter-prior (it does not).")
+def fixture_items(n, seed, out, images, task, split):
     """Write held-out synthetic items with their ground truth."""
     from .fixture.items import write_items
 
     try:
-        rows = write_items(n, seed, out, images)
+        rows = write_items(n, seed, out, images, task=task, split=split)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     click.echo(f"wrote {len(rows)} items to {out} (images in {images})")
@@ -192,12 +197,18 @@ def fixture_items(n, seed, out, images):
 @click.option("--family", type=click.Choice(["llava", "qwen2.5-vl", "gemma3"]), default="llava", show_default=True,
               help="llava rebuilds fixture/model, qwen2.5-vl fixture/model-qwen2.5-vl, gemma3 fixture/model-gemma3.")
 @click.option("--steps", type=int, default=None, help="[default: 1500; gemma3 3000]")
-def fixture_train(out_dir, family, steps):
+@click.option("--task", type=click.Choice(["standard", "prior"]), default="standard", show_default=True,
+              help="prior rebuilds fixture/model-prior (LLaVA): half the items are the language-prior task.")
+def fixture_train(out_dir, family, steps, task):
     """Retrain a fixture model with the seeded recipe (LLaVA about 4-8 minutes on 2 cores, Qwen2.5-VL, Gemma 3
     12-25)."""
     from .fixture.train import train
 
-    click.echo(json.dumps(train(out_dir, family=family, steps=steps), indent=2))
+    try:
+        info = train(out_dir, family=family, steps=steps, task=task)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    click.echo(json.dumps(info, indent=2))
 
 
 @fixture.command("evaluate")

@@ -77,6 +77,20 @@ class ItemResult:
     error: str | None = None
 
 
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().replace(" .", ".").rstrip(" .!").split())
+
+
+def pick_chosen(reference: str | None, own: str, mode: str) -> str:
+    """The preferred answer: the reference (``mode`` 'reference'), or the model's own answer where it agrees with
+    the reference (``mode`` 'own', on-policy); the own answer where there is no reference."""
+    if not reference:
+        return own
+    if mode == "own" and _normalized(own) == _normalized(reference):
+        return own
+    return reference
+
+
 def reproduced_prefix(full: torch.Tensor, response: Sequence[int]) -> int:
     """How many leading tokens of ``response`` greedy decoding under the full image reproduces.
 
@@ -255,7 +269,7 @@ class HSCRBatch:
         for i, it in enumerate(items):
             own_text = backend.decode(own[i])
             result = ItemResult(custom_id=it.custom_id, question=it.question, image=it.image,
-                                chosen=it.preferred or own_text, own_answer=own_text,
+                                chosen=pick_chosen(it.preferred, own_text, params.chosen), own_answer=own_text,
                                 corrupted=backend.decode(corrupted[i]), coupled=[])
             self.results.append(result)
             plans_by_item.append([])

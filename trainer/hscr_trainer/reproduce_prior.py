@@ -1,0 +1,184 @@
+"""The language-prior benchmark: does HSCR data teach a model to answer from the image against a language prior?
+
+``hscr reproduce prior`` (or ``python -m hscr_trainer.reproduce_prior``) runs, in ``--workdir``:
+
+1. ``--items`` training items of the prior task (``hscr_worker.fixture.prior``, split ``train``: the clinical
+   history implies the lesion kind on 90 % of them) from ``--data-seed``;
+2. ``hscr generate`` on them with ``fixture-prior`` at the shipped defaults (``hscr``), and again with the on-policy
+   preferred answer (``--chosen own``: ``hscr-own``); the random-negative control of ``reproduce.py`` (``random``);
+3. for each seed, every method of ``METHODS`` trained from ``fixture-prior`` with identical hyper-parameters;
+4. base and every trained model scored on ``--eval-items`` counter-prior items (the image contradicts the history)
+   and as many in-prior items, from seeds no other step uses;
+5. ``results.json`` (per seed, per item) and ``table.md``: mean +- sample std over seeds, and paired bootstrap 95 %
+   CIs (items resampled within each seed, the same items for both sides) of the difference to base, to SFT and to
+   DPO on random negatives.
+
+Finished steps are reused when the command runs again (delete an entry of ``results.json`` to redo it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .reproduce import build_hscr_dataset, build_random_dataset, log, train_one
+
+COUNTER_SEED_BASE, IN_PRIOR_SEED_BASE = 8000, 8500  # eval items of seed s: base + s (counter-prior, in-prior)
+# name -> (dataset, loss_type, extra trainer settings). "dpo-*": one pair per item (level 1), as plain DPO.
+METHODS: dict[str, tuple[str, str, dict]] = {
+    "sft": ("hscr", "sft", {}),
+    "dpo-random": ("random", "explicit", {"max_levels": 1}),
+    "dpo-hscr": ("hscr", "explicit", {"max_levels": 1}),
+    "explicit": ("hscr", "explicit", {}),
+    "implicit": ("hscr", "implicit", {}),
+    "explicit+implicit": ("hscr", "explicit,implicit", {}),
+    "explicit+implicit+rpo": ("hscr", "explicit,implicit", {"nll_weight": 1.0}),
+    "explicit+implicit+dpop": ("hscr", "explicit,implicit", {"dpop_lambda": 50.0}),
+    "mdpo+implicit": ("hscr", "explicit,implicit,anchor,image_conditional", {}),
+    "on-policy explicit+implicit": ("hscr-own", "explicit,implicit", {}),
+}
+CONTROLS = ("base", "sft", "dpo-random")
+
+
+def evaluate(model: str, n: int, seed: int, split: str) -> dict:
+    """Prior-task scores of ``model`` on ``split``, with each item's exactness (for the paired bootstrap)."""
+    from .evaluation import evaluate_fixture
+
+    return evaluate_fixture(model, n=n, seed=seed, task="prior", split=split, per_item=True)
+
+
+def paired_bootstrap(a: dict[str, list[int]], b: dict[str, list[int]], *, resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean over seeds of ``a - b`` (per-item 0/1 on the same items) and its 95 % CI: items resampled with
+    replacement within each seed, one draw shared by both sides."""
+    rng = np.random.default_rng(seed)
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError("no seed scored on both sides")
+    diffs = [np.asarray(a[s], float) - np.asarray(b[s], float) for s in seeds]
+    point = float(np.mean([d.mean() for d in diffs]))
+    draws = np.mean([d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1) for d in diffs], axis=0)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return point, float(low), float(high)
+
+
+def _cell(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _ci(runs: dict, method: str, against: str, split: str) -> str:
+    a = {s: r[split]["correct"] for s, r in runs.get(method, {}).items()}
+    b = {s: r[split]["correct"] for s, r in runs.get(against, {}).items()}
+    if method == against or not set(a) & set(b):
+        return ""
+    point, low, high = paired_bootstrap(a, b)
+    return f"{100 * point:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def summarize(results: dict) -> str:
+    runs = results["runs"]
+    seeds = sorted(runs.get("base", {}))
+    lines = ["| method | seeds | counter-prior exact | − base [95 % CI] | − SFT [95 % CI] | − DPO random [95 % CI] "
+             "| errors = prior's answer | in-prior exact | in-prior − base [95 % CI] | malformed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for method in ["base", *METHODS]:
+        done = [s for s in seeds if s in runs.get(method, {})]
+        if not done:
+            continue
+        rows = [runs[method][s] for s in done]
+        counter, in_prior = [r["counter-prior"] for r in rows], [r["in-prior"] for r in rows]
+        cells = [method, str(len(done)), _cell([r["exact"] for r in counter]),
+                 *(_ci(runs, method, c, "counter-prior") for c in CONTROLS),
+                 _cell([r["prior_answer_share"] for r in counter]), _cell([r["exact"] for r in in_prior]),
+                 _ci(runs, method, "base", "in-prior"),
+                 _cell([(a["malformed"] + b["malformed"]) / 2 for a, b in zip(counter, in_prior, strict=True)])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/hscr-prior"))
+    parser.add_argument("--model", default="fixture-prior", help="the base model (trained on the prior task)")
+    parser.add_argument("--items", type=int, default=2000, help="training items given to hscr generate")
+    parser.add_argument("--data-seed", type=int, default=2026)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--eval-items", type=int, default=300, help="per split and seed")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--gamma", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args(argv)
+    from hscr_worker.fixture.train import TRAIN_SEED
+
+    eval_seeds = {s: (COUNTER_SEED_BASE + s, IN_PRIOR_SEED_BASE + s) for s in args.seeds}
+    if args.data_seed == TRAIN_SEED or args.data_seed in {x for pair in eval_seeds.values() for x in pair}:
+        raise SystemExit(f"--data-seed {args.data_seed} collides with the training or an eval seed")
+
+    import torch
+    from hscr_client import HSCRParams
+    from hscr_worker.fixture import prior
+
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results_path = args.workdir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+    hyper = {"num_train_epochs": args.epochs, "per_device_train_batch_size": args.batch_size,
+             "learning_rate": args.lr, "gamma": args.gamma, "lr_scheduler_type": "cosine", "warmup_steps": 0.1}
+    results["settings"] = {**vars(args), "workdir": str(args.workdir), "eval_seeds": eval_seeds, **hyper}
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (args.workdir / "table.md").write_text(summarize(results))
+
+    datasets = {"hscr": build_hscr_dataset(args.workdir, args.items, args.data_seed, args.model, task="prior")}
+    if any(METHODS[m][0] == "hscr-own" for m in args.methods):
+        datasets["hscr-own"] = build_hscr_dataset(args.workdir, args.items, args.data_seed, args.model,
+                                                  task="prior", params=HSCRParams(chosen="own"), name="hscr-own")
+    datasets["random"] = build_random_dataset(datasets["hscr"], args.workdir, args.data_seed, prior.vocabulary())
+    results["data"] = {name: json.loads((path / "manifest.json").read_text()).get("request_counts")
+                       for name, path in datasets.items()}
+
+    def scores(model: str, seed: int) -> dict:
+        counter_seed, in_seed = eval_seeds[seed]
+        return {"counter-prior": evaluate(model, args.eval_items, counter_seed, "counter-prior"),
+                "in-prior": evaluate(model, args.eval_items, in_seed, "in-prior")}
+
+    for seed in args.seeds:
+        key = str(seed)
+        base = results["runs"].setdefault("base", {})
+        if key not in base:
+            base[key] = scores(args.model, seed)
+            save()
+            log(f"base seed {seed}: counter-prior {base[key]['counter-prior']['exact']}")
+        for method in args.methods:
+            runs = results["runs"].setdefault(method, {})
+            if key in runs:
+                continue
+            dataset, loss_type, extra = METHODS[method]
+            t0 = time.time()
+            cache = args.workdir / f"ref-logps-{dataset}-{extra.get('max_levels', 'all')}.json"
+            final = train_one(datasets[dataset], loss_type, seed, args.workdir / "runs" / f"{method}-{seed}",
+                              {**hyper, **extra}, cache, args.model)
+            runs[key] = {**scores(str(final), seed), "seconds": round(time.time() - t0, 1)}
+            save()
+            log(f"{method} seed {seed}: counter-prior {runs[key]['counter-prior']['exact']} "
+                f"in-prior {runs[key]['in-prior']['exact']} ({runs[key]['seconds']} s)")
+    results["seconds"] = round(time.time() - started, 1) + results.get("seconds", 0)
+    save()
+    print(summarize(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
