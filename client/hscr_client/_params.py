@@ -87,6 +87,11 @@ class HSCRParams(BaseModel):
                     "where an item has none) or 'own' (on-policy: the model's own answer where it agrees with the "
                     "reference up to case, spacing and final punctuation, else the reference). Paper: the "
                     "reference (the dataset's answer).")
+    own_rejected: bool = Field(
+        False,
+        description="[choice] The model's own answer, where it disagrees with the preferred answer, is a "
+                    "dispreferred candidate too (an on-policy negative: the error the model makes), reranked with "
+                    "the corruptions as a response with 0 replacements. Paper: no (levels are corruptions only).")
     max_new_tokens: int = Field(64, ge=1, le=2048, description="Generation budget for every decode.")
 
     @model_validator(mode="before")

@@ -37,3 +37,28 @@ def test_an_item_beyond_the_context_fails_alone(fixture_backend):
     assert "context of 256 tokens" in mixed[1].error and not mixed[1].levels
     assert [(r.error, [lv.text for lv in r.levels]) for r in (mixed[0], *mixed[2:])] == \
         [(r.error, [lv.text for lv in r.levels]) for r in alone]
+
+
+def test_chosen_and_own_rejected_pair_options(fixture_backend):
+    """chosen='own' keeps the model's answer where it agrees with the reference; own_rejected adds the model's
+    own answer, where it disagrees, as a dispreferred level with 0 replacements (the error it actually makes)."""
+    examples = synthetic.make_examples(24, 53)
+    right = [PreparedItem(f"r-{i}", e.question, e.image.convert("RGB"), e.answer) for i, e in enumerate(examples)]
+    base = run_hscr(fixture_backend, right, HSCRParams(), lexical)
+    own = run_hscr(fixture_backend, right, HSCRParams(chosen="own"), lexical)
+    agreeing = [k for k, r in enumerate(base) if r.own_answer == examples[k].answer]
+    differing = [k for k, r in enumerate(base) if r.own_answer != examples[k].answer]
+    assert agreeing and differing  # both cases occur on these items
+    assert all(own[k].chosen == base[k].own_answer for k in agreeing)
+    assert all(own[k].chosen == examples[k].answer for k in differing)
+
+    with_own = run_hscr(fixture_backend, right, HSCRParams(own_rejected=True), lexical)
+    for k in differing:
+        levels = {lv.text: lv for lv in with_own[k].levels}
+        assert base[k].own_answer in levels or with_own[k].shortfall is False, with_own[k]
+        if base[k].own_answer in levels:
+            assert levels[base[k].own_answer].n_replacements == 0
+            assert levels[base[k].own_answer].level == 1  # severity order: no replacement is the mildest
+    assert any(base[k].own_answer in {lv.text for lv in with_own[k].levels} for k in differing)
+    for k in agreeing:  # the own answer is the preferred one: never dispreferred
+        assert [lv.text for lv in with_own[k].levels] == [lv.text for lv in base[k].levels]

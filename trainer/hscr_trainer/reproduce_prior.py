@@ -4,8 +4,8 @@
 
 1. ``--items`` training items of the prior task (``hscr_worker.fixture.prior``, split ``train``: the clinical
    history implies the lesion kind on 90 % of them) from ``--data-seed``;
-2. ``hscr generate`` on them with ``fixture-prior`` at the shipped defaults (``hscr``), and again with the on-policy
-   preferred answer (``--chosen own``: ``hscr-own``); the random-negative control of ``reproduce.py`` (``random``);
+2. ``hscr generate`` on them with ``fixture-prior`` at the shipped defaults (``hscr``), and with each pair option of
+   ``DATASETS`` a method needs; the random-negative control of ``reproduce.py`` (``random``);
 3. for each seed, every method of ``METHODS`` trained from ``fixture-prior`` with identical hyper-parameters;
 4. base and every trained model scored on ``--eval-items`` counter-prior items (the image contradicts the history)
    and as many in-prior items, from seeds no other step uses;
@@ -29,6 +29,8 @@ import numpy as np
 from .reproduce import build_hscr_dataset, build_random_dataset, log, train_one
 
 COUNTER_SEED_BASE, IN_PRIOR_SEED_BASE = 8000, 8500  # eval items of seed s: base + s (counter-prior, in-prior)
+# HSCR datasets: name -> the HSCRParams that differ from the shipped defaults.
+DATASETS: dict[str, dict] = {"hscr": {}, "hscr-own": {"chosen": "own"}, "hscr+own-rejected": {"own_rejected": True}}
 # name -> (dataset, loss_type, extra trainer settings). "dpo-*": one pair per item (level 1), as plain DPO.
 METHODS: dict[str, tuple[str, str, dict]] = {
     "sft": ("hscr", "sft", {}),
@@ -41,7 +43,12 @@ METHODS: dict[str, tuple[str, str, dict]] = {
     "explicit+implicit+dpop": ("hscr", "explicit,implicit", {"dpop_lambda": 50.0}),
     "mdpo+implicit": ("hscr", "explicit,implicit,anchor,image_conditional", {}),
     "on-policy explicit+implicit": ("hscr-own", "explicit,implicit", {}),
+    "own-rejected explicit+implicit": ("hscr+own-rejected", "explicit,implicit", {}),
+    "own-rejected explicit+implicit+rpo": ("hscr+own-rejected", "explicit,implicit", {"nll_weight": 1.0}),
 }
+# Left out by default: the prior task's answers have no free wording, so chosen='own' only swaps a reference for the
+# own answer where the two are the same text: the same pairs.
+DEFAULT_METHODS = [m for m in METHODS if m != "on-policy explicit+implicit"]
 CONTROLS = ("base", "sft", "dpo-random")
 
 
@@ -104,7 +111,7 @@ def summarize(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hscr reproduce prior", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hscr-prior"))
     parser.add_argument("--model", default="fixture-prior", help="the base model (trained on the prior task)")
     parser.add_argument("--items", type=int, default=2000, help="training items given to hscr generate")
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--gamma", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     args = parser.parse_args(argv)
     from hscr_worker.fixture.train import TRAIN_SEED
 
@@ -125,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--data-seed {args.data_seed} collides with the training or an eval seed")
 
     import torch
+
     from hscr_client import HSCRParams
     from hscr_worker.fixture import prior
 
@@ -141,10 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
         results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
         (args.workdir / "table.md").write_text(summarize(results))
 
-    datasets = {"hscr": build_hscr_dataset(args.workdir, args.items, args.data_seed, args.model, task="prior")}
-    if any(METHODS[m][0] == "hscr-own" for m in args.methods):
-        datasets["hscr-own"] = build_hscr_dataset(args.workdir, args.items, args.data_seed, args.model,
-                                                  task="prior", params=HSCRParams(chosen="own"), name="hscr-own")
+    datasets = {}
+    for name in DATASETS:
+        if name == "hscr" or any(METHODS[m][0] == name for m in args.methods):
+            datasets[name] = build_hscr_dataset(args.workdir, args.items, args.data_seed, args.model, task="prior",
+                                                params=HSCRParams(**DATASETS[name]), name=name)
     datasets["random"] = build_random_dataset(datasets["hscr"], args.workdir, args.data_seed, prior.vocabulary())
     results["data"] = {name: json.loads((path / "manifest.json").read_text()).get("request_counts")
                        for name, path in datasets.items()}

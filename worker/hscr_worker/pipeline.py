@@ -361,6 +361,8 @@ class HSCRBatch:
         the reranker's selection (step 8)."""
         result = self.results[i]
         seen, unique = {result.chosen, result.own_answer}, []
+        if self.params.own_rejected and _normalized(result.own_answer) != _normalized(result.chosen):
+            unique.append((result.own_answer, [], 0))  # what the model says where it is wrong
         for ids, done, unfired in self._candidates[i]:
             text = self.backend.decode(ids)
             if text not in seen and done:
