@@ -91,7 +91,9 @@ class HSCRParams(BaseModel):
         False,
         description="[choice] The model's own answer, where it disagrees with the preferred answer, is a "
                     "dispreferred candidate too (an on-policy negative: the error the model makes), reranked with "
-                    "the corruptions as a response with 0 replacements. Paper: no (levels are corruptions only).")
+                    "the corruptions as a response with 0 replacements; an item whose answer no image token moves "
+                    "keeps it as its one level instead of failing. For short closed-form references only: against a "
+                    "free-worded one nearly every own answer disagrees. Paper: no (levels are corruptions only).")
     max_new_tokens: int = Field(64, ge=1, le=2048, description="Generation budget for every decode.")
 
     @model_validator(mode="before")

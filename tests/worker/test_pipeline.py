@@ -62,3 +62,12 @@ def test_chosen_and_own_rejected_pair_options(fixture_backend):
     assert any(base[k].own_answer in {lv.text for lv in with_own[k].levels} for k in differing)
     for k in agreeing:  # the own answer is the preferred one: never dispreferred
         assert [lv.text for lv in with_own[k].levels] == [lv.text for lv in base[k].levels]
+
+    # An answer nothing in the image moves (here: no shift reaches min_shift) is the item's error, unless the
+    # own answer disagrees with the preferred one: then it is the one level (answered without looking).
+    blind = run_hscr(fixture_backend, right, HSCRParams(own_rejected=True, min_shift=1e6), lexical)
+    for k, result in enumerate(blind):
+        if k in differing:
+            assert result.error is None and [lv.text for lv in result.levels] == [base[k].own_answer]
+        else:
+            assert "no modality-coupled token" in result.error and not result.levels

@@ -2,6 +2,10 @@
 
 Every :class:`HSCRConfig` field is a command-line flag (``--help`` lists them with their help text).
 A run whose ``--output_dir`` already holds a checkpoint resumes from the latest one.
+
+A checkpoint may carry its own training defaults in ``hscr_training.json`` (flag -> value): the optimisation settings
+that suit its scale, measured (the fixtures': a 0.7 M-parameter model does not move at the paper's LoRA lr 5e-7).
+They fill only the flags the command line does not give; ``HSCRConfig``'s defaults (the paper's) apply to the rest.
 """
 
 from __future__ import annotations
@@ -48,11 +52,42 @@ def run(script: ScriptArguments, config: HSCRConfig) -> dict:
     return summary
 
 
+MODEL_DEFAULTS_FILE = "hscr_training.json"
+
+
+def model_defaults(argv: list[str]) -> list[str]:
+    """The flags of the ``--model``'s ``hscr_training.json`` that ``argv`` does not set (its defaults)."""
+    from pathlib import Path
+
+    from hscr_worker.fixture import resolve_model
+
+    model = "fixture"
+    for i, arg in enumerate(argv):
+        if arg == "--model" and i + 1 < len(argv):
+            model = argv[i + 1]
+        elif arg.startswith("--model="):
+            model = arg.split("=", 1)[1]
+    path = Path(resolve_model(model)) / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return []
+    given = {arg.split("=", 1)[0].lstrip("-") for arg in argv if arg.startswith("--")}
+    flags = []
+    for name, value in json.loads(path.read_text()).items():
+        if name not in given:
+            values = value if isinstance(value, list) else [value]
+            flags += [f"--{name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return flags
+
+
 def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser
 
+    argv = list(argv if argv is not None else sys.argv[1:])
+    defaults = model_defaults(argv)
+    if defaults:
+        print(f"the model's training defaults ({MODEL_DEFAULTS_FILE}): {' '.join(defaults)}", flush=True)
     parser = HfArgumentParser((ScriptArguments, HSCRConfig), prog="hscr train", description=__doc__.splitlines()[0])
-    script, config = parser.parse_args_into_dataclasses(args=argv if argv is not None else sys.argv[1:])
+    script, config = parser.parse_args_into_dataclasses(args=defaults + argv)
     return run(script, config)
 
 

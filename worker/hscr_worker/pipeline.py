@@ -298,7 +298,8 @@ class HSCRBatch:
                 if choice is not None:
                     replacements.append(Replacement(p, corrupted[i][p], choice[0], choice[1], float(shift[p])))
             if not replacements:
-                result.error = "no modality-coupled token found: the answer does not depend on the image"
+                if not self._own_is_rejected(result):  # else the own answer, answered without the image, is the level
+                    result.error = "no modality-coupled token found: the answer does not depend on the image"
                 continue
             plans_by_item[i] = level_plans(replacements)
 
@@ -356,14 +357,18 @@ class HSCRBatch:
     def done(self) -> bool:
         return not self.redecode_requests
 
+    def _own_is_rejected(self, result: ItemResult) -> bool:
+        """``own_rejected``: the own answer disagrees with the preferred one, so it is a dispreferred candidate."""
+        return self.params.own_rejected and _normalized(result.own_answer) != _normalized(result.chosen)
+
     def _rank(self, i: int) -> tuple[list[tuple[str, list[tuple[int, Replacement]], int]], list[float], Selection]:
         """Item ``i``'s distinct dispreferred candidates so far, their similarities to the preferred answer and
         the reranker's selection (step 8)."""
         result = self.results[i]
         seen, unique = {result.chosen, result.own_answer}, []
-        if self.params.own_rejected and _normalized(result.own_answer) != _normalized(result.chosen):
+        if self._own_is_rejected(result):
             unique.append((result.own_answer, [], 0))  # what the model says where it is wrong
-        for ids, done, unfired in self._candidates[i]:
+        for ids, done, unfired in self._candidates.get(i, []):
             text = self.backend.decode(ids)
             if text not in seen and done:
                 seen.add(text)
