@@ -11,15 +11,16 @@ from hscr_worker.fixture.items import make_task_examples, write_items
 from hscr_worker.pipeline import pick_chosen
 
 
-def test_splits_tie_the_modality_to_the_history_as_documented():
-    train = prior.make_examples(3000, 11, "train")
-    agree = sum(e.attrs["modality"] == prior.implied(e.attrs["history"]) for e in train) / len(train)
+@pytest.mark.parametrize("attribute", sorted(prior.PRIORS))
+def test_splits_tie_the_attribute_to_the_history_as_documented(attribute):
+    train = prior.make_examples(3000, 11, "train", attribute=attribute)
+    agree = sum(prior.value(e.attrs) == prior.implied(e.attrs["history"]) for e in train) / len(train)
     assert agree == pytest.approx(prior.PRIOR_STRENGTH, abs=0.02)
-    assert all(e.attrs["modality"] == prior.implied(e.attrs["history"])
-               for e in prior.make_examples(200, 12, "in-prior"))
-    assert all(e.attrs["modality"] != prior.implied(e.attrs["history"])
-               for e in prior.make_examples(200, 13, "counter-prior"))
-    for e in train[:50]:  # the standard task's modality answers: its parser scores them
+    assert all(prior.value(e.attrs) == prior.implied(e.attrs["history"])
+               for e in prior.make_examples(200, 12, "in-prior", attribute=attribute))
+    assert all(prior.value(e.attrs) != prior.implied(e.attrs["history"])
+               for e in prior.make_examples(200, 13, "counter-prior", attribute=attribute))
+    for e in train[:50]:  # the standard task's answers: its parser scores them
         assert e.question == prior.question(e.attrs["history"]) and prior.history_of(e.question) == e.attrs["history"]
         assert synthetic.parse(e.answer, e.qtype) == synthetic.facts(e.attrs, e.qtype)
         assert set(e.question.split()) <= set(prior.vocabulary())
@@ -28,9 +29,9 @@ def test_splits_tie_the_modality_to_the_history_as_documented():
 def test_prior_answer_share_counts_wrong_answers_that_follow_the_history():
     examples = prior.make_examples(3, 14, "counter-prior")
     answers = []
-    for e in examples[:2]:  # wrong, with the history's modality
-        attrs = {**e.attrs, "modality": prior.implied(e.attrs["history"])}
-        answers.append(" ".join(w for w, _ in synthetic.answer_words(attrs, "modality")))
+    for e in examples[:2]:  # wrong, with the history's value
+        attrs = prior.with_value(e.attrs, prior.implied(e.attrs["history"]))
+        answers.append(" ".join(w for w, _ in synthetic.answer_words(attrs, e.qtype)))
     answers.append(examples[2].answer)  # right
     assert prior.prior_answer_share(answers, examples) == {"wrong": 2, "prior_answer_share": 1.0}
 
