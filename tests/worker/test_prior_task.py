@@ -55,3 +55,24 @@ def test_on_policy_chosen_is_the_own_answer_only_where_it_agrees_with_the_refere
     assert pick_chosen("it is a small mass .", "it is a small mass .", "reference") == "it is a small mass ."
     assert pick_chosen("it is a small mass .", "it is a small  mass", "reference") == "it is a small mass ."
     assert pick_chosen(None, "own words", "reference") == pick_chosen("", "own words", "own") == "own words"
+
+
+def test_fixture_prior_answers_from_the_history_where_the_image_disagrees():
+    """The shipped fixture-prior has the language prior the benchmark needs: it is right far more often where the
+    image agrees with the history than where it does not, and its counter-prior errors mostly name the history's
+    kind (docs/trainer.md: 0.66 / 0.89, errors = prior's answer 0.50 on seed 8101)."""
+    from hscr_worker.backends.transformers import TransformersBackend
+    from hscr_worker.fixture import resolve_model
+    from hscr_worker.fixture.evaluate import answers_for, score_answers
+
+    backend = TransformersBackend(resolve_model("fixture-prior"), batch_size=64)
+    scores = {}
+    for split, seed in (("in-prior", 9101), ("counter-prior", 9102)):
+        examples = make_task_examples(300, seed, "prior", split)
+        answers = answers_for(backend, examples, [e.image for e in examples])
+        scores[split] = {**score_answers(answers, examples, [e.attrs for e in examples]),
+                         **prior.prior_answer_share(answers, examples)}
+    assert scores["in-prior"]["exact"] - scores["counter-prior"]["exact"] >= 0.15, scores
+    assert 0.4 <= scores["counter-prior"]["exact"] <= 0.85, scores
+    assert scores["counter-prior"]["prior_answer_share"] >= 0.4, scores
+    assert scores["in-prior"]["malformed"] == scores["counter-prior"]["malformed"] == 0.0

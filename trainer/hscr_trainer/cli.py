@@ -30,7 +30,7 @@ def evaluate() -> None:
 @click.option("--seed", default=999, show_default=True, help="Item seed (never the training seed 1234).")
 @click.option("--task", type=click.Choice(["standard", "prior"]), default="standard", show_default=True,
               help="prior: the language-prior task (fixture-prior's); its JSON adds prior_answer_share.")
-@click.option("--split", type=click.Choice(["train", "in-prior", "counter-prior"]), default="train",
+@click.option("--split", type=click.Choice(["train", "in-prior", "counter-prior", "balanced"]), default="train",
               show_default=True, help="The prior task's split.")
 def evaluate_fixture(model, n, seed, task, split):
     """Accuracy per attribute and exact, and the hallucination rate, on held-out fixture items."""

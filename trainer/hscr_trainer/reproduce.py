@@ -41,7 +41,7 @@ def log(message: str) -> None:
 
 
 def build_hscr_dataset(workdir: Path, n_items: int, data_seed: int, model: str = "fixture", *,
-                       task: str = "standard", params=None, name: str = "hscr") -> Path:
+                       task: str = "standard", split: str = "train", params=None, name: str = "hscr") -> Path:
     """``hscr generate`` on ``n_items`` training items of ``task`` from ``data_seed`` into ``workdir/name``."""
     from hscr_client import HSCRParams
     from hscr_worker.fixture.items import write_items
@@ -52,7 +52,7 @@ def build_hscr_dataset(workdir: Path, n_items: int, data_seed: int, model: str =
         return out
     items = workdir / "items" / "items.jsonl"
     if not items.exists():
-        write_items(n_items, data_seed, items, workdir / "items" / "images", task=task)
+        write_items(n_items, data_seed, items, workdir / "items" / "images", task=task, split=split)
     log(f"generating {name} data for {n_items} items (seed {data_seed})")
     manifest = generate_dataset(load_backend("transformers", resolve_model(model)), str(items), str(out),
                                 params or HSCRParams())

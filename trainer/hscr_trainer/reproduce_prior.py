@@ -42,6 +42,7 @@ METHODS: dict[str, tuple[str, str, dict]] = {
     "explicit+implicit+rpo": ("hscr", "explicit,implicit", {"nll_weight": 1.0}),
     "explicit+implicit+dpop": ("hscr", "explicit,implicit", {"dpop_lambda": 50.0}),
     "mdpo+implicit": ("hscr", "explicit,implicit,anchor,image_conditional", {}),
+    "mdpo+implicit+rpo": ("hscr", "explicit,implicit,anchor,image_conditional", {"nll_weight": 1.0}),
     "on-policy explicit+implicit": ("hscr-own", "explicit,implicit", {}),
     "own-rejected explicit+implicit": ("hscr+own-rejected", "explicit,implicit", {}),
     "own-rejected explicit+implicit+rpo": ("hscr+own-rejected", "explicit,implicit", {"nll_weight": 1.0}),
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="fixture-prior", help="the base model (trained on the prior task)")
     parser.add_argument("--items", type=int, default=2000, help="training items given to hscr generate")
     parser.add_argument("--data-seed", type=int, default=2026)
+    parser.add_argument("--data-split", default="balanced", choices=["balanced", "train"],
+                        help="the items given to hscr generate: balanced (the history says nothing of the image) or "
+                             "train (the base model's own prior-laden distribution)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--eval-items", type=int, default=300, help="per split and seed")
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in DATASETS:
         if name == "hscr" or any(METHODS[m][0] == name for m in args.methods):
             datasets[name] = build_hscr_dataset(args.workdir, args.items, args.data_seed, args.model, task="prior",
-                                                params=HSCRParams(**DATASETS[name]), name=name)
+                                                split=args.data_split, params=HSCRParams(**DATASETS[name]), name=name)
     datasets["random"] = build_random_dataset(datasets["hscr"], args.workdir, args.data_seed, prior.vocabulary())
     results["data"] = {name: json.loads((path / "manifest.json").read_text()).get("request_counts")
                        for name, path in datasets.items()}

@@ -178,9 +178,10 @@ def fixture():
 @click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--task", type=click.Choice(["standard", "prior"]), default="standard", show_default=True,
               help="prior: the language-prior task (a clinical history that implies the lesion kind).")
-@click.option("--split", type=click.Choice(["train", "in-prior", "counter-prior"]), default="train",
-              show_default=True, help="The prior task's split: train (history -> kind at 0.9), in-prior (the image "
-                                      "agrees with the history), counter-prior (it does not).")
+@click.option("--split", type=click.Choice(["train", "in-prior", "counter-prior", "balanced"]), default="train",
+              show_default=True, help="The prior task's split: train (the history implies the attribute's value, "
+                                      "at the shipped strength), in-prior (the image agrees with the history), "
+                                      "counter-prior (it does not), balanced (the history says nothing of the image).")
 def fixture_items(n, seed, out, images, task, split):
     """Write held-out synthetic items with their ground truth."""
     from .fixture.items import write_items
