@@ -112,8 +112,11 @@ def test_statistics_count_only_real_pairs():
 
 
 def test_config_normalizes_and_checks(tmp_path):
-    assert HSCRConfig(output_dir=str(tmp_path), loss_type="hscr").loss_type == ["explicit", "implicit"]
-    assert HSCRConfig(output_dir=str(tmp_path), loss_type="dpo").loss_type == ["explicit"]
+    # The NLL anchor is on by default (weight 1); --nll_weight 0 is the paper's loss.
+    default = HSCRConfig(output_dir=str(tmp_path))
+    assert (default.loss_type, default.loss_weights) == (["explicit", "implicit", "nll"], [1.0, 1.0, 1.0])
+    assert HSCRConfig(output_dir=str(tmp_path), loss_type="hscr", nll_weight=0).loss_type == ["explicit", "implicit"]
+    assert HSCRConfig(output_dir=str(tmp_path), loss_type="dpo", nll_weight=0).loss_type == ["explicit"]
     config = HSCRConfig(output_dir=str(tmp_path), loss_type="implicit", nll_weight=0.5)
     assert (config.loss_type, config.loss_weights) == (["implicit", "nll"], [1.0, 0.5])
     for bad in ({"loss_type": "ipo"}, {"loss_weights": [1.0]}, {"gamma": 0.0}, {"dataset_config": "x"},
@@ -124,8 +127,9 @@ def test_config_normalizes_and_checks(tmp_path):
     assert set(LOSSES) >= {"explicit", "implicit", "anchor", "image_conditional"}
     # SFT only when asked for by name: the control of the benchmarks, never an accident.
     assert HSCRConfig(output_dir=str(tmp_path), loss_type="sft").loss_type == ["nll"]
-    assert HSCRConfig(output_dir=str(tmp_path), loss_type="mdpo").loss_type == ["explicit", "anchor",
-                                                                                 "image_conditional"]
+    assert HSCRConfig(output_dir=str(tmp_path), loss_type="sft", nll_weight=0).loss_type == ["nll"]
+    assert HSCRConfig(output_dir=str(tmp_path), loss_type="mdpo", nll_weight=0).loss_type == \
+        ["explicit", "anchor", "image_conditional"]
     for bad in ({"dpop_lambda": -1.0}, {"image_dropout_ratio": 0.0}, {"image_dropout_ratio": 1.5}):
         with pytest.raises(ValueError):
             HSCRConfig(output_dir=str(tmp_path), **bad)

@@ -37,3 +37,18 @@ def test_table_has_a_row_per_run_method_with_the_controls():
     assert len(lines) == 2 + 3 and "explicit+implicit" in lines[-1]
     assert "+25.0 [" in lines[-1]  # the paired difference to base and to SFT
     assert set(METHODS) >= {"sft", "dpo-random", "dpo-hscr", "explicit", "implicit", "explicit+implicit"}
+
+
+def test_a_checkpoints_training_defaults_fill_only_the_flags_not_given(tmp_path):
+    """hscr train reads <model>/hscr_training.json: its values stand in for the flags the command line leaves out."""
+    import json
+
+    from hscr_trainer.train import MODEL_DEFAULTS_FILE, model_defaults
+
+    (tmp_path / MODEL_DEFAULTS_FILE).write_text(json.dumps({"learning_rate": 5e-5, "use_peft": False,
+                                                            "loss_type": ["explicit", "implicit"]}))
+    argv = ["--model", str(tmp_path), "--dataset", "d", "--learning_rate", "1e-3"]
+    assert model_defaults(argv) == ["--use_peft", "false", "--loss_type", "explicit", "implicit"]
+    assert model_defaults([f"--model={tmp_path}", "--use_peft=true"]) == \
+        ["--learning_rate", "5e-05", "--loss_type", "explicit", "implicit"]
+    assert model_defaults(["--model", str(tmp_path / "elsewhere")]) == []  # no file: HSCRConfig's defaults

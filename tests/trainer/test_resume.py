@@ -30,6 +30,14 @@ def losses(output: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
+def _whole(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def test_resume_after_kill(hscr_dataset, tmp_path):
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "hscr_trainer.train", *flags(hscr_dataset, killed)],
@@ -37,7 +45,7 @@ def test_resume_after_kill(hscr_dataset, tmp_path):
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 300
-        while not (killed / "checkpoint-2" / "trainer_state.json").exists():
+        while not _whole(killed / "checkpoint-2"):  # its state file written in full, not just begun
             assert process.poll() is None, "training exited before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
             time.sleep(0.02)
@@ -51,15 +59,17 @@ def test_resume_after_kill(hscr_dataset, tmp_path):
     assert not (killed / "final").exists()
 
     # The rerun and the unbroken reference run in this process (same entry point, no second start-up cost).
+    # The latest checkpoint, unless the kill landed while it was being written (then the one before it).
+    latest_whole = max(c for c in checkpoints if _whole(killed / f"checkpoint-{c}"))
     summary = train_main(flags(hscr_dataset, killed))
-    assert summary["resumed_from"].endswith(f"checkpoint-{checkpoints[-1]}")
+    assert summary["resumed_from"].endswith(f"checkpoint-{latest_whole}")
     assert summary["global_step"] == STEPS
     assert (killed / "final" / "model.safetensors").exists()
 
     unbroken = tmp_path / "unbroken"
     train_main(flags(hscr_dataset, unbroken))
     resumed, reference = losses(killed), losses(unbroken)
-    after = [s for s in reference if s > checkpoints[-1]]
+    after = [s for s in reference if s > latest_whole]
     assert after and all(s in resumed for s in after)
     # Same data order and optimizer state after the resume: the same losses as the unbroken run.
     assert [round(resumed[s], 4) for s in after] == [round(reference[s], 4) for s in after]

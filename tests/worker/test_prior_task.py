@@ -60,7 +60,7 @@ def test_on_policy_chosen_is_the_own_answer_only_where_it_agrees_with_the_refere
 def test_fixture_prior_answers_from_the_history_where_the_image_disagrees():
     """The shipped fixture-prior has the language prior the benchmark needs: it is right far more often where the
     image agrees with the history than where it does not, and its counter-prior errors mostly name the history's
-    kind (docs/trainer.md: 0.66 / 0.89, errors = prior's answer 0.50 on seed 8101)."""
+    kind (docs/trainer.md: 0.66 / 0.89, errors = prior's answer 0.70 on seed 8101)."""
     from hscr_worker.backends.transformers import TransformersBackend
     from hscr_worker.fixture import resolve_model
     from hscr_worker.fixture.evaluate import answers_for, score_answers

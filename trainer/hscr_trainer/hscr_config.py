@@ -28,8 +28,10 @@ class HSCRConfig(TrainingArguments):
             ``implicit``, ``hscr``). Paper: explicit + implicit.
         loss_weights (`list[float]` or `None`, defaults to `None`): one weight per loss term; `None` means
             equal weights of 1. Paper: equal.
-        nll_weight (`float`, defaults to `0.0`): weight of an optional NLL term on the preferred answer
-            (per-token mean; RPO, arXiv 2404.19733, = TRL's ``rpo_alpha``). Paper: no SFT term.
+        nll_weight (`float`, defaults to `1.0`): weight of the NLL term on the preferred answer (per-token mean;
+            RPO, arXiv 2404.19733, = TRL's ``rpo_alpha``). Default 1: without it the summed-log-prob losses push the
+            preferred answer down too and collapse the fixtures at lr 5e-5 x 2 epochs (docs/trainer.md, tables 3-5).
+            Paper: no SFT term (``--nll_weight 0``).
         dpop_lambda (`float`, defaults to `0.0`): DPOP's penalty (arXiv 2402.13228) inside every pair: a winner whose
             likelihood fell below the reference's pays ``lambda`` times the fall. Paper: none.
         image_dropout_ratio (`float`, defaults to `0.95`): share of visual tokens zeroed (the worker's dropout, at the
@@ -66,8 +68,9 @@ class HSCRConfig(TrainingArguments):
     loss_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per loss term (default: all 1, the paper's equal weights)."})
     nll_weight: float = field(
-        default=0.0, metadata={"help": "Weight of an optional per-token NLL term on the preferred answer (RPO, "
-                                       "arXiv 2404.19733; TRL's rpo_alpha). Paper: 0."})
+        default=1.0, metadata={"help": "Weight of the per-token NLL term on the preferred answer (RPO, arXiv "
+                                       "2404.19733; TRL's rpo_alpha). Default 1: without it the preference losses "
+                                       "collapsed the fixtures at lr 5e-5 x 2 epochs (docs/trainer.md). Paper: 0."})
     dpop_lambda: float = field(
         default=0.0, metadata={"help": "DPOP (arXiv 2402.13228): penalty lambda on a pair winner's likelihood loss "
                                        "against the reference, inside every pair. Paper: 0."})

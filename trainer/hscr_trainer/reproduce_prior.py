@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     results_path = args.workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     hyper = {"num_train_epochs": args.epochs, "per_device_train_batch_size": args.batch_size,
-             "learning_rate": args.lr, "gamma": args.gamma, "lr_scheduler_type": "cosine", "warmup_steps": 0.1}
+             "learning_rate": args.lr, "gamma": args.gamma, "lr_scheduler_type": "cosine", "warmup_steps": 0.1,
+             "nll_weight": 0.0}  # each method names its terms: "+rpo" adds the NLL anchor, "sft" is it alone
     results["settings"] = {**vars(args), "workdir": str(args.workdir), "eval_seeds": eval_seeds, **hyper}
 
     def save() -> None:

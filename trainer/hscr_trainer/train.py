@@ -30,16 +30,35 @@ class ScriptArguments:
     resume: bool = field(default=True, metadata={"help": "Resume from the latest checkpoint in output_dir."})
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The latest checkpoint whose trainer state reads back: a process killed while the Trainer wrote a checkpoint
+    (it writes file by file) leaves a partial one, and resuming from it would fail; the one before it is whole."""
+    from pathlib import Path
+
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    def step(path: Path) -> int:
+        return int(path.name.rsplit("-", 1)[1]) if path.name.rsplit("-", 1)[1].isdigit() else -1
+
+    for checkpoint in sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=step, reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            print(f"skipping incomplete checkpoint {checkpoint}", flush=True)
+            continue
+        return str(checkpoint)
+    return None
+
+
 def run(script: ScriptArguments, config: HSCRConfig) -> dict:
     import torch
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .hscr_trainer import HSCRTrainer
 
     if script.threads:
         torch.set_num_threads(script.threads)
     trainer = HSCRTrainer(script.model, config, script.dataset)
-    checkpoint = get_last_checkpoint(config.output_dir) if script.resume else None
+    checkpoint = last_complete_checkpoint(config.output_dir) if script.resume else None
     if checkpoint:
         print(f"resuming from {checkpoint}", flush=True)
     result = trainer.train(resume_from_checkpoint=checkpoint)
