@@ -51,17 +51,16 @@ def score_fixture_answers(answers: list[str], examples: list[synthetic.Example])
 
 
 def evaluate_fixture(model: str, *, n: int = 500, seed: int = 999, batch_size: int = 64, task: str = "standard",
-                     split: str = "train", backend=None, per_item: bool = False) -> dict:
+                     split: str = "train", per_item: bool = False) -> dict:
     """Greedy answers of ``model`` (a directory, hub id or fixture name) on ``n`` held-out fixture items
     of ``task`` (and the prior task's ``split``) from ``seed``, scored. The prior task adds
     ``prior_answer_share``: of the wrong well-formed answers, the share that name the kind the history implies.
     ``per_item`` adds ``correct``: 1 where an answer is exact, per item (for paired comparisons)."""
-    examples = make_task_examples(n, seed, task, split)
-    if backend is None:
-        from hscr_worker.backends.transformers import TransformersBackend
-        from hscr_worker.fixture import resolve_model
+    from hscr_worker.backends.transformers import TransformersBackend
+    from hscr_worker.fixture import resolve_model
 
-        backend = TransformersBackend(resolve_model(model), batch_size=batch_size)
+    examples = make_task_examples(n, seed, task, split)
+    backend = TransformersBackend(resolve_model(model), batch_size=batch_size)
     answers = answers_for(backend, examples, [e.image for e in examples])
     scores = {"seed": seed, **score_fixture_answers(answers, examples)}
     if task == "prior":

@@ -113,8 +113,7 @@ def dropped_image(model, family, ratio: float, keys: list[str]):
     from hscr_worker.core.dropout import apply_dropout, keep_masks, mask_generator
 
     component = PROJECTOR[family.family]
-    projector = next((m for name, m in model.named_modules() if _within(name, component)
-                      and name.endswith(component)), None)
+    projector = next((m for name, m in model.named_modules() if f".{name}".endswith(f".{component}")), None)
     if projector is None:
         raise ValueError(f"found no {component!r} module in this {family.family} model: cannot drop its image")
 

@@ -164,6 +164,30 @@ def train_one(dataset: Path, loss_type: str, seed: int, run_dir: Path, hyper: di
     return final
 
 
+def run_grid(results: dict, seeds: list[int], methods: list[str], model: str, *, save, train, score, describe) -> None:
+    """Score the base ``model`` and train then score every method, for every seed, into ``results["runs"]``
+    (method -> seed -> scores); what is there already is kept, so a rerun picks up where a run stopped.
+
+    ``train(method, seed)`` -> the trained model's directory; ``score(model, seed)`` -> its scores;
+    ``describe(scores)`` -> the log line's figures; ``save()`` after every entry."""
+    for seed in seeds:
+        key = str(seed)
+        base = results["runs"].setdefault("base", {})
+        if key not in base:
+            base[key] = score(model, seed)
+            save()
+            log(f"base seed {seed}: {describe(base[key])}")
+        for method in methods:
+            runs = results["runs"].setdefault(method, {})
+            if key in runs:
+                continue
+            started = time.time()
+            final = train(method, seed)
+            runs[key] = {**score(str(final), seed), "seconds": round(time.time() - started, 1)}
+            save()
+            log(f"{method} seed {seed}: {describe(runs[key])} ({runs[key]['seconds']} s)")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -248,26 +272,15 @@ def main(argv: list[str] | None = None) -> dict:
     results["data"] = {"hscr": manifest["request_counts"], "hscr_parameters": manifest["parameters"],
                        **describe_hscr_data(hscr, args.workdir / "items" / "items.jsonl")}
     datasets = {"hscr": hscr, "random": control}
-    for seed in args.seeds:
-        key = str(seed)
-        base = results["runs"].setdefault("base", {})
-        if key not in base:
-            base[key] = evaluate_fixture(args.model, n=args.eval_items, seed=eval_seeds[seed])
-            save()
-            log(f"base seed {seed}: exact {base[key]['exact']} hallucination {base[key]['hallucination']}")
-        for method in args.methods:
-            runs = results["runs"].setdefault(method, {})
-            if key in runs:
-                continue
-            dataset, loss_type = METHODS[method]
-            started = time.time()
-            final = train_one(datasets[dataset], loss_type, seed, args.workdir / "runs" / f"{method}-{seed}", hyper,
-                              args.workdir / f"ref-logps-{dataset}.json", args.model)
-            runs[key] = {**evaluate_fixture(str(final), n=args.eval_items, seed=eval_seeds[seed]),
-                         "seconds": round(time.time() - started, 1)}
-            save()
-            log(f"{method} seed {seed}: exact {runs[key]['exact']} hallucination {runs[key]['hallucination']} "
-                f"({runs[key]['seconds']} s)")
+
+    def train(method: str, seed: int) -> Path:
+        dataset, loss_type = METHODS[method]
+        return train_one(datasets[dataset], loss_type, seed, args.workdir / "runs" / f"{method}-{seed}", hyper,
+                         args.workdir / f"ref-logps-{dataset}.json", args.model)
+
+    run_grid(results, args.seeds, args.methods, args.model, save=save, train=train,
+             score=lambda model, seed: evaluate_fixture(model, n=args.eval_items, seed=eval_seeds[seed]),
+             describe=lambda run: f"exact {run['exact']} hallucination {run['hallucination']}")
     results["training"] = final_training_logs(args.workdir / "runs")
     save()
     print(summarize(results))

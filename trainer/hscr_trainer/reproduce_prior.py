@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .reproduce import build_hscr_dataset, build_random_dataset, log, train_one
+from .reproduce import build_hscr_dataset, build_random_dataset, run_grid, train_one
 
 COUNTER_SEED_BASE, IN_PRIOR_SEED_BASE = 8000, 8500  # eval items of seed s: base + s (counter-prior, in-prior)
 # HSCR datasets: name -> the HSCRParams that differ from the shipped defaults.
@@ -170,26 +170,14 @@ def main(argv: list[str] | None = None) -> dict:
         return {"counter-prior": evaluate(model, args.eval_items, counter_seed, "counter-prior"),
                 "in-prior": evaluate(model, args.eval_items, in_seed, "in-prior")}
 
-    for seed in args.seeds:
-        key = str(seed)
-        base = results["runs"].setdefault("base", {})
-        if key not in base:
-            base[key] = scores(args.model, seed)
-            save()
-            log(f"base seed {seed}: counter-prior {base[key]['counter-prior']['exact']}")
-        for method in args.methods:
-            runs = results["runs"].setdefault(method, {})
-            if key in runs:
-                continue
-            dataset, loss_type, extra = METHODS[method]
-            t0 = time.time()
-            cache = args.workdir / f"ref-logps-{dataset}-{extra.get('max_levels', 'all')}.json"
-            final = train_one(datasets[dataset], loss_type, seed, args.workdir / "runs" / f"{method}-{seed}",
-                              {**hyper, **extra}, cache, args.model)
-            runs[key] = {**scores(str(final), seed), "seconds": round(time.time() - t0, 1)}
-            save()
-            log(f"{method} seed {seed}: counter-prior {runs[key]['counter-prior']['exact']} "
-                f"in-prior {runs[key]['in-prior']['exact']} ({runs[key]['seconds']} s)")
+    def train(method: str, seed: int) -> Path:
+        dataset, loss_type, extra = METHODS[method]
+        cache = args.workdir / f"ref-logps-{dataset}-{extra.get('max_levels', 'all')}.json"
+        return train_one(datasets[dataset], loss_type, seed, args.workdir / "runs" / f"{method}-{seed}",
+                         {**hyper, **extra}, cache, args.model)
+
+    run_grid(results, args.seeds, args.methods, args.model, save=save, train=train, score=scores,
+             describe=lambda run: f"counter-prior {run['counter-prior']['exact']} in-prior {run['in-prior']['exact']}")
     results["seconds"] = round(time.time() - started, 1) + results.get("seconds", 0)
     save()
     print(summarize(results))
