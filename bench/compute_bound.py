@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-savings", action="store_true",
                         help="HSCR as before issue #18: every level re-decoded (candidates_per_round 0) and, on "
                              "transformers, every re-decode prefilled again (no kept KV cache)")
+    parser.add_argument("--candidates-per-round", type=int, default=None,
+                        help="HSCRParams.candidates_per_round (default: the shipped value)")
     parser.add_argument("--out", default=None, help="write the JSON results here (rewritten after each backend)")
     args = parser.parse_args(argv)
     if min(*args.batch_sizes, args.min_rows, args.max_new_tokens, args.question_words, args.repeats) < 1:
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     make = HSCRParams.paper if args.params == "paper" else HSCRParams
     params = make(max_new_tokens=args.max_new_tokens, min_shift=0.0,
-                  **({"candidates_per_round": 0} if args.no_savings else {}))
+                  **({"candidates_per_round": 0} if args.no_savings else {}),
+                  **({} if args.candidates_per_round is None else {"candidates_per_round": args.candidates_per_round}))
     config = compute_bound_config(args.tiny)
     processor = build_processor(config)
     n_items = max(rows_for(b, args.min_rows) for b in args.batch_sizes)

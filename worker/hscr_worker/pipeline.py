@@ -14,7 +14,11 @@
    response (see ``reproduced_prefix``), so that part goes in the prompt as ``response_prefix``.
    Levels are re-decoded mildest first, ``candidates_per_round`` per item per engine call, and an
    item stops as soon as step 8 keeps j levels with the gap (``candidates_per_round=0``: every
-   level in one call, as the paper generates them all);
+   level in one call, as the paper generates them all). Level m+1 is level m plus one
+   replacement, so its re-decode repeats level m's until the new replacement fires: a level
+   continues from the longest stretch an earlier round's level shares with it, and a level whose
+   new replacement never fires there is that level's decode, with nothing decoded at all
+   (``core.replace.divergence``);
 8. rerank candidates by similarity to the preferred answer; keep j levels with the gap
    (``core.rerank``).
 
@@ -37,10 +41,12 @@ from hscr_client import HSCRParams
 from .backends.base import Backend, GenerateRequest, ScoreRequest, VisualTokens
 from .core.coupling import coupled_positions, token_shift
 from .core.dropout import keep_masks, mask_generator
-from .core.replace import ForcedDecoder, Replacement, hallucinated_token, level_plans, splice
+from .core.replace import ForcedDecoder, Replacement, divergence, hallucinated_token, level_plans, splice
 from .core.rerank import Selection, select_levels
 
 Similarity = Callable[[Sequence[str], str], list[float]]
+# A decoded dispreferred candidate: its response ids, the (step, replacement) pairs that fired, the unfired count.
+Candidate = tuple[list[int], list[tuple[int, Replacement]], int]
 K = TypeVar("K")
 
 
@@ -102,12 +108,13 @@ def reproduced_prefix(full: torch.Tensor, response: Sequence[int]) -> int:
 
 
 def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams,
-             similarity: Similarity, *, prefix_redecode: bool = True,
+             similarity: Similarity, *, prefix_redecode: bool = True, share_decodes: bool = True,
              full_scores_from_decode: bool = True) -> list[ItemResult]:
     """Run HSCR on ``items``; each result carries its levels or an ``error`` for that item alone.
 
-    ``prefix_redecode=False`` re-decodes every level from the start of the response: the same
-    results at a higher cost (kept to check and measure exactly that).
+    ``prefix_redecode=False`` re-decodes every level from the start of the response, and
+    ``share_decodes=False`` re-decodes a level without continuing an earlier round's level: the
+    same results at a higher cost (kept to check and measure exactly that).
     ``full_scores_from_decode=False`` scores the own answer under the full image in a second,
     teacher-forced pass instead of keeping the decode's own logits: the same decisions from logits
     that differ only in float rounding (about 1e-5), at the cost of that pass.
@@ -115,7 +122,7 @@ def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams
     if not items:
         return []
     batch = HSCRBatch(backend, items, params, similarity, prefix_redecode=prefix_redecode,
-                      full_scores_from_decode=full_scores_from_decode)
+                      share_decodes=share_decodes, full_scores_from_decode=full_scores_from_decode)
     requests = batch.plan(backend.generate(batch.answer_requests))
     while requests:
         requests = batch.absorb(backend.generate(requests))
@@ -184,10 +191,11 @@ class HSCRBatch:
     """
 
     def __init__(self, backend: Backend, items: Sequence[PreparedItem], params: HSCRParams,
-                 similarity: Similarity, *, prefix_redecode: bool = True, full_scores_from_decode: bool = True):
+                 similarity: Similarity, *, prefix_redecode: bool = True, share_decodes: bool = True,
+                 full_scores_from_decode: bool = True):
         check_params_supported(backend, params)
         self.backend, self.params, self.similarity = backend, params, similarity
-        self.prefix_redecode = prefix_redecode
+        self.prefix_redecode, self.share_decodes = prefix_redecode, share_decodes
         visual = backend.encode_images([it.image for it in items]) if items else []
         # An item the model cannot take fails alone (an engine would refuse the whole call for it).
         refused: dict[int, str] = {}
@@ -226,10 +234,11 @@ class HSCRBatch:
         self.corrupted: list[list[int]] = []  # per item: the response that gets corrupted
         self._plans: list[list[list[Replacement]]] = []  # per item: its level plans, mildest first
         # per item with plans: its candidates so far, (ids, fired (step, replacement) pairs, unfired count)
-        self._candidates: dict[int, list[tuple[list[int], list[tuple[int, Replacement]], int]]] = {}
+        self._candidates: dict[int, list[Candidate]] = {}
         self._followed: dict[int, int] = {}  # per item: response tokens the full-image greedy decode reproduces
-        self._jobs: list[tuple[int, list[Replacement]]] = []  # this round: (item, level plan) per candidate
-        self._decoders: list[ForcedDecoder] = []
+        # this round, per level plan: (item, plan, its decoder) for a re-decode, or (item, plan, the finished
+        # candidate) where an earlier decode already holds all of it (``_resume``)
+        self._jobs: list[tuple[int, list[Replacement], ForcedDecoder | Candidate]] = []
 
     def plan(self, own: Sequence[list[int]]) -> list[GenerateRequest]:
         """Steps 3-7 from the own answers; returns (and keeps) the re-decode requests."""
@@ -323,32 +332,61 @@ class HSCRBatch:
         """The re-decode requests of the next ``candidates_per_round`` levels of each of ``items``."""
         params = self.params
         per_round = params.candidates_per_round or params.n_coupled
-        self._jobs, self._decoders, self.redecode_requests = [], [], []
+        self._jobs, self.redecode_requests = [], []
         if params.replace_mode != "redecode":
             return
         for i in items:
             done = len(self._candidates[i])
             for plan in self._plans[i][done:done + per_round]:
-                # plan[0] is the first replacement in response order; the decoder fires it at the first
-                # decoded step, where the model must still want the original token (checked there).
-                # (A preferred answer may outrun the budget: keep at least one step to decode.)
-                start = (min(plan[0].position, self._followed[i], params.max_new_tokens - 1)
-                         if self.prefix_redecode else 0)
-                prefix = list(self.corrupted[i][:start])
-                self._decoders.append(ForcedDecoder(self.corrupted[i], plan, response_prefix=prefix))
-                self._jobs.append((i, plan))
-                self.redecode_requests.append(GenerateRequest(self.prompts[i], self.visual[i],
-                                                              params.max_new_tokens - start,
-                                                              forced=self._decoders[-1], response_prefix=prefix))
+                job = self._resume(i, plan)
+                self._jobs.append((i, plan, job))
+                if isinstance(job, ForcedDecoder):
+                    budget = params.max_new_tokens - len(job.response_prefix)
+                    self.redecode_requests.append(GenerateRequest(self.prompts[i], self.visual[i], budget, forced=job,
+                                                                  response_prefix=list(job.response_prefix)))
+        if self._jobs and not self.redecode_requests:  # every level of the round was already decoded
+            self.absorb([])
+
+    def _resume(self, i: int, plan: list[Replacement]) -> ForcedDecoder | Candidate:
+        """Where item ``i``'s re-decode with ``plan`` starts: the decoder of a request whose response prefix is
+        the longest stretch that an earlier decode of the item shares with it, or the finished candidate when
+        an earlier decode holds the whole of it (``core.replace.divergence``; exact, as greedy decoding is).
+
+        The earlier decodes are the response being corrupted (as far as greedy decoding reproduces it) and,
+        with ``share_decodes``, the levels of earlier rounds. Without ``prefix_redecode`` it starts at 0.
+        """
+        budget, corrupted = self.params.max_new_tokens, self.corrupted[i]
+        if not self.prefix_redecode:
+            return ForcedDecoder(corrupted, plan)
+        # (tokens, greedy choices where they differ from the tokens, whether the decode ended there)
+        # (a preferred answer: greedy decoding follows it this far, and where it would stop is unknown)
+        earlier = [(corrupted[:min(self._followed[i], budget)], {}, self.preferred_ids[i] is None)]
+        if self.share_decodes:
+            earlier += [(ids, {step: r.original for step, r in fired}, True) for ids, fired, _ in self._candidates[i]]
+        best: tuple[int, list[tuple[int, Replacement]], bool] | None = None
+        for tokens, greedy_at, ended in earlier:
+            steps, fired = divergence(corrupted, plan, tokens, greedy_at)
+            complete = steps == len(tokens) and (ended or steps >= budget)
+            if best is None or (steps, complete) > (best[0], best[2]):
+                best, source = (steps, fired, complete), tokens
+        steps, fired, complete = best
+        if complete:  # it would decode exactly what that decode did, and stop where it stopped
+            return list(source[:budget]), fired, len(plan) - len(fired)
+        steps = min(steps, budget - 1)  # (a preferred answer may outrun the budget: keep a step to decode)
+        fired = [(step, r) for step, r in fired if step < steps]
+        return ForcedDecoder(corrupted, plan, response_prefix=list(source[:steps]), fired=fired)
 
     def absorb(self, redecoded: Sequence[list[int]]) -> list[GenerateRequest]:
         """Take one round's re-decode outputs; returns (and keeps) the next round's requests, empty when
         every item is done: it has ``n_levels`` levels with the gap, or no level left to decode."""
-        if len(redecoded) != len(self._jobs):
-            raise ValueError(f"expected {len(self._jobs)} re-decode outputs, got {len(redecoded)}")
-        for (i, plan), ids, decoder in zip(self._jobs, redecoded, self._decoders, strict=True):
-            self._candidates[i].append((ids, list(decoder.fired), len(plan) - len(decoder.fired)))
-        again = [i for i in dict.fromkeys(i for i, _ in self._jobs)
+        if len(redecoded) != len(self.redecode_requests):
+            raise ValueError(f"expected {len(self.redecode_requests)} re-decode outputs, got {len(redecoded)}")
+        outputs = iter(redecoded)
+        for i, plan, job in self._jobs:  # in plan order, as the reranker breaks ties by it
+            if isinstance(job, ForcedDecoder):
+                job = (next(outputs), list(job.fired), len(plan) - len(job.fired))
+            self._candidates[i].append(job)
+        again = [i for i in dict.fromkeys(i for i, _, _ in self._jobs)
                  if len(self._candidates[i]) < len(self._plans[i]) and self._rank(i)[2].shortfall]
         self._next_round(again)
         return self.redecode_requests

@@ -130,8 +130,26 @@ def _same_as_full_redecode(backend, items, params):
     assert sum(len(r.levels) for r in prefix) >= 10  # the comparison covers real levels
 
 
-# preferred: the teacher-forced response is followed only as far as greedy agrees (reproduced_prefix)
-SETTINGS = {"shipped": HSCRParams(), "preferred": HSCRParams(corrupt="preferred")}
+# preferred: the teacher-forced response is followed only as far as greedy agrees (reproduced_prefix);
+# rounds: one level per item per call, each continuing the earlier levels' decodes (share_decodes)
+SETTINGS = {"shipped": HSCRParams(), "preferred": HSCRParams(corrupt="preferred"),
+            "rounds": HSCRParams(candidates_per_round=1)}
+SHARING = {"rounds": HSCRParams(candidates_per_round=1),
+           "preferred rounds": HSCRParams(corrupt="preferred", candidates_per_round=1)}
+
+
+def _shared_same_as_unshared(backend, items, params):
+    """A level that continues an earlier level's decode gives the results of decoding it anew, field by field,
+    and decodes fewer tokens."""
+    similarity = get_similarity(params.similarity)
+    start = backend.stats.decoded_tokens
+    unshared = run_hscr(backend, items, params, similarity, share_decodes=False)
+    middle = backend.stats.decoded_tokens
+    shared = run_hscr(backend, items, params, similarity)
+    differ = [a.custom_id for a, b in zip(shared, unshared, strict=True) if _results(a) != _results(b)]
+    assert not differ, f"shared decodes changed the results of {len(differ)} items: {differ[:5]}"
+    assert sum(len(r.levels) for r in shared) >= 10
+    assert backend.stats.decoded_tokens - middle < 0.9 * (middle - start)
 
 
 def test_transformers_continues_a_response_prefix(hf_backend, heldout_items):
@@ -141,6 +159,11 @@ def test_transformers_continues_a_response_prefix(hf_backend, heldout_items):
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_transformers_prefix_redecode_gives_the_full_redecode_results(hf_backend, heldout_items, setting):
     _same_as_full_redecode(hf_backend, heldout_items[:N_ITEMS], SETTINGS[setting])
+
+
+@pytest.mark.parametrize("setting", sorted(SHARING))
+def test_transformers_shared_decodes_give_the_unshared_results(hf_backend, heldout_items, setting):
+    _shared_same_as_unshared(hf_backend, heldout_items[:N_ITEMS], SHARING[setting])
 
 
 def test_preferred_answer_prefix_stops_where_greedy_leaves_it(hf_backend, heldout_items):
@@ -164,6 +187,41 @@ def test_vllm_continues_a_response_prefix(vllm_backend, heldout_items):
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_vllm_prefix_redecode_gives_the_full_redecode_results(vllm_backend, heldout_items, setting):
     _same_as_full_redecode(vllm_backend, heldout_items[:N_ITEMS], SETTINGS[setting])
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("setting", sorted(SHARING))
+def test_vllm_shared_decodes_give_the_unshared_results(vllm_backend, heldout_items, setting):
+    _shared_same_as_unshared(vllm_backend, heldout_items[:N_ITEMS], SHARING[setting])
+
+
+@pytest.mark.vllm
+def test_hook_contract_carries_replacements_fired_in_the_prefix():
+    """A level continuing another level's decode starts with a prefix where replacements already fired."""
+    hook = pytest.importorskip("hscr_worker.backends.vllm_hook")
+    from vllm import SamplingParams
+
+    original = [1, 2, 3, 4, 5, 6]
+    plan = [Replacement(1, 2, 9, -1.0, 3.0), Replacement(4, 5, 8, -1.0, 2.0)]
+    prefix = [1, 9, 3]  # the first replacement fired at step 1; the prefix follows the original elsewhere
+    spec = hook.force_args(ForcedDecoder(original, plan, response_prefix=prefix, fired=[(1, plan[0])]))[hook.FORCE_KEY]
+    assert spec["fired"] == [1]
+
+    def params(s):
+        return SamplingParams(temperature=0.0, max_tokens=8, extra_args={hook.FORCE_KEY: s})
+
+    decoder = hook.parse_force_args(params(spec))
+    assert decoder.fired == [(1, plan[0])]
+    assert decoder.next_token([], 4) is None and decoder.next_token([4], 5) == 8  # aligned: fires at step 4
+    # a prefix that left the original: the pending replacement may fire anywhere after it
+    derailed = hook.parse_force_args(params({**spec, "prefix": [1, 9, 7, 7, 7, 7]}))
+    assert derailed.next_token([], 5) == 8 and derailed.fired[-1][0] == 6
+    for bad, message in [({**spec, "fired": [2]}, "not the replacement"),
+                         ({**spec, "fired": [5]}, "inside the prefix"),
+                         ({**spec, "fired": "1"}, "inside the prefix"),
+                         ({**spec, "fired": [], "prefix": [1, 2, 3, 4, 5]}, "inside the prefix")]:
+        with pytest.raises(ValueError, match=message):
+            hook.HSCRForcing.validate_params(params(bad))
 
 
 @pytest.mark.vllm

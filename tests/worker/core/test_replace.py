@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hscr_worker.core.replace import ForcedDecoder, Replacement, hallucinated_token, level_plans, splice
+from hscr_worker.core.replace import ForcedDecoder, Replacement, divergence, hallucinated_token, level_plans, splice
 
 
 def test_hallucinated_token_prefers_plausible_image_disfavoured_candidates():
@@ -104,3 +104,56 @@ def test_tokens_no_row_returned_are_never_candidates():
     full = torch.tensor([6.0, 3.0, 1.0, inf])
     token, _ = hallucinated_token(full, dropped, original=0, beta=0.9, top_k=4, plausibility=0.0)
     assert token == 1
+
+
+def _toy_model(seed: int, vocab: int = 6, stop: int = 0, length: int = 14):
+    """A deterministic greedy 'model': the next token is a hash of the prefix (small vocab, so tokens recur)."""
+    def choice(prefix):
+        if len(prefix) >= length:
+            return None
+        token = hash((seed, *prefix)) % vocab
+        return None if token == stop and len(prefix) > 3 else token
+    return choice
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_divergence_resumes_a_level_exactly_where_it_leaves_the_level_before(seed):
+    """Level m+1 (level m's plan plus one replacement) decoded from scratch equals: level m's decode up to their
+    divergence, then a decode resumed there with the replacements fired so far; and level m's decode itself
+    where they never diverge."""
+    import random
+
+    model = _toy_model(seed)
+    original = drive(ForcedDecoder([], []), model)
+    if len(original) < 3:
+        return
+    rng = random.Random(seed)
+    positions = rng.sample(range(len(original)), k=min(4, len(original)))
+    replacements = [r(p, original[p], (original[p] + 1 + rng.randrange(4)) % 6 + 1, -float(k))
+                    for k, p in enumerate(positions)]
+    plans = level_plans(replacements)
+    for parent_plan, child_plan in zip(plans, plans[1:], strict=False):
+        parent_decoder = ForcedDecoder(original, parent_plan)
+        parent = drive(parent_decoder, model)
+        child = drive(ForcedDecoder(original, child_plan), model)
+        greedy_at = {step: rep.original for step, rep in parent_decoder.fired}
+        steps, fired = divergence(original, child_plan, parent, greedy_at)
+        assert child[:steps] == parent[:steps]
+        if steps == len(parent):
+            assert child == parent
+            continue
+        assert child[steps] != parent[steps]
+        resumed = ForcedDecoder(original, child_plan, response_prefix=parent[:steps], fired=fired)
+        rest = drive(resumed, lambda p, start=parent[:steps]: model([*start, *p]))
+        assert parent[:steps] + rest == child
+
+
+def test_divergence_of_a_level_whose_new_replacement_never_fires_is_the_whole_decode():
+    original = [10, 20, 30, 40]
+    model = {(): 10, (10,): 20, (10, 21): 99, (10, 21, 99): 98, (10, 21, 99, 98): None}.get  # 20 -> 21 derails it
+    level1 = [r(1, 20, 21, 2.0)]
+    level2 = sorted([*level1, r(3, 40, 41, 1.0)], key=lambda x: x.position)  # 40 never comes back
+    parent_decoder = ForcedDecoder(original, level1)
+    parent = drive(parent_decoder, lambda p: model(tuple(p)))
+    steps, fired = divergence(original, level2, parent, {step: rep.original for step, rep in parent_decoder.fired})
+    assert (steps, [step for step, _ in fired]) == (len(parent), [1])

@@ -134,7 +134,7 @@ class TransformersBackend(ProcessorBackend):
         return out
 
     def _generate_batch(self, requests: Sequence[GenerateRequest],
-                        kept: Sequence[_CachedRow | None]) -> list[list[int]]:
+                        kept: Sequence[tuple[_CachedRow, int] | None]) -> list[list[int]]:
         fresh = [k for k, row in enumerate(kept) if row is None]
         if not fresh:
             return self._continue(requests, kept)
@@ -219,48 +219,60 @@ class TransformersBackend(ProcessorBackend):
                 last_prompt_position=int(p[:, -1].max()), next_position=int(p.max()) + 1,
                 n_positions=p.shape[0])
 
-    def _reusable_row(self, request: GenerateRequest) -> _CachedRow | None:
-        """The kept own-answer row ``request`` can continue: same prompt, same image tensor, and the keys of every
-        response-prefix token but the last in its cache (the last one is fed, which gives the first logits)."""
+    def _reusable_row(self, request: GenerateRequest) -> tuple[_CachedRow, int] | None:
+        """The kept own-answer row ``request`` can continue (same prompt, same image tensor), and how many of its
+        response-prefix tokens that row's cache holds: all but at least the last one, which is fed with the
+        ones after the shared stretch (a level continuing another level's decode shares only part of it)."""
         if not self.reuse_prompt_cache or request.return_logits:
             return None
         row = self._reusable.get((tuple(request.prompt_ids), id(request.visual.embeds)))
-        before_last = list(request.response_prefix[:-1])
-        if row is None or row.visual is not request.visual.embeds or len(before_last) > len(row.tokens):
+        if row is None or row.visual is not request.visual.embeds:
             return None
-        return row if row.tokens[:len(before_last)] == before_last else None
+        shared = 0
+        for have, want in zip(row.tokens, request.response_prefix[:-1], strict=False):
+            if have != want:
+                break
+            shared += 1
+        return row, shared
 
-    def _continue(self, requests: Sequence[GenerateRequest], kept: Sequence[_CachedRow]) -> list[list[int]]:
-        """Decode ``requests`` from kept caches: each row's keys up to its response prefix's last token (or the
-        prompt's last one), that token fed as a one-token step (the first logits), then greedy decoding."""
-        spans = []  # (row, end of the reused columns, the token fed, its position)
-        for r, row in zip(requests, kept, strict=True):
-            n = len(r.response_prefix)
-            if n:
-                spans.append((row, row.prompt_end + n - 1, r.response_prefix[-1], row.next_position + n - 1))
+    def _continue(self, requests: Sequence[GenerateRequest], kept: Sequence[tuple[_CachedRow, int]]) -> list[list[int]]:
+        """Decode ``requests`` from kept caches: each row's keys up to the shared part of its response prefix,
+        the rest of the prefix fed as one chunk (or, without a prefix, the prompt's last token: the first
+        logits), then greedy decoding."""
+        spans = []  # (row, end of the reused columns, the tokens fed, their first position)
+        for r, (row, shared) in zip(requests, kept, strict=True):
+            if r.response_prefix:
+                spans.append((row, row.prompt_end + shared, r.response_prefix[shared:], row.next_position + shared))
             else:
-                spans.append((row, row.prompt_end - 1, row.last_prompt_token, row.last_prompt_position))
+                spans.append((row, row.prompt_end - 1, [row.last_prompt_token], row.last_prompt_position))
         length = max(end - row.first for row, end, _, _ in spans)
-        n_pos = kept[0].n_positions
+        chunk = max(len(fed) for _, _, fed, _ in spans)
+        n_pos = kept[0][0].n_positions
         cache = DynamicCache(config=self.model.config)
-        for index in range(len(kept[0].cache.layers)):
+        for index in range(len(kept[0][0].cache.layers)):
             keys, values = [], []
             for row, end, _, _ in spans:  # left-padded to a common length, as a prefilled batch is
                 layer, pad = row.cache.layers[index], (0, 0, length - (end - row.first), 0)
                 keys.append(torch.nn.functional.pad(layer.keys[row.row, :, row.first:end], pad))
                 values.append(torch.nn.functional.pad(layer.values[row.row, :, row.first:end], pad))
             cache.update(torch.stack(keys), torch.stack(values), index)
-        mask = torch.zeros(len(requests), length + 1, device=self.device, dtype=torch.long)
-        for b, (row, end, _, _) in enumerate(spans):
-            mask[b, length - (end - row.first):] = 1
-        tokens = torch.tensor([token for _, _, token, _ in spans], device=self.device)
-        positions = torch.tensor([position for _, _, _, position in spans], device=self.device)
-        logits = self._forward(self._embed_tokens(tokens).unsqueeze(1),
-                               positions.view(1, -1, 1).expand(n_pos, -1, -1), mask, None, cache)[:, -1]
-        self.stats.prefill_tokens += len(requests)
-        self.stats.reused_prefill_tokens += int(mask.sum()) - len(requests)
+        # The fed chunks end together (their last row gives each request's first logits): a shorter one is
+        # padded on its left, a masked gap between its cached keys and its tokens.
+        mask = torch.zeros(len(requests), length + chunk, device=self.device, dtype=torch.long)
+        tokens = torch.full((len(requests), chunk), self.pad_token_id, device=self.device, dtype=torch.long)
+        positions = torch.zeros(len(requests), chunk, device=self.device, dtype=torch.long)
+        for b, (row, end, fed, first) in enumerate(spans):
+            mask[b, length - (end - row.first):length] = 1
+            mask[b, length + chunk - len(fed):] = 1
+            tokens[b, chunk - len(fed):] = torch.tensor(fed, device=self.device)
+            positions[b] = (first + torch.arange(chunk, device=self.device) - (chunk - len(fed))).clamp(min=0)
+        logits = self._forward(self._embed_tokens(tokens), positions.unsqueeze(0).expand(n_pos, -1, -1),
+                               mask, None, cache)[:, -1]
+        fed_tokens = sum(len(fed) for _, _, fed, _ in spans)
+        self.stats.prefill_tokens += fed_tokens
+        self.stats.reused_prefill_tokens += int(mask.sum()) - fed_tokens
         next_position = torch.tensor([row.next_position + len(r.response_prefix)
-                                      for r, row in zip(requests, kept, strict=True)], device=self.device)
+                                      for r, (row, _) in zip(requests, kept, strict=True)], device=self.device)
         generated, _ = self._decode(requests, logits, cache, mask, next_position, n_pos)
         return self._responses(requests, generated)
 

@@ -5,12 +5,16 @@ over HTTP)::
 
     {"hscr_force": {"original": [17, 9, 23, ...],                # the response being corrupted
                     "plan": [[position, original, token, reward, shift], ...],
-                    "prefix": [17, 9]}}                          # optional, see below
+                    "prefix": [17, 9],                           # optional, see below
+                    "fired": []}}                                # optional, see below
 
 ``plan`` lists the replacements in response order (strictly increasing positions). ``prefix``
 (default empty) holds the response tokens that the request's prompt already ends with: the
-re-decode starts after them, and steps and positions still count from the start of the response,
-so every plan position must be at or after ``len(prefix)``. At each
+re-decode starts after them, and steps and positions still count from the start of the response.
+``fired`` (default empty) gives the prefix steps at which the first ``len(fired)`` replacements
+already fired (a prefix copied from an earlier level's decode, ``core.replace.divergence``).
+A replacement not fired in the prefix must lie at or after ``len(prefix)`` while the prefix follows
+the original (after a divergence it fires wherever the model next wants its token). At each
 decoding step the hook asks the request's ``ForcedDecoder`` (``core.replace``, the same decision
 function the transformers backend calls) for the token to force given the tokens generated so
 far and the model's own greedy choice; a forced step gets all logits -inf except the forced token.
@@ -70,11 +74,12 @@ logger = logging.getLogger(__name__)
 
 # ---- the contract: ForcedDecoder <-> extra_args ----
 def force_args(decoder: ForcedDecoder) -> dict[str, Any]:
-    """``extra_args`` that make the hook re-decode like ``decoder`` (a fresh one, nothing fired)."""
+    """``extra_args`` that make the hook re-decode like ``decoder`` (before its first decoded step)."""
     return {FORCE_KEY: {
         "original": [int(t) for t in decoder.original],
         "plan": [[r.position, r.original, r.token, float(r.reward), float(r.shift)] for r in decoder.plan],
         "prefix": [int(t) for t in decoder.response_prefix],
+        "fired": [int(step) for step, _ in decoder.fired],
     }}
 
 
@@ -97,18 +102,26 @@ def parse_force_args(params: SamplingParams) -> ForcedDecoder | None:
     missing = {"original", "plan"} - spec.keys()
     if missing:
         raise ValueError(f"{where} is missing {sorted(missing)}")
-    unknown = spec.keys() - {"original", "plan", "prefix"}
+    unknown = spec.keys() - {"original", "plan", "prefix", "fired"}
     if unknown:
         raise ValueError(f"{where} has unknown keys {sorted(unknown)}; expected 'original', 'plan' and "
-                         "optionally 'prefix'")
+                         "optionally 'prefix' and 'fired'")
     original, plan, prefix = spec["original"], spec["plan"], spec.get("prefix", [])
+    fired = spec.get("fired", [])
     if not isinstance(original, (list, tuple)) or not original or not all(
             _is_int(t) and t >= 0 for t in original):
         raise ValueError(f"{where}['original'] must be a non-empty list of token ids (integers >= 0)")
     if not isinstance(prefix, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in prefix):
         raise ValueError(f"{where}['prefix'] must be a list of token ids (integers >= 0)")
+    if (not isinstance(fired, (list, tuple)) or not all(_is_int(t) and 0 <= t < len(prefix) for t in fired)
+            or any(b <= a for a, b in zip(fired, fired[1:], strict=False))):
+        raise ValueError(f"{where}['fired'] must list strictly increasing steps inside the prefix "
+                         f"({len(prefix)} tokens)")
     if not isinstance(plan, (list, tuple)) or not plan:
         raise ValueError(f"{where}['plan'] must be a non-empty list of [position, original, token, reward, shift]")
+    # Whether the prefix is the original but at its fired steps: then each pending replacement fires at its position.
+    aligned = all(t == (original[step] if step < len(original) else None)
+                  for step, t in enumerate(prefix) if step not in fired)
     replacements: list[Replacement] = []
     for k, entry in enumerate(plan):
         if (not isinstance(entry, (list, tuple)) or len(entry) != 5
@@ -127,19 +140,29 @@ def parse_force_args(params: SamplingParams) -> ForcedDecoder | None:
                              f"but 'original' has {original[position]} there")
         if token == token_original:
             raise ValueError(f"{where}['plan'][{k}] replaces token {token} by itself")
-        if position < len(prefix):
+        if k < len(fired):
+            if prefix[fired[k]] != token:
+                raise ValueError(f"{where}['fired'][{k}]: the prefix has token {prefix[fired[k]]} at step {fired[k]}, "
+                                 f"not the replacement {token}")
+        elif not aligned:
+            pass  # the prefix left the original: the replacement fires where the model next wants its token
+        elif position < len(prefix):
             raise ValueError(f"{where}['plan'][{k}] position {position} lies inside the prefix "
                              f"({len(prefix)} tokens): it can never be decoded")
-        if params.max_tokens is not None and position - len(prefix) >= params.max_tokens:
+        elif params.max_tokens is not None and position - len(prefix) >= params.max_tokens:
             after = f" after the {len(prefix)}-token prefix" if prefix else ""
             raise ValueError(f"{where}['plan'][{k}] forces step {position}, beyond max_tokens ({params.max_tokens})"
                              f"{after}")
         replacements.append(Replacement(position, token_original, token, float(entry[3]), float(entry[4])))
+    if len(fired) > len(replacements):
+        raise ValueError(f"{where}['fired'] lists {len(fired)} steps for a plan of {len(replacements)}")
     if params.temperature != 0.0:
         raise ValueError(f"{where} needs greedy decoding (temperature=0), got temperature={params.temperature}")
     if params.n != 1:
         raise ValueError(f"{where} needs n=1, got n={params.n}")
-    return ForcedDecoder(list(original), replacements, response_prefix=list(prefix))
+    return ForcedDecoder(list(original), replacements, response_prefix=list(prefix),
+                         fired=list(zip(fired, replacements, strict=False)))
+
 
 
 def _validate(params: SamplingParams) -> None:

@@ -95,7 +95,9 @@ class ForcedDecoder:
 
     ``response_prefix``: response tokens the re-decode starts from (they sit in the prompt, so
     they are never decoded). ``next_token`` is then given only the tokens generated after them;
-    steps, alignment and ``fired`` still count from the start of the response.
+    steps, alignment and ``fired`` still count from the start of the response. A prefix copied
+    from an earlier decode (``divergence``) may hold replacements that already fired: ``fired``
+    then starts with them, and the alignment is recomputed from the prefix on the first step.
     """
 
     original: Sequence[int]
@@ -137,3 +139,28 @@ class ForcedDecoder:
     @property
     def unfired(self) -> list[Replacement]:
         return list(self.plan[len(self.fired):])
+
+
+def divergence(original: Sequence[int], plan: Sequence[Replacement], tokens: Sequence[int],
+               greedy_at: dict[int, int]) -> tuple[int, list[tuple[int, Replacement]]]:
+    """How far a re-decode with ``plan`` would follow an earlier decode of the same prompt and image.
+
+    ``tokens``: the earlier decode's response; ``greedy_at``: step -> the model's own greedy choice
+    where that decode forced another token (everywhere else the emitted token is the greedy one).
+    Greedy decoding is deterministic, so the new re-decode emits exactly ``tokens`` up to the first
+    step where ``plan``'s decoder decides otherwise (fires where the earlier one did not, or the
+    reverse). Returns ``(steps, fired)``: how many steps agree, and the replacements fired in them
+    (``steps == len(tokens)``: it agrees all along, and where the earlier decode ended, by its stop
+    token or its budget, the new one ends too).
+
+    Level m+1 adds one replacement to level m, so its re-decode mostly repeats level m's; this is
+    how much of it need not be decoded again (the levels share their decoding as a trie does).
+    """
+    decoder = ForcedDecoder(original, plan)
+    for step, token in enumerate(tokens):
+        before = list(decoder.fired)
+        greedy = greedy_at.get(step, token)
+        forced = decoder.next_token(tokens[:step], greedy)
+        if (greedy if forced is None else forced) != token:
+            return step, before
+    return len(tokens), list(decoder.fired)
