@@ -41,7 +41,7 @@ from hscr_client import HSCRParams  # noqa: E402
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402,F401
 
 from hscr_worker.backends.base import Backend, BackendStats  # noqa: E402
-from hscr_worker.pipeline import PreparedItem, run_hscr  # noqa: E402
+from hscr_worker.pipeline import PreparedItem, run_hscr, run_hscr_stream  # noqa: E402
 from hscr_worker.similarity import get_similarity  # noqa: E402
 
 BOS, EOS = 1, 2
@@ -102,20 +102,34 @@ def _add(total: dict, phase: dict) -> None:
 
 
 def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: int, params: HSCRParams,
-                       device: torch.device, repeats: int) -> dict:
+                       device: torch.device, repeats: int, *, stream: bool = False) -> dict:
     """Plain (one-token and full decodes) and HSCR on ``items`` in chunks of ``batch_size``, taking turns per chunk
-    (which goes first rotates between passes)."""
+    (which goes first rotates between passes).
+
+    ``stream``: each mode takes every chunk in turn, and HSCR runs as the worker and ``hscr generate`` do
+    (``run_hscr_stream``: a chunk's re-decode rounds ride the engine calls of the chunks after it)."""
     similarity = get_similarity(params.similarity)
     totals: dict[str, dict] = {"prefill_only": {}, "plain": {}, "hscr": {}}
     levels: list[int] = []
+
+    def chunked(run):
+        return lambda rows: [out for start in range(0, len(rows), batch_size)
+                             for out in run(rows[start:start + batch_size])]
+
+    def hscr_stream(rows):
+        chunks = ((start, rows[start:start + batch_size]) for start in range(0, len(rows), batch_size))
+        return [r for _, results in run_hscr_stream(backend, chunks, params, similarity) for r in results]
+
     modes = {"prefill_only": lambda chunk: plain_greedy(backend, chunk, 1),
              "plain": lambda chunk: plain_greedy(backend, chunk, params.max_new_tokens),
              "hscr": lambda chunk: run_hscr(backend, chunk, params, similarity)}
+    if stream:
+        modes = {"prefill_only": chunked(modes["prefill_only"]), "plain": chunked(modes["plain"]), "hscr": hscr_stream}
     order = list(modes)
     for repeat in range(repeats):
         turn = order[repeat % 3:] + order[:repeat % 3]
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
+        for start in range(0, len(items), len(items) if stream else batch_size):
+            chunk = items[start:start + (len(items) if stream else batch_size)]
             for mode in turn:
                 phase = _phase(backend, device, lambda mode=mode, chunk=chunk: modes[mode](chunk))
                 _add(totals[mode], phase)
@@ -181,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                              "transformers, every re-decode prefilled again (no kept KV cache)")
     parser.add_argument("--candidates-per-round", type=int, default=None,
                         help="HSCRParams.candidates_per_round (default: the shipped value)")
+    parser.add_argument("--stream", action="store_true",
+                        help="HSCR as the worker runs it (run_hscr_stream over the chunks; see measure_batch_size)")
     parser.add_argument("--out", default=None, help="write the JSON results here (rewritten after each backend)")
     args = parser.parse_args(argv)
     if min(*args.batch_sizes, args.min_rows, args.max_new_tokens, args.question_words, args.repeats) < 1:
@@ -197,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"benchmark": "compute_bound", "env": env_block(device), "tiny": args.tiny,
                     "max_new_tokens": args.max_new_tokens, "question_words": args.question_words,
                     "visual_tokens": config.image_seq_length, "params": params.model_dump(),
-                    "no_savings": args.no_savings, "backends": {}}
+                    "no_savings": args.no_savings, "stream": args.stream, "backends": {}}
     began_all = time.perf_counter()
 
     def save() -> None:
@@ -228,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             results = []
             for batch_size in args.batch_sizes:
                 rows = items[:rows_for(batch_size, args.min_rows)]
-                results.append(measure_batch_size(backend, rows, batch_size, params, device, args.repeats))
+                results.append(measure_batch_size(backend, rows, batch_size, params, device, args.repeats,
+                                                  stream=args.stream))
                 print(line(name, results[-1]), flush=True)
                 report["backends"][name] = {"results": results}
                 save()

@@ -68,3 +68,16 @@ def test_configuration_is_the_issues():
         model = compute_bound.LlavaForConditionalGeneration._from_config(config)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 130
     assert config.image_seq_length == 256
+
+
+def test_stream_runs_hscr_as_the_worker_does_and_shared_levels_decode_less(tmp_path):
+    """``--stream``: HSCR through ``run_hscr_stream`` over the chunks; levels in rounds of one, each continuing the
+    levels before it, never decode more than every level in one call (and the same items get their levels)."""
+    one_call = _run(tmp_path, "--backends", "transformers", "--stream", "--candidates-per-round", "0")
+    shared = _run(tmp_path, "--backends", "transformers", "--stream", "--candidates-per-round", "1")
+    assert one_call["stream"] is shared["stream"] is True
+    _check(shared["backends"]["transformers"]["results"])
+    for now, then in zip(shared["backends"]["transformers"]["results"],
+                         one_call["backends"]["transformers"]["results"], strict=True):
+        assert now["hscr"]["decoded_tokens"] <= then["hscr"]["decoded_tokens"]
+        assert now["hscr"]["mean_levels_per_row"] == then["hscr"]["mean_levels_per_row"]

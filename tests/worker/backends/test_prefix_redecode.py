@@ -161,6 +161,32 @@ def test_transformers_prefix_redecode_gives_the_full_redecode_results(hf_backend
     _same_as_full_redecode(hf_backend, heldout_items[:N_ITEMS], SETTINGS[setting])
 
 
+def test_transformers_rows_leave_the_batch_when_they_finish(hf_backend, heldout_items):
+    """Re-decodes of unequal length in one batch: each gives what it gives alone, and a finished row stops costing
+    steps (the batch shrinks to the rows still decoding)."""
+    prompts, visual, answers = _own_answers(hf_backend, heldout_items[:4])
+
+    def requests():  # each continues its own answer after one token, for a different number of steps
+        return [GenerateRequest(p, v, budget, response_prefix=a[:1])
+                for p, v, a, budget in zip(prompts, visual, answers, (1, 2, 4, 63), strict=True)]
+
+    alone = [hf_backend.generate([r])[0] for r in requests()]
+    widths = []
+    forward = hf_backend._forward
+
+    def recorded(embeds, *args, **kwargs):
+        widths.append(embeds.shape[0])
+        return forward(embeds, *args, **kwargs)
+
+    hf_backend._forward = recorded  # instance attribute: shadows the method for this test only
+    try:
+        together = hf_backend.generate(requests())
+    finally:
+        del hf_backend._forward
+    assert together == alone
+    assert widths[0] == 4 and widths[-1] == 1 and sorted(widths, reverse=True) == widths
+
+
 @pytest.mark.parametrize("setting", sorted(SHARING))
 def test_transformers_shared_decodes_give_the_unshared_results(hf_backend, heldout_items, setting):
     _shared_same_as_unshared(hf_backend, heldout_items[:N_ITEMS], SHARING[setting])

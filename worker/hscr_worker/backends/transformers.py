@@ -151,46 +151,60 @@ class TransformersBackend(ProcessorBackend):
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(embeds, positions, mask, types, cache)[:, -1]
         self.stats.prefill_tokens += int(mask.sum())
-        generated, mask = self._decode(requests, logits, cache, mask, next_position, positions.shape[0])
-        if all(self._keeps(r) for r in requests):
+        keep_cache = all(self._keeps(r) for r in requests)
+        generated, mask = self._decode(requests, logits, cache, mask, next_position, positions.shape[0],
+                                       drop_finished=not keep_cache)
+        if keep_cache:
             self._keep_for_reuse(requests, inputs, generated, cache, mask)
         return self._responses(requests, generated)
 
     def _decode(self, requests: Sequence[GenerateRequest], logits: torch.Tensor, cache: DynamicCache,
-                mask: torch.Tensor, next_position: torch.Tensor, n_pos: int) -> tuple[list[list[int]], torch.Tensor]:
+                mask: torch.Tensor, next_position: torch.Tensor, n_pos: int,
+                *, drop_finished: bool = False) -> tuple[list[list[int]], torch.Tensor]:
         """Greedy decoding from the last prefilled row's ``logits [B, V]``; ``next_position [B]`` is the position
-        of each row's first decoded token. Returns the tokens per row (stop token included) and the final mask."""
+        of each row's first decoded token. Returns the tokens per row (stop token included) and the final mask.
+
+        ``drop_finished``: a finished row leaves the batch (its cache rows too), so requests of unequal length
+        (re-decodes that start at different steps) cost their own steps, not the longest one's. Off where the
+        cache is kept for later requests, which address it by row."""
         max_new = max(r.max_new_tokens for r in requests)
         generated: list[list[int]] = [[] for _ in requests]
         rows: list[list[torch.Tensor]] = [[] for _ in requests]
         done = [False] * len(requests)
+        alive = list(range(len(requests)))  # batch row -> request
         for step in range(max_new):
             scores = logits.float()
             greedy = scores.argmax(-1).tolist()
             tokens = []
-            for row, r in enumerate(requests):
-                token = greedy[row]
-                if not done[row]:
+            for b, k in enumerate(alive):
+                r, token = requests[k], greedy[b]
+                if not done[k]:
                     if r.return_logits:
-                        rows[row].append(scores[row].cpu())
+                        rows[k].append(scores[b].cpu())
                     if r.forced is not None:  # the decoder decides on the model's own greedy choice
-                        forced = r.forced.next_token(generated[row], greedy[row])
-                        token = greedy[row] if forced is None else forced
-                    generated[row].append(token)
+                        forced = r.forced.next_token(generated[k], greedy[b])
+                        token = greedy[b] if forced is None else forced
+                    generated[k].append(token)
                     stop = token in self.stop_token_ids and not self.ignore_eos
-                    done[row] = stop or len(generated[row]) >= r.max_new_tokens
+                    done[k] = stop or len(generated[k]) >= r.max_new_tokens
                 tokens.append(token)
             self.stats.decoded_tokens += sum(1 for g in generated if len(g) > step)
             if all(done) or step == max_new - 1:
                 break
+            if drop_finished and any(done[k] for k in alive):
+                keep = [b for b, k in enumerate(alive) if not done[k]]
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, next_position = mask[index], next_position[index]
+                alive, tokens = [alive[b] for b in keep], [tokens[b] for b in keep]
             step_embeds = self._embed_tokens(torch.tensor(tokens, device=self.device)).unsqueeze(1)
             step_positions = (next_position + step).view(1, -1, 1).expand(n_pos, -1, -1)
-            mask = torch.cat([mask, mask.new_ones(len(requests), 1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
             logits = self._forward(step_embeds, step_positions, mask, None, cache)[:, -1]
-        for row, r in enumerate(requests):
+        for k, r in enumerate(requests):
             if r.return_logits:  # step t's row predicts response token t, as a score row does
-                n = len(generated[row] if self.ignore_eos else self._cut_at_stop(generated[row]))
-                r.logits = torch.stack(rows[row][:n]) if n else torch.empty(0, logits.shape[-1])
+                n = len(generated[k] if self.ignore_eos else self._cut_at_stop(generated[k]))
+                r.logits = torch.stack(rows[k][:n]) if n else torch.empty(0, logits.shape[-1])
         return generated, mask
 
     def _responses(self, requests: Sequence[GenerateRequest], generated: list[list[int]]) -> list[list[int]]:
@@ -273,7 +287,7 @@ class TransformersBackend(ProcessorBackend):
         self.stats.reused_prefill_tokens += int(mask.sum()) - fed_tokens
         next_position = torch.tensor([row.next_position + len(r.response_prefix)
                                       for r, (row, _) in zip(requests, kept, strict=True)], device=self.device)
-        generated, _ = self._decode(requests, logits, cache, mask, next_position, n_pos)
+        generated, _ = self._decode(requests, logits, cache, mask, next_position, n_pos, drop_finished=True)
         return self._responses(requests, generated)
 
     @torch.inference_mode()
