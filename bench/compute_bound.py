@@ -45,6 +45,7 @@ from hscr_worker.pipeline import PreparedItem, run_hscr, run_hscr_stream  # noqa
 from hscr_worker.similarity import get_similarity  # noqa: E402
 
 BOS, EOS = 1, 2
+STREAM_CHUNKS = 4  # --stream: chunks per stream (its first and last chunks fill and drain the overlap)
 
 
 def compute_bound_config(tiny: bool = False) -> LlavaConfig:
@@ -126,10 +127,13 @@ def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: 
     if stream:
         modes = {"prefill_only": chunked(modes["prefill_only"]), "plain": chunked(modes["plain"]), "hscr": hscr_stream}
     order = list(modes)
+    # Streams of STREAM_CHUNKS chunks, the three modes in turn per stream: load that comes and goes hits all three
+    step = batch_size * (STREAM_CHUNKS if stream else 1)
     for repeat in range(repeats):
-        turn = order[repeat % 3:] + order[:repeat % 3]
-        for start in range(0, len(items), len(items) if stream else batch_size):
-            chunk = items[start:start + (len(items) if stream else batch_size)]
+        for group, start in enumerate(range(0, len(items), step)):
+            chunk = items[start:start + step]
+            turn = order[(repeat + group) % 3:] + order[:(repeat + group) % 3] if stream else \
+                order[repeat % 3:] + order[:repeat % 3]
             for mode in turn:
                 phase = _phase(backend, device, lambda mode=mode, chunk=chunk: modes[mode](chunk))
                 _add(totals[mode], phase)
