@@ -135,8 +135,8 @@ class HSCRParams(BaseModel):
 
     @classmethod
     def paper(cls, **overrides) -> HSCRParams:
-        """The paper's reading: one mask removing 70 % of the visual tokens, raw-logit shift, top-n only,
-        reranking by similarity alone."""
-        setting = {"dropout_ratio": 0.7, "dropout_mode": "remove", "n_masks": 1, "shift": "logit",
-                   "min_shift": 0.0, "severity_order": False}
+        """The paper's reading: one mask removing 70 % of the visual tokens, raw-logit shift, the tokens it raises
+        most (top-n only), reranking by similarity alone; a family's defaults change none of it."""
+        setting = {"dropout_ratio": 0.7, "dropout_mode": "remove", "n_masks": 1, "shift": "logit", "coupling": "raise",
+                   "min_shift": 0.0, "fire_after_divergence": True, "severity_order": False}
         return cls(**{**setting, **overrides})

@@ -6,9 +6,10 @@
 2. greedy-generate the model's own answer under the full image;
 3. pick the response to corrupt (own answer, or the preferred answer by teacher forcing);
 4. score it under the full image and under ``n_masks`` seeded dropout masks;
-5. shift per position, averaged over the masks -> the top-n modality-coupled positions (``core.coupling``);
+5. shift per position, averaged over the masks -> the top-n modality-coupled positions, by shift or by |shift|
+   (``coupling``; ``core.coupling``);
 6. one hallucinated token per coupled position, lowest contrastive reward (``core.replace``);
-7. level m replaces the m highest-shift positions: re-decode under the full image with the
+7. level m replaces the m most coupled positions: re-decode under the full image with the
    replacements forced (or splice them in place). A re-decode starts at its level's first
    replaced position, not at the start of the response: up to there it would only reproduce the
    response (see ``reproduced_prefix``), so that part goes in the prompt as ``response_prefix``.

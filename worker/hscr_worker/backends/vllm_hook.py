@@ -6,13 +6,16 @@ over HTTP)::
     {"hscr_force": {"original": [17, 9, 23, ...],                # the response being corrupted
                     "plan": [[position, original, token, reward, shift], ...],
                     "prefix": [17, 9],                           # optional, see below
-                    "fired": []}}                                # optional, see below
+                    "fired": [],                                 # optional, see below
+                    "after_divergence": false}}                  # optional (default true)
 
 ``plan`` lists the replacements in response order (strictly increasing positions). ``prefix``
 (default empty) holds the response tokens that the request's prompt already ends with: the
 re-decode starts after them, and steps and positions still count from the start of the response.
 ``fired`` (default empty) gives the prefix steps at which the first ``len(fired)`` replacements
 already fired (a prefix copied from an earlier level's decode, ``core.replace.divergence``).
+``after_divergence`` false: once the decode has left the original, no later replacement fires
+(``HSCRParams.fire_after_divergence``).
 A replacement not fired in the prefix must lie at or after ``len(prefix)`` while the prefix follows
 the original (after a divergence it fires wherever the model next wants its token). At each
 decoding step the hook asks the request's ``ForcedDecoder`` (``core.replace``, the same decision

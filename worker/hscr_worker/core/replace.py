@@ -68,7 +68,8 @@ def _bounded(row: torch.Tensor) -> torch.Tensor:
 
 
 def level_plans(replacements: Sequence[Replacement]) -> list[list[Replacement]]:
-    """Level m replaces the m highest-shift coupled positions (``replacements`` come sorted by shift).
+    """Level m replaces the m most coupled positions (``replacements`` come in coupling order: by shift, or by
+    |shift| with ``coupling='move'``).
 
     Each plan is returned in response order, the order in which decoding meets it.
     """
@@ -145,8 +146,8 @@ class ForcedDecoder:
         return list(self.plan[len(self.fired):])
 
 
-def divergence(original: Sequence[int], plan: Sequence[Replacement], tokens: Sequence[int],
-               greedy_at: dict[int, int], *, after_divergence: bool = True) -> tuple[int, list[tuple[int, Replacement]]]:
+def divergence(original: Sequence[int], plan: Sequence[Replacement], tokens: Sequence[int], greedy_at: dict[int, int],
+               *, after_divergence: bool = True) -> tuple[int, list[tuple[int, Replacement]]]:
     """How far a re-decode with ``plan`` would follow an earlier decode of the same prompt and image.
 
     ``tokens``: the earlier decode's response; ``greedy_at``: step -> the model's own greedy choice

@@ -64,7 +64,7 @@ class QwenVLFamily(ModelFamily):
     min_pixels: int | None = None
     max_pixels: int | None = None
     family = "qwen2-vl"
-    # Three masks of 97 %: one 95 % mask of a Qwen image (merged tokens that each see 2x2 patches, and
+    # Five masks of 97 %: one 95 % mask of a Qwen image (merged tokens that each see 2x2 patches, and
     # no absolute position inside the vision tower) finds the grounded words less reliably. Coupling by
     # |shift| ('move', with a 0.01 floor): the Qwen fixture says its most common values (mri, opacity, small)
     # when it sees poorly, so the image lowers them and 'raise' never ranks them; later replacements do not
