@@ -37,6 +37,12 @@ class HSCRParams(BaseModel):
         "logprob",
         description="[choice] Coupling score at a response position: raw-logit or log-prob difference "
                     "between the full and the dropped image.")
+    coupling: Literal["raise", "move"] = Field(
+        "raise",
+        description="[choice] Which tokens are modality-coupled: those the image raises most ('raise': the "
+                    "largest shift, the paper's reading) or moves most either way ('move': the largest |shift|, "
+                    "so a word the image lowers counts too, e.g. the answer's word that is also what the model "
+                    "says when it sees poorly). Paper: raise.")
     n_coupled: int = Field(10, ge=1, le=64, description="Top-n modality-coupled tokens. Paper: 10.")
     min_shift: float = Field(
         0.0, ge=0.0,
@@ -58,6 +64,11 @@ class HSCRParams(BaseModel):
         "redecode",
         description="[choice] After a replacement, re-decode the rest under the full image (default) or "
                     "keep the rest of the response (splice).")
+    fire_after_divergence: bool = Field(
+        True,
+        description="[choice] Re-decoding a level: once a replacement has changed the continuation, a later planned "
+                    "replacement still fires where the model next wants its original token (true), or is left "
+                    "unfired (false; the level keeps the replacements that fired at their planned steps).")
     n_levels: int = Field(3, ge=1, le=16, description="j: dispreferred levels kept after reranking. Paper: 3.")
     min_similarity_gap: float = Field(
         0.1, ge=0.0, le=1.0,
@@ -124,8 +135,8 @@ class HSCRParams(BaseModel):
 
     @classmethod
     def paper(cls, **overrides) -> HSCRParams:
-        """The paper's reading: one mask removing 70 % of the visual tokens, raw-logit shift, top-n only,
-        reranking by similarity alone."""
-        setting = {"dropout_ratio": 0.7, "dropout_mode": "remove", "n_masks": 1, "shift": "logit",
-                   "min_shift": 0.0, "severity_order": False}
+        """The paper's reading: one mask removing 70 % of the visual tokens, raw-logit shift, the tokens it raises
+        most (top-n only), reranking by similarity alone; a family's defaults change none of it."""
+        setting = {"dropout_ratio": 0.7, "dropout_mode": "remove", "n_masks": 1, "shift": "logit", "coupling": "raise",
+                   "min_shift": 0.0, "fire_after_divergence": True, "severity_order": False}
         return cls(**{**setting, **overrides})

@@ -52,7 +52,7 @@ def test_llava_qwen_and_gemma_served_side_by_side(stack_env, fixture_items):
                 parameters = info["manifest"]["parameters"]
                 family_default = PROFILES[model["profile"]].params().n_masks
                 assert parameters["n_masks"] == family_default and parameters["max_new_tokens"] == 32
-                assert family_default == (1 if name == "fixture" else 3)  # Qwen's and Gemma's three masks
+                assert family_default == {"fixture": 1, GEMMA: 3}.get(name, 5)  # Gemma's three masks, Qwen's five
     finally:
         for process in workers:
             stop(process)

@@ -6,9 +6,10 @@
 2. greedy-generate the model's own answer under the full image;
 3. pick the response to corrupt (own answer, or the preferred answer by teacher forcing);
 4. score it under the full image and under ``n_masks`` seeded dropout masks;
-5. shift per position, averaged over the masks -> the top-n modality-coupled positions (``core.coupling``);
+5. shift per position, averaged over the masks -> the top-n modality-coupled positions, by shift or by |shift|
+   (``coupling``; ``core.coupling``);
 6. one hallucinated token per coupled position, lowest contrastive reward (``core.replace``);
-7. level m replaces the m highest-shift positions: re-decode under the full image with the
+7. level m replaces the m most coupled positions: re-decode under the full image with the
    replacements forced (or splice them in place). A re-decode starts at its level's first
    replaced position, not at the start of the response: up to there it would only reproduce the
    response (see ``reproduced_prefix``), so that part goes in the prompt as ``response_prefix``.
@@ -295,7 +296,8 @@ class HSCRBatch:
             # A replacement must fall inside the re-decode budget (a long preferred answer may exceed it).
             eligible = torch.tensor([t not in backend.special_token_ids and position < params.max_new_tokens
                                      for position, t in enumerate(corrupted[i])])
-            positions = coupled_positions(shift, params.n_coupled, min_shift=params.min_shift, eligible=eligible)
+            positions = coupled_positions(shift, params.n_coupled, min_shift=params.min_shift, eligible=eligible,
+                                          coupling=params.coupling)
             result.coupled = [{"position": p, "token": backend.decode([corrupted[i][p]]), "shift": float(shift[p])}
                               for p in positions]
             replacements = []
@@ -356,8 +358,9 @@ class HSCRBatch:
         with ``share_decodes``, the levels of earlier rounds. Without ``prefix_redecode`` it starts at 0.
         """
         budget, corrupted = self.params.max_new_tokens, self.corrupted[i]
+        late = self.params.fire_after_divergence
         if not self.prefix_redecode:
-            return ForcedDecoder(corrupted, plan)
+            return ForcedDecoder(corrupted, plan, after_divergence=late)
         # (tokens, greedy choices where they differ from the tokens, whether the decode ended there)
         # (a preferred answer: greedy decoding follows it this far, and where it would stop is unknown)
         earlier = [(corrupted[:min(self._followed[i], budget)], {}, self.preferred_ids[i] is None)]
@@ -365,7 +368,7 @@ class HSCRBatch:
             earlier += [(ids, {step: r.original for step, r in fired}, True) for ids, fired, _ in self._candidates[i]]
         best: tuple[int, list[tuple[int, Replacement]], bool] | None = None
         for tokens, greedy_at, ended in earlier:
-            steps, fired = divergence(corrupted, plan, tokens, greedy_at)
+            steps, fired = divergence(corrupted, plan, tokens, greedy_at, after_divergence=late)
             complete = steps == len(tokens) and (ended or steps >= budget)
             if best is None or (steps, complete) > (best[0], best[2]):
                 best, source = (steps, fired, complete), tokens
@@ -374,7 +377,7 @@ class HSCRBatch:
             return list(source[:budget]), fired, len(plan) - len(fired)
         steps = min(steps, budget - 1)  # (a preferred answer may outrun the budget: keep a step to decode)
         fired = [(step, r) for step, r in fired if step < steps]
-        return ForcedDecoder(corrupted, plan, response_prefix=list(source[:steps]), fired=fired)
+        return ForcedDecoder(corrupted, plan, response_prefix=list(source[:steps]), fired=fired, after_divergence=late)
 
     def absorb(self, redecoded: Sequence[list[int]]) -> list[GenerateRequest]:
         """Take one round's re-decode outputs; returns (and keeps) the next round's requests, empty when

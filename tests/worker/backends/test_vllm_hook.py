@@ -51,6 +51,17 @@ def test_force_args_round_trip():
     assert hook.parse_force_args(_params()) is None  # no hscr_force: the hook leaves the request alone
 
 
+
+def test_force_args_carry_after_divergence_only_when_off():
+    assert "after_divergence" not in _good_spec()  # the default keeps the contract as it was
+    spec = hook.force_args(ForcedDecoder(ORIGINAL, _plan(), after_divergence=False))[hook.FORCE_KEY]
+    assert spec["after_divergence"] is False
+    assert hook.parse_force_args(_params(spec)).after_divergence is False
+    assert hook.parse_force_args(_params(_good_spec())).after_divergence is True
+    with pytest.raises(ValueError, match="must be true or false"):
+        hook.parse_force_args(_params({**spec, "after_divergence": 0}))
+
+
 @pytest.mark.parametrize(("mutate", "message"), [
     (lambda s: "not a dict", "must be an object"),
     (lambda s: {"plan": s["plan"]}, "missing \\['original'\\]"),

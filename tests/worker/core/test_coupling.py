@@ -33,6 +33,16 @@ def test_coupled_positions_top_n_with_floor_eligibility_and_ties():
     assert coupled_positions(shift, 10) == [1, 3, 5, 0, 4]  # negative shifts never couple
 
 
+def test_coupled_positions_move_ranks_by_magnitude():
+    """'move': a token the image lowers (here position 2, shift -1) couples by |shift|; the floor applies to |shift|."""
+    shift = torch.tensor([0.5, 3.0, -1.0, 3.0, 0.05, 2.0, -0.02])
+    assert coupled_positions(shift, 10, coupling="move") == [1, 3, 5, 2, 0, 4, 6]
+    assert coupled_positions(shift, 10, coupling="move", min_shift=0.1) == [1, 3, 5, 2, 0]
+    assert coupled_positions(shift, 10, coupling="raise") == coupled_positions(shift, 10)
+    with pytest.raises(ValueError, match="unknown coupling"):
+        coupled_positions(shift, 3, coupling="lower")
+
+
 def test_contrastive_reward_is_the_vcd_form():
     full, dropped = rows([1.0, 2.0]), rows([3.0, -1.0])
     assert torch.allclose(contrastive_reward(full, dropped, 0.9), rows([1.9 - 2.7, 3.8 + 0.9]))

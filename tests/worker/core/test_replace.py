@@ -74,6 +74,23 @@ def test_forced_decoder_follows_a_diverged_continuation_by_token():
     assert [step for step, _ in decoder.fired] == [1, 4]
 
 
+def test_forced_decoder_without_firing_after_divergence_leaves_later_replacements_unfired():
+    """``after_divergence=False`` (HSCRParams.fire_after_divergence): once the continuation left the original,
+    the later replacement does not fire where the model next wants its token; ``divergence`` agrees."""
+    original = [10, 20, 30, 40]
+    plan = [r(1, 20, 21, 2.0), r(3, 40, 41, 1.0)]
+    continuation = {(10,): 20, (10, 21): 99, (10, 21, 99): 30, (10, 21, 99, 30): 40}
+    decoder = ForcedDecoder(original, plan, after_divergence=False)
+    out = drive(decoder, lambda p: 10 if not p else continuation.get(tuple(p)))
+    assert out == [10, 21, 99, 30, 40]
+    assert [step for step, _ in decoder.fired] == [1] and decoder.unfired == [plan[1]]
+    aligned = ForcedDecoder(original, plan, after_divergence=False)  # no divergence: both fire as planned
+    assert drive(aligned, lambda p: original[len(p)] if len(p) < len(original) else None) == [10, 21, 30, 41]
+    greedy_at = {1: 20}  # the earlier decode forced 21 at step 1, where the model wanted 20
+    assert divergence(original, plan, out, greedy_at, after_divergence=False) == (len(out), [(1, plan[0])])
+    assert divergence(original, plan, out, greedy_at)[0] == 4  # firing after divergence: it forces 41 at step 4
+
+
 def test_forced_decoder_never_forces_where_the_model_wants_something_else():
     """Regression: after 'a' -> 'no' the model says 'no abnormality'; forcing the next planned
     attribute at its old step produced malformed text."""

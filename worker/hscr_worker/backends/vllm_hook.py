@@ -6,13 +6,16 @@ over HTTP)::
     {"hscr_force": {"original": [17, 9, 23, ...],                # the response being corrupted
                     "plan": [[position, original, token, reward, shift], ...],
                     "prefix": [17, 9],                           # optional, see below
-                    "fired": []}}                                # optional, see below
+                    "fired": [],                                 # optional, see below
+                    "after_divergence": false}}                  # optional (default true)
 
 ``plan`` lists the replacements in response order (strictly increasing positions). ``prefix``
 (default empty) holds the response tokens that the request's prompt already ends with: the
 re-decode starts after them, and steps and positions still count from the start of the response.
 ``fired`` (default empty) gives the prefix steps at which the first ``len(fired)`` replacements
 already fired (a prefix copied from an earlier level's decode, ``core.replace.divergence``).
+``after_divergence`` false: once the decode has left the original, no later replacement fires
+(``HSCRParams.fire_after_divergence``).
 A replacement not fired in the prefix must lie at or after ``len(prefix)`` while the prefix follows
 the original (after a divergence it fires wherever the model next wants its token). At each
 decoding step the hook asks the request's ``ForcedDecoder`` (``core.replace``, the same decision
@@ -75,12 +78,15 @@ logger = logging.getLogger(__name__)
 # ---- the contract: ForcedDecoder <-> extra_args ----
 def force_args(decoder: ForcedDecoder) -> dict[str, Any]:
     """``extra_args`` that make the hook re-decode like ``decoder`` (before its first decoded step)."""
-    return {FORCE_KEY: {
+    spec = {
         "original": [int(t) for t in decoder.original],
         "plan": [[r.position, r.original, r.token, float(r.reward), float(r.shift)] for r in decoder.plan],
         "prefix": [int(t) for t in decoder.response_prefix],
         "fired": [int(step) for step, _ in decoder.fired],
-    }}
+    }
+    if not decoder.after_divergence:  # sent only when off: the default keeps the contract as it was
+        spec["after_divergence"] = False
+    return {FORCE_KEY: spec}
 
 
 def _is_int(value: object) -> bool:
@@ -102,12 +108,15 @@ def parse_force_args(params: SamplingParams) -> ForcedDecoder | None:
     missing = {"original", "plan"} - spec.keys()
     if missing:
         raise ValueError(f"{where} is missing {sorted(missing)}")
-    unknown = spec.keys() - {"original", "plan", "prefix", "fired"}
+    unknown = spec.keys() - {"original", "plan", "prefix", "fired", "after_divergence"}
     if unknown:
         raise ValueError(f"{where} has unknown keys {sorted(unknown)}; expected 'original', 'plan' and "
-                         "optionally 'prefix' and 'fired'")
+                         "optionally 'prefix', 'fired' and 'after_divergence'")
     original, plan, prefix = spec["original"], spec["plan"], spec.get("prefix", [])
     fired = spec.get("fired", [])
+    after_divergence = spec.get("after_divergence", True)
+    if not isinstance(after_divergence, bool):
+        raise ValueError(f"{where}['after_divergence'] must be true or false, got {after_divergence!r}")
     if not isinstance(original, (list, tuple)) or not original or not all(
             _is_int(t) and t >= 0 for t in original):
         raise ValueError(f"{where}['original'] must be a non-empty list of token ids (integers >= 0)")
@@ -161,7 +170,7 @@ def parse_force_args(params: SamplingParams) -> ForcedDecoder | None:
     if params.n != 1:
         raise ValueError(f"{where} needs n=1, got n={params.n}")
     return ForcedDecoder(list(original), replacements, response_prefix=list(prefix),
-                         fired=list(zip(fired, replacements, strict=False)))
+                         fired=list(zip(fired, replacements, strict=False)), after_divergence=after_divergence)
 
 
 

@@ -12,6 +12,7 @@ import torch
 
 ShiftKind = Literal["logit", "logprob"]
 RowValues = Literal["logits", "logprobs"]
+Coupling = Literal["raise", "move"]
 
 
 def token_shift(full: torch.Tensor, dropped: torch.Tensor, response: torch.Tensor,
@@ -36,12 +37,19 @@ def token_shift(full: torch.Tensor, dropped: torch.Tensor, response: torch.Tenso
 
 
 def coupled_positions(shift: torch.Tensor, n: int, *, min_shift: float = 0.0,
-                      eligible: torch.Tensor | None = None) -> list[int]:
-    """The top-``n`` modality-coupled positions, largest shift first.
+                      eligible: torch.Tensor | None = None, coupling: Coupling = "raise") -> list[int]:
+    """The top-``n`` modality-coupled positions, most coupled first.
 
-    Positions with ``shift < min_shift`` or ``eligible == False`` (e.g. special tokens) are skipped.
+    ``coupling='raise'`` ranks by the shift itself (the image raises the token: the paper's reading);
+    ``'move'`` by its magnitude, so a token the image lowers is coupled too (the answer's word that is
+    also what the model says when it sees poorly, e.g. its most common lesion kind). Positions whose
+    score is below ``min_shift`` or with ``eligible == False`` (e.g. special tokens) are skipped.
     Ties keep the earlier position first.
     """
+    if coupling == "move":
+        shift = shift.abs()
+    elif coupling != "raise":
+        raise ValueError(f"unknown coupling {coupling!r}; use 'raise' or 'move'")
     ok = shift >= min_shift
     if eligible is not None:
         ok &= eligible

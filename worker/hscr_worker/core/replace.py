@@ -68,7 +68,8 @@ def _bounded(row: torch.Tensor) -> torch.Tensor:
 
 
 def level_plans(replacements: Sequence[Replacement]) -> list[list[Replacement]]:
-    """Level m replaces the m highest-shift coupled positions (``replacements`` come sorted by shift).
+    """Level m replaces the m most coupled positions (``replacements`` come in coupling order: by shift, or by
+    |shift| with ``coupling='move'``).
 
     Each plan is returned in response order, the order in which decoding meets it.
     """
@@ -98,6 +99,9 @@ class ForcedDecoder:
     steps, alignment and ``fired`` still count from the start of the response. A prefix copied
     from an earlier decode (``divergence``) may hold replacements that already fired: ``fired``
     then starts with them, and the alignment is recomputed from the prefix on the first step.
+
+    ``after_divergence=False``: once the re-decode has diverged, no later replacement fires (each is left
+    unfired): the level keeps the replacements that fired at their planned steps and the continuation they led to.
     """
 
     original: Sequence[int]
@@ -106,6 +110,7 @@ class ForcedDecoder:
     fired: list[tuple[int, Replacement]] = field(default_factory=list)  # (step, replacement)
     aligned: bool = True
     _seen: int = 0
+    after_divergence: bool = True
 
     def _ingest(self, prefix: Sequence[int]) -> None:
         fired_steps = {step for step, _ in self.fired}
@@ -124,7 +129,7 @@ class ForcedDecoder:
         if self.response_prefix:
             prefix = [*self.response_prefix, *prefix]
         self._ingest(prefix)
-        if len(self.fired) == len(self.plan):
+        if len(self.fired) == len(self.plan) or not (self.aligned or self.after_divergence):
             return None
         pending = self.plan[len(self.fired)]
         step = len(prefix)
@@ -141,8 +146,8 @@ class ForcedDecoder:
         return list(self.plan[len(self.fired):])
 
 
-def divergence(original: Sequence[int], plan: Sequence[Replacement], tokens: Sequence[int],
-               greedy_at: dict[int, int]) -> tuple[int, list[tuple[int, Replacement]]]:
+def divergence(original: Sequence[int], plan: Sequence[Replacement], tokens: Sequence[int], greedy_at: dict[int, int],
+               *, after_divergence: bool = True) -> tuple[int, list[tuple[int, Replacement]]]:
     """How far a re-decode with ``plan`` would follow an earlier decode of the same prompt and image.
 
     ``tokens``: the earlier decode's response; ``greedy_at``: step -> the model's own greedy choice
@@ -156,7 +161,7 @@ def divergence(original: Sequence[int], plan: Sequence[Replacement], tokens: Seq
     Level m+1 adds one replacement to level m, so its re-decode mostly repeats level m's; this is
     how much of it need not be decoded again (the levels share their decoding as a trie does).
     """
-    decoder = ForcedDecoder(original, plan)
+    decoder = ForcedDecoder(original, plan, after_divergence=after_divergence)
     for step, token in enumerate(tokens):
         before = list(decoder.fired)
         greedy = greedy_at.get(step, token)
