@@ -58,7 +58,7 @@ def test_family_defaults_fill_only_what_nobody_set():
     qwen, llava, gemma = PROFILES["qwen2.5-vl"], PROFILES["fixture"], PROFILES["gemma3"]
     assert llava.params() == HSCRParams()
     defaults = qwen.params()
-    assert (defaults.n_masks, defaults.dropout_ratio, defaults.coupling, defaults.min_shift) == (5, 0.97, "move", 0.01)
+    assert (defaults.n_masks, defaults.dropout_ratio, defaults.coupling, defaults.min_shift) == (5, 0.97, "move", 0.032)
     assert defaults.fire_after_divergence is False
     assert (gemma.params().n_masks, gemma.params().dropout_ratio) == (3, 0.97)
     assert gemma.params().fire_after_divergence is False and gemma.params().coupling == "raise"
