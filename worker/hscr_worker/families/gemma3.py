@@ -42,8 +42,12 @@ class Gemma3Family(ModelFamily):
     family = "gemma3"
     # Three masks of 97 %, as Qwen: a SigLIP soft token is pooled from patches that attended to the whole image,
     # so the few tokens one 95 % mask keeps still show much of it (docs/models.md, "HSCR defaults per family":
-    # both settings measured on held-out items).
-    param_defaults = MappingProxyType({"n_masks": 3, "dropout_ratio": 0.97})
+    # both settings measured on held-out items). No planned replacement fires once the re-decode has diverged
+    # (fire_after_divergence false, issue #15): with it on, the fixture's malformed level 1s were a later "." -> "and"
+    # firing after "a" -> "no" had ended the sentence ("... no abnormality and a small nodule ..."). On the tuning
+    # seeds it alone took malformed to 0 and monotone to 1.0 at unchanged R-precision; Qwen's coupling move with a
+    # 0.01 floor changed R-precision by -0.006 to +0.010 (not carried). docs/models.md, "The Gemma fixture".
+    param_defaults = MappingProxyType({"n_masks": 3, "dropout_ratio": 0.97, "fire_after_divergence": False})
     model_types = ("gemma3",)
     vllm_architecture = "HSCRGemma3ForConditionalGeneration"
     image_attention = "bidirectional"

@@ -66,11 +66,14 @@ class QwenVLFamily(ModelFamily):
     family = "qwen2-vl"
     # Five masks of 97 %: one 95 % mask of a Qwen image (merged tokens that each see 2x2 patches, and
     # no absolute position inside the vision tower) finds the grounded words less reliably. Coupling by
-    # |shift| ('move', with a 0.01 floor): the Qwen fixture says its most common values (mri, opacity, small)
-    # when it sees poorly, so the image lowers them and 'raise' never ranks them; later replacements do not
-    # fire once a re-decode has diverged (they fired into the continuation: "... region . and mri reveals").
+    # |shift| ('move'): the Qwen fixture says its most common values (mri, opacity, small) when it sees poorly,
+    # so the image lowers them and 'raise' never ranks them. The |shift| floor 0.032 is the 99.5th percentile of
+    # the non-grounded (wording and template) words' |shift| on the tuning seeds (grounded median 0.73): with
+    # 0.01 (their 90th percentile) wording swaps such as "mri study" -> "mri image" became level 1 where no
+    # image token moves the answer (issue #14). Later replacements do not fire once a re-decode has diverged
+    # (they fired into the continuation: "... region . and mri reveals").
     # docs/models.md, "HSCR defaults per family": every setting measured on held-out items.
-    param_defaults = MappingProxyType({"n_masks": 5, "dropout_ratio": 0.97, "coupling": "move", "min_shift": 0.01,
+    param_defaults = MappingProxyType({"n_masks": 5, "dropout_ratio": 0.97, "coupling": "move", "min_shift": 0.032,
                                        "fire_after_divergence": False})
 
     def image_markers(self, processor) -> tuple[str, ...]:
