@@ -132,8 +132,8 @@ def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: 
     for repeat in range(repeats):
         for group, start in enumerate(range(0, len(items), step)):
             chunk = items[start:start + step]
-            turn = order[(repeat + group) % 3:] + order[:(repeat + group) % 3] if stream else \
-                order[repeat % 3:] + order[:repeat % 3]
+            first = (repeat + (group if stream else 0)) % 3
+            turn = order[first:] + order[:first]
             for mode in turn:
                 phase = _phase(backend, device, lambda mode=mode, chunk=chunk: modes[mode](chunk))
                 _add(totals[mode], phase)

@@ -366,13 +366,12 @@ class HSCRBatch:
         earlier = [(corrupted[:min(self._followed[i], budget)], {}, self.preferred_ids[i] is None)]
         if self.share_decodes:
             earlier += [(ids, {step: r.original for step, r in fired}, True) for ids, fired, _ in self._candidates[i]]
-        best: tuple[int, list[tuple[int, Replacement]], bool] | None = None
-        for tokens, greedy_at, ended in earlier:
+        def reach(tokens: list[int], greedy_at: dict[int, int], ended: bool):
+            """(steps shared, whether the level is all of that decode, the replacements fired, the decode)"""
             steps, fired = divergence(corrupted, plan, tokens, greedy_at, after_divergence=late)
-            complete = steps == len(tokens) and (ended or steps >= budget)
-            if best is None or (steps, complete) > (best[0], best[2]):
-                best, source = (steps, fired, complete), tokens
-        steps, fired, complete = best
+            return steps, steps == len(tokens) and (ended or steps >= budget), fired, tokens
+
+        steps, complete, fired, source = max((reach(*decode) for decode in earlier), key=lambda r: r[:2])
         if complete:  # it would decode exactly what that decode did, and stop where it stopped
             return list(source[:budget]), fired, len(plan) - len(fired)
         steps = min(steps, budget - 1)  # (a preferred answer may outrun the budget: keep a step to decode)

@@ -128,9 +128,6 @@ def parse_force_args(params: SamplingParams) -> ForcedDecoder | None:
                          f"({len(prefix)} tokens)")
     if not isinstance(plan, (list, tuple)) or not plan:
         raise ValueError(f"{where}['plan'] must be a non-empty list of [position, original, token, reward, shift]")
-    # Whether the prefix is the original but at its fired steps: then each pending replacement fires at its position.
-    aligned = all(t == (original[step] if step < len(original) else None)
-                  for step, t in enumerate(prefix) if step not in fired)
     replacements: list[Replacement] = []
     for k, entry in enumerate(plan):
         if (not isinstance(entry, (list, tuple)) or len(entry) != 5
@@ -149,28 +146,31 @@ def parse_force_args(params: SamplingParams) -> ForcedDecoder | None:
                              f"but 'original' has {original[position]} there")
         if token == token_original:
             raise ValueError(f"{where}['plan'][{k}] replaces token {token} by itself")
-        if k < len(fired):
-            if prefix[fired[k]] != token:
-                raise ValueError(f"{where}['fired'][{k}]: the prefix has token {prefix[fired[k]]} at step {fired[k]}, "
-                                 f"not the replacement {token}")
-        elif not aligned:
-            pass  # the prefix left the original: the replacement fires where the model next wants its token
-        elif position < len(prefix):
-            raise ValueError(f"{where}['plan'][{k}] position {position} lies inside the prefix "
-                             f"({len(prefix)} tokens): it can never be decoded")
-        elif params.max_tokens is not None and position - len(prefix) >= params.max_tokens:
-            after = f" after the {len(prefix)}-token prefix" if prefix else ""
-            raise ValueError(f"{where}['plan'][{k}] forces step {position}, beyond max_tokens ({params.max_tokens})"
-                             f"{after}")
         replacements.append(Replacement(position, token_original, token, float(entry[3]), float(entry[4])))
     if len(fired) > len(replacements):
         raise ValueError(f"{where}['fired'] lists {len(fired)} steps for a plan of {len(replacements)}")
+    decoder = ForcedDecoder(list(original), replacements, response_prefix=list(prefix),
+                            fired=list(zip(fired, replacements, strict=False)), after_divergence=after_divergence)
+    for k, (step, r) in enumerate(decoder.fired):
+        if prefix[step] != r.token:
+            raise ValueError(f"{where}['fired'][{k}]: the prefix has token {prefix[step]} at step {step}, "
+                             f"not the replacement {r.token}")
+    # While the prefix follows the original, a pending replacement fires at its position, which must lie ahead;
+    # once it has left the original, a replacement fires wherever the model next wants its token.
+    if decoder.follows_original():
+        for k, r in enumerate(decoder.unfired, start=len(decoder.fired)):
+            if r.position < len(prefix):
+                raise ValueError(f"{where}['plan'][{k}] position {r.position} lies inside the prefix "
+                                 f"({len(prefix)} tokens): it can never be decoded")
+            if params.max_tokens is not None and r.position - len(prefix) >= params.max_tokens:
+                after = f" after the {len(prefix)}-token prefix" if prefix else ""
+                raise ValueError(f"{where}['plan'][{k}] forces step {r.position}, beyond max_tokens "
+                                 f"({params.max_tokens}){after}")
     if params.temperature != 0.0:
         raise ValueError(f"{where} needs greedy decoding (temperature=0), got temperature={params.temperature}")
     if params.n != 1:
         raise ValueError(f"{where} needs n=1, got n={params.n}")
-    return ForcedDecoder(list(original), replacements, response_prefix=list(prefix),
-                         fired=list(zip(fired, replacements, strict=False)), after_divergence=after_divergence)
+    return decoder
 
 
 

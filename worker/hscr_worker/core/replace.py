@@ -145,6 +145,12 @@ class ForcedDecoder:
     def unfired(self) -> list[Replacement]:
         return list(self.plan[len(self.fired):])
 
+    def follows_original(self) -> bool:
+        """Whether the response prefix is the original but at its fired steps (so each pending replacement
+        fires at its planned position); the first ``next_token`` would find the same."""
+        self._ingest(self.response_prefix)
+        return self.aligned
+
 
 def divergence(original: Sequence[int], plan: Sequence[Replacement], tokens: Sequence[int], greedy_at: dict[int, int],
                *, after_divergence: bool = True) -> tuple[int, list[tuple[int, Replacement]]]:
