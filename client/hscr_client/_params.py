@@ -69,6 +69,12 @@ class HSCRParams(BaseModel):
         description="[choice] Re-decoding a level: once a replacement has changed the continuation, a later planned "
                     "replacement still fires where the model next wants its original token (true), or is left "
                     "unfired (false; the level keeps the replacements that fired at their planned steps).")
+    drop_corrections: bool = Field(
+        True,
+        description="[choice] Drop a candidate more similar to the preferred answer than the response it corrupts "
+                    "(by the reranking similarity): where the model's answer is wrong, such a re-decode corrected "
+                    "one of its errors instead of adding one, and would give a level less wrong than the model "
+                    "itself and levels out of order. Paper: no such check (false).")
     n_levels: int = Field(3, ge=1, le=16, description="j: dispreferred levels kept after reranking. Paper: 3.")
     min_similarity_gap: float = Field(
         0.1, ge=0.0, le=1.0,
@@ -142,5 +148,6 @@ class HSCRParams(BaseModel):
         most (top-n only), every level decoded in one call, reranking by similarity alone; a family's defaults
         change none of it."""
         setting = {"dropout_ratio": 0.7, "dropout_mode": "remove", "n_masks": 1, "shift": "logit", "coupling": "raise",
-                   "min_shift": 0.0, "fire_after_divergence": True, "severity_order": False, "candidates_per_round": 0}
+                   "min_shift": 0.0, "fire_after_divergence": True, "severity_order": False, "candidates_per_round": 0,
+                   "drop_corrections": False}
         return cls(**{**setting, **overrides})

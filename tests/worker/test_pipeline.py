@@ -71,3 +71,30 @@ def test_chosen_and_own_rejected_pair_options(fixture_backend):
             assert result.error is None and [lv.text for lv in result.levels] == [base[k].own_answer]
         else:
             assert "no modality-coupled token" in result.error and not result.levels
+
+
+def test_drop_corrections_keeps_levels_no_closer_to_the_preferred_answer(fixture_backend):
+    """Where the model's own answer is wrong, a re-decode can move it toward the preferred answer (e.g. a swap
+    that restores the reference's region): with drop_corrections (the default) no such candidate is a level; with
+    it off (the paper) it is, and it is the mildest level, less wrong than the model itself."""
+    examples = synthetic.make_examples(200, 31415)
+    picked = [25, 90, 91, 3]  # 25, 90, 91: the own answer is wrong and a level corrects it (seen without the check)
+    items = [PreparedItem(f"q-{i}", examples[i].question, examples[i].image.convert("RGB"), examples[i].answer)
+             for i in picked]
+    checked = run_hscr(fixture_backend, items, HSCRParams(), lexical)
+    paper = run_hscr(fixture_backend, items, HSCRParams(drop_corrections=False), lexical)
+    corrections = 0
+    for k, (on, off) in enumerate(zip(checked, paper, strict=True)):
+        bar = lexical([on.corrupted], on.chosen)[0]
+        for level in on.levels:
+            assert lexical([level.text], on.chosen)[0] <= bar + 1e-9, (on.own_answer, level)
+        closer = [lv for lv in off.levels if lexical([lv.text], off.chosen)[0] > bar + 1e-9]
+        corrections += bool(closer)
+        if not closer:  # nothing to drop: the same levels both ways
+            assert [lv.text for lv in on.levels] == [lv.text for lv in off.levels]
+        else:
+            wrong_own = synthetic.count_errors(off.own_answer, examples[picked[k]].qtype, examples[picked[k]].attrs)
+            corrected = synthetic.count_errors(closer[0].text, examples[picked[k]].qtype, examples[picked[k]].attrs)
+            assert wrong_own and corrected is not None and corrected < wrong_own
+            assert on.error or all(lv.text not in {c.text for c in closer} for lv in on.levels)
+    assert corrections == 3

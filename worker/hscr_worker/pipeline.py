@@ -415,7 +415,12 @@ class HSCRBatch:
                 unique.append((text, done, unfired))
         if not unique:
             return unique, [], Selection([], shortfall=True)
-        sims = self.similarity([text for text, _, _ in unique], result.chosen)
+        *sims, bar = self.similarity([text for text, _, _ in unique] + [result.corrupted], result.chosen)
+        if self.params.drop_corrections:  # a corruption closer to the preferred answer than its source corrected it
+            kept = [k for k, (_, done, _) in enumerate(unique) if not done or sims[k] <= bar + 1e-9]
+            unique, sims = [unique[k] for k in kept], [sims[k] for k in kept]
+            if not unique:
+                return unique, [], Selection([], shortfall=True)
         severity = [len(done) for _, done, _ in unique] if self.params.severity_order else None
         return unique, sims, select_levels(sims, self.params.n_levels, self.params.min_similarity_gap, severity)
 
@@ -433,7 +438,8 @@ class HSCRBatch:
             unique, sims, selection = self._rank(i)
             result.n_candidates = len(unique)
             if not unique:
-                result.error = "every replacement reproduced the preferred answer: no dispreferred response"
+                result.error = ("every replacement reproduced the preferred answer or moved the answer toward it: "
+                                "no dispreferred response")
                 continue
             result.shortfall = selection.shortfall
             for level, k in enumerate(selection.indices, start=1):
