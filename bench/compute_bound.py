@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="HSCRParams.candidates_per_round (default: the shipped value)")
     parser.add_argument("--stream", action="store_true",
                         help="HSCR as the worker runs it (run_hscr_stream over the chunks; see measure_batch_size)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="vLLM: KV-cache block size, the unit of its prefix cache [default: the backend's]")
     parser.add_argument("--out", default=None, help="write the JSON results here (rewritten after each backend)")
     args = parser.parse_args(argv)
     if min(*args.batch_sizes, args.min_rows, args.max_new_tokens, args.question_words, args.repeats) < 1:
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"benchmark": "compute_bound", "env": env_block(device), "tiny": args.tiny,
                     "max_new_tokens": args.max_new_tokens, "question_words": args.question_words,
                     "visual_tokens": config.image_seq_length, "params": params.model_dump(),
-                    "no_savings": args.no_savings, "stream": args.stream, "backends": {}}
+                    "no_savings": args.no_savings, "stream": args.stream, "block_size": args.block_size,
+                    "backends": {}}
     began_all = time.perf_counter()
 
     def save() -> None:
@@ -238,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        ignore_eos=True, profile=ARCHS["llava-1.5-7b"].profile,
                                                        reuse_prompt_cache=not args.no_savings), ""
             else:
-                backend, why_not = vllm_backend(model_dir, max(args.batch_sizes), device)
+                backend, why_not = vllm_backend(model_dir, max(args.batch_sizes), device,
+                                                **({} if args.block_size is None else {"block_size": args.block_size}))
             if backend is None:
                 report["backends"][name] = {"skipped": why_not}
                 print(f"{name:>12} skipped: {why_not}", flush=True)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from hscr_client import HSCRParams
-from hscr_worker.backends.base import GenerateRequest
+from hscr_worker.backends.base import BackendStats, GenerateRequest
 from hscr_worker.core.replace import ForcedDecoder, Replacement
 from hscr_worker.pipeline import reproduced_prefix, run_hscr, run_hscr_stream
 from hscr_worker.similarity import get_similarity
@@ -207,6 +207,26 @@ def test_preferred_answer_prefix_stops_where_greedy_leaves_it(hf_backend, heldou
 @pytest.mark.vllm
 def test_vllm_continues_a_response_prefix(vllm_backend, heldout_items):
     _continues_the_greedy_answer(vllm_backend, heldout_items[:4])
+
+
+@pytest.mark.vllm
+def test_vllm_redecodes_prefill_at_most_their_last_cache_block(vllm_backend, heldout_items):
+    """A re-decode's prompt, image and response prefix come from the prefix cache but for the last partial KV
+    block: 32 tokens on the CPU engine (its default 128 would hold none of the fixture's ~80-token prompts)."""
+    from hscr_worker.backends.vllm import CPU_BLOCK_SIZE
+
+    assert vllm_backend.llm.llm_engine.vllm_config.cache_config.block_size == CPU_BLOCK_SIZE == 32
+    prompts, visual, answers = _own_answers(vllm_backend, heldout_items[:4])
+    requests = [GenerateRequest(p, v, 64 - len(a) // 2, response_prefix=a[:len(a) // 2])
+                for p, v, a in zip(prompts, visual, answers, strict=True)]
+    before = BackendStats(**vars(vllm_backend.stats))
+    vllm_backend.generate(requests)
+    prefilled = vllm_backend.stats.prefill_tokens - before.prefill_tokens
+    reused = vllm_backend.stats.reused_prefill_tokens - before.reused_prefill_tokens
+    whole = sum(len(p) - 1 + v.n_tokens + len(r.response_prefix)
+                for p, v, r in zip(prompts, visual, requests, strict=True))
+    assert prefilled + reused == whole
+    assert reused >= 2 * CPU_BLOCK_SIZE * len(requests) and prefilled <= CPU_BLOCK_SIZE * len(requests)
 
 
 @pytest.mark.vllm

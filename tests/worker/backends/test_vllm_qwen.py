@@ -214,7 +214,7 @@ def test_different_kept_counts_in_one_engine_step(qwen_vllm, qwen_hf, cases):
 
 
 def test_kept_positions_hold_on_a_prefix_cache_hit(qwen_vllm, qwen_hf, cases):
-    """A decode whose first KV block (128 tokens on CPU), image included, comes from the prefix cache: vLLM
+    """A decode whose first KV blocks (128 tokens), image included, comes from the prefix cache: vLLM
     then hands the model only the image's ``keep_on_cpu`` fields to place the rest of the prompt."""
     _, full, _, removed = cases[0]
     prompt = qwen_hf.prompt_ids(" ".join([QUESTION] * 30))
