@@ -247,15 +247,16 @@ def main(argv: list[str] | None = None) -> int:
                 report["backends"][name] = {"skipped": why_not}
                 print(f"{name:>12} skipped: {why_not}", flush=True)
                 continue
+            shipped = backend.params(params.model_dump(exclude_unset=True))  # with the engine's defaults
             plain_greedy(backend, items[:1], 2)  # warm-up, untimed
-            run_hscr(backend, items[:1], params.model_copy(update={"max_new_tokens": 4}), get_similarity("lexical"))
+            run_hscr(backend, items[:1], shipped.model_copy(update={"max_new_tokens": 4}), get_similarity("lexical"))
             results = []
             for batch_size in args.batch_sizes:
                 rows = items[:rows_for(batch_size, args.min_rows)]
-                results.append(measure_batch_size(backend, rows, batch_size, params, device, args.repeats,
+                results.append(measure_batch_size(backend, rows, batch_size, shipped, device, args.repeats,
                                                   stream=args.stream))
                 print(line(name, results[-1]), flush=True)
-                report["backends"][name] = {"results": results}
+                report["backends"][name] = {"params": shipped.model_dump(), "results": results}
                 save()
             del backend
             gc.collect()

@@ -40,7 +40,7 @@ def measure_model(model: str, n: int, seed: int) -> dict:
     entry: dict = {"plain_decoded_tokens": plain}
     levels = {}
     for per_round in (0, 1):
-        params = backend.profile.params({"candidates_per_round": per_round})  # the family's shipped defaults
+        params = backend.params({"candidates_per_round": per_round})  # the family's shipped defaults
         before = backend.stats.decoded_tokens
         results = run_hscr(backend, items, params, get_similarity(params.similarity))
         decoded = backend.stats.decoded_tokens - before

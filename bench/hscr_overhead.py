@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
               "params": preset.model_dump(), "models": []}
     for model in models:
         backend = TransformersBackend(model, device=str(device), batch_size=max(args.batch_sizes))
-        params = backend.profile.params(preset.model_dump(exclude_unset=True))
+        params = backend.params(preset.model_dump(exclude_unset=True))
         n_parameters = sum(p.numel() for p in backend.model.parameters())
         print(f"hscr_overhead: {model} ({backend.profile.name}, {n_parameters / 1e6:.2f} M params) on "
               f"{backend.device}, {torch.get_num_threads()} threads, batch sizes {args.batch_sizes}, "

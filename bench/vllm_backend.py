@@ -13,7 +13,7 @@ with the forcing hook, reranking to 3 levels), alternating chunk by chunk on one
 - ``engine_steps``: vLLM engine steps (``LLMEngine.step`` calls) per batch size for plain, HSCR and
   HSCR with full re-decode, counted in one untimed pass: deterministic, so machine load cannot move it;
   with the prompt tokens of the (prefix) re-decode requests and how many of them the prefix cache
-  served (``--block-size``: the CPU default of 128 exceeds the fixture's prompts, so nothing is cached);
+  served (``--block-size``; the backend's CPU default is 32: vLLM's own 128 exceeds the fixture's prompts);
 - ``vllm_over_transformers_items_per_s``: vLLM's items/s over transformers', plain and HSCR.
 
 ``--models`` (default both fixtures: ``fixture``, the LLaVA one, and ``fixture-qwen2.5-vl``) measures

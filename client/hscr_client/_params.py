@@ -88,11 +88,12 @@ class HSCRParams(BaseModel):
         description="[choice] Levels each item re-decodes per engine call, mildest first; after each call the "
                     "reranker runs and an item stops once it keeps n_levels levels with the gap, and a level "
                     "continues the decode of the levels before it up to where its own new replacement fires "
-                    "(exact: the same text as decoding it anew). 1 (default): 20-40 % fewer decoded tokens "
-                    "than every level at once, the same quality figures and the same levels on 99-100 % of fixture "
-                    "items; 0: every level in one call, "
-                    "then rerank, as the paper generates all n_coupled levels (fewer engine calls: faster where "
-                    "extra concurrent sequences are nearly free, e.g. batch 1 on a CPU; docs/bench.md).")
+                    "(exact: the same text as decoding it anew). 1 (default; the transformers backend): 20-40 % "
+                    "fewer decoded tokens than every level at once, the same quality figures and the same levels on "
+                    "99-100 % of fixture items; 0 (the vLLM backend's default where unset): every level in one "
+                    "call, then rerank, as the paper generates all n_coupled levels (fewer engine calls: faster "
+                    "where extra concurrent sequences are nearly free, as in vLLM's continuous batching; "
+                    "docs/bench.md).")
     similarity: str = Field(
         "lexical",
         description="[choice] Similarity for reranking: 'lexical' (token F1, no model) or a "

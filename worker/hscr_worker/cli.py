@@ -111,8 +111,9 @@ def params_from_options(options: dict, paper: bool) -> HSCRParams:
 
 
 def for_family(engine, params: HSCRParams) -> HSCRParams:
-    """``params`` with the fields nobody set (neither a flag nor ``--paper``) at the model family's defaults."""
-    return engine.profile.params(params.model_dump(exclude_unset=True))
+    """``params`` with the fields nobody set (neither a flag nor ``--paper``) at the model family's defaults, else
+    the engine's."""
+    return engine.params(params.model_dump(exclude_unset=True))
 
 
 @click.command()

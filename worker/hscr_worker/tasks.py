@@ -131,7 +131,7 @@ def run_chunk(tenant: str, job_id: str, chunk: int) -> dict | ChunkCommit:
         raise RuntimeError(f"job wants model {record.model!r}; this worker serves {rt.model_name!r}")
     if reason := _stop_reason(store, record, status):
         return _skip(record, chunk, reason)
-    params = rt.backend.profile.params(record.params)  # what the job set, else the model family's defaults
+    params = rt.backend.params(record.params)  # what the job set, else the model family's defaults
     try:  # a setting this worker's model server cannot give: no retry can help, so the items fail now
         check_params_supported(rt.backend, params)
     except ValueError as exc:
@@ -272,7 +272,7 @@ def finalize_job(tenant: str, job_id: str) -> dict:
     final = lifecycle.final_status(store, record)
     failpoint("finalize.before_manifest")
     try:
-        params = runtime().backend.profile.params(record.params).model_dump()  # the values used
+        params = runtime().backend.params(record.params).model_dump()  # the values used
         manifest = lifecycle.write_manifest(store, record, params=params, model=runtime().model_info)
     except OSError as exc:
         raise TransientError(f"cannot write the manifest: {exc}") from exc

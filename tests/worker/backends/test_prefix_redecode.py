@@ -210,6 +210,16 @@ def test_vllm_continues_a_response_prefix(vllm_backend, heldout_items):
 
 
 @pytest.mark.vllm
+def test_each_engine_fills_only_the_parameters_nobody_set(hf_backend, vllm_backend):
+    """candidates_per_round: every level in one call on vLLM (continuous batching), rounds on transformers; a
+    value given (or the paper's setting) stays as given."""
+    assert (hf_backend.params().candidates_per_round, vllm_backend.params().candidates_per_round) == (1, 0)
+    assert vllm_backend.params({"candidates_per_round": 2}).candidates_per_round == 2
+    assert vllm_backend.params(HSCRParams.paper().model_dump(exclude_unset=True)) == HSCRParams.paper()
+    assert vllm_backend.params().model_copy(update={"candidates_per_round": 1}) == hf_backend.params()
+
+
+@pytest.mark.vllm
 def test_vllm_redecodes_prefill_at_most_their_last_cache_block(vllm_backend, heldout_items):
     """A re-decode's prompt, image and response prefix come from the prefix cache but for the last partial KV
     block: 32 tokens on the CPU engine (its default 128 would hold none of the fixture's ~80-token prompts)."""

@@ -8,13 +8,15 @@ pipeline (``hscr_worker.pipeline``) and the pure core never touch a model direct
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 import torch
 from PIL import Image
 
+from hscr_client import HSCRParams
 from hscr_worker.core.dropout import DropoutMode, apply_dropout
 from hscr_worker.core.replace import ForcedDecoder
 
@@ -126,6 +128,9 @@ class Backend(ABC):
     # True when requests of any length share engine steps without padding (vLLM's scheduler):
     # then ``run_hscr_stream`` overlaps one batch's re-decode with the next batch's own answers.
     continuous_batching: bool = False
+    # HSCR parameters this engine runs fastest with where nobody set them (below a model family's defaults):
+    # speed only, never what the data is.
+    param_defaults: Mapping[str, object] = MappingProxyType({})
     # Prompt (visual tokens expanded) plus response must fit in this many tokens; None: no limit known.
     max_context_tokens: int | None = None
     score_values: ScoreValues = "logits"
@@ -168,6 +173,12 @@ class ProcessorBackend(Backend):
     tokenizer: object
     profile: object  # the model family serving this checkpoint (``hscr_worker.families``)
     image_token_id: int
+
+    def params(self, given: Mapping[str, object] | None = None) -> HSCRParams:
+        """HSCR parameters for this backend's model: ``given`` (what a user or job set), else the model family's
+        defaults, else this engine's (``param_defaults``), else HSCRParams'."""
+        engine = {k: v for k, v in self.param_defaults.items() if k not in self.profile.param_defaults}
+        return self.profile.params({**engine, **(given or {})})
 
     def _load_text_side(self, model_path: str, profile: str | None, *, min_pixels: int | None = None,
                         max_pixels: int | None = None):

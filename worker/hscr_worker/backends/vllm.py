@@ -31,6 +31,7 @@ import copy
 import logging
 import os
 from collections.abc import Sequence
+from types import MappingProxyType
 
 from hscr_worker._compat import ensure_torchvision_importable
 
@@ -60,6 +61,9 @@ REPLAY_TOP = 2  # logprobs per step of a forced request: two, so an exact tie at
 class VLLMBackend(ProcessorBackend):
     name = "vllm"
     continuous_batching = True
+    # Every level of an item in one engine call: the scheduler decodes them as extra concurrent sequences, which
+    # cost less than the sequential rounds that decode a third fewer tokens (docs/bench.md, issue #18).
+    param_defaults = MappingProxyType({"candidates_per_round": 0})
 
     def __init__(self, model_path: str, *, profile: str | None = None, dtype: str | None = None,
                  vision_device: str | None = None, score_top_k: int | None = None,
