@@ -52,3 +52,43 @@ def test_a_checkpoints_training_defaults_fill_only_the_flags_not_given(tmp_path)
     assert model_defaults([f"--model={tmp_path}", "--use_peft=true"]) == \
         ["--learning_rate", "5e-05", "--loss_type", "explicit", "implicit"]
     assert model_defaults(["--model", str(tmp_path / "elsewhere")]) == []  # no file: HSCRConfig's defaults
+
+
+def test_every_method_names_a_dataset_and_valid_trainer_settings():
+    import dataclasses
+
+    from hscr_trainer.hscr_config import HSCRConfig
+    from hscr_trainer.reproduce_prior import DATASETS
+
+    fields = {f.name for f in dataclasses.fields(HSCRConfig)}
+    for name, (dataset, loss_type, extra) in METHODS.items():
+        assert dataset in DATASETS or dataset == "random", name
+        assert set(extra) <= fields, name
+        assert loss_type
+
+
+def test_mixed_items_hold_the_train_share_from_their_own_seed(tmp_path):
+    import json
+
+    from hscr_trainer.reproduce_prior import write_mixed_items
+
+    write_mixed_items(tmp_path / "items", 8, 2026, "balanced", 0.25)
+    rows = [json.loads(line) for line in (tmp_path / "items" / "items.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and len({r["custom_id"] for r in rows}) == 8
+    assert sum(r["custom_id"].startswith("fx-2027-") for r in rows) == 2  # the train split, seed + 1
+    assert all((tmp_path / "items" / r["image"]).exists() for r in rows)
+
+
+def test_negative_prior_share_counts_the_levels_that_name_the_historys_value():
+    from hscr_trainer.reproduce_prior import negative_prior_share
+
+    lesion = {"side": "left", "level": "upper", "size": "small"}
+    attrs = {"a": {"history": "cancer", "lesions": [{**lesion, "kind": "nodule"}]},  # counter-prior: implies mass
+             "b": {"history": "smoking", "lesions": [{**lesion, "kind": "nodule"}]}}  # in-prior
+    rows = [{"custom_id": "a", "levels": [{"text": "it is a small mass ."}, {"text": "it is a large opacity ."}]},
+            {"custom_id": "b", "levels": [{"text": "it is a small opacity ."}, {"text": "it is a large nodule ."},
+                                          {"text": "it is a"}]}]  # a size-only level and a malformed one: not counted
+    assert negative_prior_share(rows, attrs) == {"levels_naming_a_wrong_value": 3,
+                                                 "share_naming_the_history_value": round(1 / 3, 4),
+                                                 # a: each of its 2 levels names mass with 1/2; b's cannot
+                                                 "share_if_independent_of_the_history": round(1 / 3, 4)}

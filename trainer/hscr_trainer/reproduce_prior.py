@@ -2,8 +2,9 @@
 
 ``hscr reproduce prior`` (or ``python -m hscr_trainer.reproduce_prior``) runs, in ``--workdir``:
 
-1. ``--items`` training items of the prior task (``hscr_worker.fixture.prior``, split ``train``: the clinical
-   history implies the lesion kind on 90 % of them) from ``--data-seed``;
+1. ``--items`` training items of the prior task (``hscr_worker.fixture.prior``) from ``--data-seed``, of split
+   ``--data-split`` (default ``balanced``: the clinical history says nothing of the image); ``--train-share`` draws
+   that share from the ``train`` split instead (the history implies the lesion kind on 65 % of them);
 2. ``hscr generate`` on them with ``fixture-prior`` at the shipped defaults (``hscr``), and with each pair option of
    ``DATASETS`` a method needs; the random-negative control of ``reproduce.py`` (``random``);
 3. for each seed, every method of ``METHODS`` trained from ``fixture-prior`` with identical hyper-parameters;
@@ -11,7 +12,8 @@
    and as many in-prior items, from seeds no other step uses;
 5. ``results.json`` (per seed, per item) and ``table.md``: mean +- sample std over seeds, and paired bootstrap 95 %
    CIs (items resampled within each seed, the same items for both sides) of the difference to base, to SFT and to
-   DPO on random negatives.
+   DPO on random negatives. ``results.json`` → ``negatives``: how far each dataset's negatives lean toward the
+   history's answer (``negative_prior_share``).
 
 Finished steps are reused when the command runs again (delete an entry of ``results.json`` to redo it).
 """
@@ -46,10 +48,22 @@ METHODS: dict[str, tuple[str, str, dict]] = {
     "on-policy explicit+implicit": ("hscr-own", "explicit,implicit", {}),
     "own-rejected explicit+implicit": ("hscr+own-rejected", "explicit,implicit", {}),
     "own-rejected explicit+implicit+rpo": ("hscr+own-rejected", "explicit,implicit", {"nll_weight": 1.0}),
+    # Recipes tried against SFT (docs/trainer.md, "Recipes tried"): a larger gamma, a lighter NLL anchor, the explicit
+    # term alone, mDPO's image-conditional term alone with the anchor, and the vision encoder unfrozen (SFT too).
+    "explicit+implicit+rpo gamma0.5": ("hscr", "explicit,implicit", {"nll_weight": 1.0, "gamma": 0.5}),
+    "explicit+implicit+rpo nll0.3": ("hscr", "explicit,implicit", {"nll_weight": 0.3}),
+    "explicit+rpo": ("hscr", "explicit", {"nll_weight": 1.0}),
+    "own-rejected explicit+rpo": ("hscr+own-rejected", "explicit", {"nll_weight": 1.0}),
+    "image_conditional+rpo": ("hscr", "image_conditional", {"nll_weight": 1.0}),
+    "sft unfrozen-vision": ("hscr", "sft", {"freeze_vision_tower": False}),
+    "explicit+implicit+rpo unfrozen-vision": ("hscr", "explicit,implicit",
+                                              {"nll_weight": 1.0, "freeze_vision_tower": False}),
+    "own-rejected explicit+implicit+rpo unfrozen-vision": ("hscr+own-rejected", "explicit,implicit",
+                                                           {"nll_weight": 1.0, "freeze_vision_tower": False}),
 }
 # The table in docs/trainer.md (Table 5). The rest are one flag away (--methods): chosen='own' gives the same pairs
 # on this task (its answers have no free wording), and the dpop, un-anchored mDPO and own-rejected rows have no
-# five-seed run yet.
+# five-seed run yet; the recipes tried have two-seed pilots only (none beat SFT).
 DEFAULT_METHODS = ["sft", "dpo-random", "dpo-hscr", "explicit", "implicit", "explicit+implicit",
                    "explicit+implicit+rpo", "mdpo+implicit+rpo"]
 CONTROLS = ("base", "sft", "dpo-random")
@@ -113,6 +127,50 @@ def summarize(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def negative_prior_share(rows: list[dict], attrs: dict[str, dict]) -> dict:
+    """Of the dispreferred levels of ranked ``rows`` that name a wrong value of the prior's attribute (``attrs``: each
+    item's ground truth by custom id), the share that name the value the history implies, and that share were each
+    level's wrong value drawn uniformly among the item's wrong values (independent of the history): about 1/3 on
+    balanced items, where the history's value is wrong on 2/3 of them and then one of two wrong values. Above it, the
+    preference terms also teach "not what the history says", an anti-prior the words alone carry."""
+    from hscr_worker.fixture import prior
+
+    named = wrong = 0
+    expected = 0.0
+    for row in rows:
+        item = attrs[row["custom_id"]]
+        attribute = prior.PRIORS[prior.HISTORY_ATTRIBUTE[item["history"]]]
+        counter = prior.value(item) != prior.implied(item["history"])
+        for level in row["levels"]:
+            said = (prior.synthetic.parse(level["text"], attribute["qtype"]) or {}).get(attribute["slot"])
+            if said is not None and said != prior.value(item):
+                wrong += 1
+                named += said == prior.implied(item["history"])
+                expected += counter / (len(attribute["values"]) - 1)
+    return {"levels_naming_a_wrong_value": wrong,
+            "share_naming_the_history_value": round(named / wrong, 4) if wrong else 0.0,
+            "share_if_independent_of_the_history": round(expected / wrong, 4) if wrong else 0.0}
+
+
+def write_mixed_items(folder: Path, n: int, seed: int, split: str, train_share: float) -> None:
+    """``folder/items.jsonl``: ``n`` items, ``round(n * train_share)`` of the ``train`` split from ``seed + 1``, the
+    rest of ``split`` from ``seed`` (distinct custom ids: they hold the seed)."""
+    from hscr_worker.fixture.items import write_items
+
+    items = folder / "items.jsonl"
+    if items.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    n_train = round(n * train_share)
+    parts = [(n - n_train, seed, split, "main"), (n_train, seed + 1, "train", "train")]
+    with open(items, "w", encoding="utf-8") as f:
+        for count, part_seed, part_split, tag in parts:
+            if count:
+                rows = write_items(count, part_seed, folder / f"{tag}.jsonl", folder / "images", task="prior",
+                                   split=part_split)
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="hscr reproduce prior", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/hscr-prior"))
@@ -122,6 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-split", default="balanced", choices=["balanced", "train"],
                         help="the items given to hscr generate: balanced (the history says nothing of the image) or "
                              "train (the base model's own prior-laden distribution)")
+    parser.add_argument("--train-share", type=float, default=0.0,
+                        help="this share of the --items comes from the train split (seed --data-seed + 1), the rest "
+                             "from --data-split: the prior-laden items in the mix keep the history's evidence")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--eval-items", type=int, default=300, help="per split and seed")
     parser.add_argument("--epochs", type=float, default=2.0)
@@ -131,15 +192,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     args = parser.parse_args(argv)
+    if not 0 <= args.train_share < 1:
+        parser.error("--train-share must be in [0, 1)")
     from hscr_worker.fixture.train import TRAIN_SEED
 
     eval_seeds = {s: (COUNTER_SEED_BASE + s, IN_PRIOR_SEED_BASE + s) for s in args.seeds}
-    if args.data_seed == TRAIN_SEED or args.data_seed in {x for pair in eval_seeds.values() for x in pair}:
+    data_seeds = {args.data_seed, args.data_seed + 1} if args.train_share > 0 else {args.data_seed}
+    if data_seeds & {TRAIN_SEED, *(x for pair in eval_seeds.values() for x in pair)}:
         raise SystemExit(f"--data-seed {args.data_seed} collides with the training or an eval seed")
 
     import torch
 
-    from hscr_client import HSCRParams
+    from hscr_client import HSCRParams, schema
+    from hscr_worker.dataset import read_rows
     from hscr_worker.fixture import prior
 
     torch.set_num_threads(args.threads)
@@ -156,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
         (args.workdir / "table.md").write_text(summarize(results))
 
+    if args.train_share > 0:
+        write_mixed_items(args.workdir / "items", args.items, args.data_seed, args.data_split, args.train_share)
     datasets = {}
     for name in DATASETS:
         if name == "hscr" or any(METHODS[m][0] == name for m in args.methods):
@@ -164,6 +231,10 @@ def main(argv: list[str] | None = None) -> dict:
     datasets["random"] = build_random_dataset(datasets["hscr"], args.workdir, args.data_seed, prior.vocabulary())
     results["data"] = {name: json.loads((path / "manifest.json").read_text()).get("request_counts")
                        for name, path in datasets.items()}
+    with open(args.workdir / "items" / "items.jsonl", encoding="utf-8") as f:
+        truth = {row["custom_id"]: row["attributes"] for row in map(json.loads, f)}
+    results["negatives"] = {name: negative_prior_share(read_rows(str(path), schema.RANKED), truth)
+                            for name, path in datasets.items()}
 
     def scores(model: str, seed: int) -> dict:
         counter_seed, in_seed = eval_seeds[seed]
