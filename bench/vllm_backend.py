@@ -198,8 +198,8 @@ def _measure_to_file(args: argparse.Namespace, model: str, path: str) -> None:
 
 def measure_model(args: argparse.Namespace, model: str) -> dict:
     """Everything the script measures, on one model (in this process); returns its report."""
-    params = HSCRParams() if args.params == "default" else HSCRParams.paper()
-    similarity = get_similarity(params.similarity)
+    preset = HSCRParams() if args.params == "default" else HSCRParams.paper()
+    similarity = get_similarity(preset.similarity)
     n_rows = max(max(rows_for(b, args.min_rows), b * args.stream_chunks) for b in args.batch_sizes)
     with tempfile.TemporaryDirectory() as tmp:
         raw = write_items(n_rows, HELD_OUT_SEED, Path(tmp) / "items.jsonl", Path(tmp) / "images")
@@ -209,8 +209,11 @@ def measure_model(args: argparse.Namespace, model: str) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report: dict = {"benchmark": "vllm_backend", "env": env_block(device), "model": str(model),
-                    "params_preset": args.params, "params": params.model_dump(), "target_ratio": TARGET_RATIO}
+                    "params_preset": args.params, "target_ratio": TARGET_RATIO}
     vllm = VLLMBackend(model, profile=args.profile, **({"block_size": args.block_size} if args.block_size else {}))
+    # Each engine runs what ships for it: the preset, then the model family's defaults, then the engine's.
+    params = vllm.params(preset.model_dump(exclude_unset=True))
+    report["params"] = params.model_dump()
     report["profile"] = vllm.profile.name
     print(f"vllm_backend: {model} ({vllm.profile.name}), batch sizes {args.batch_sizes}, {args.params} params",
           flush=True)
@@ -230,7 +233,9 @@ def measure_model(args: argparse.Namespace, model: str) -> dict:
     report["engine_steps"] = engine_steps(vllm, items, args.batch_sizes, args.min_rows, params, similarity)
     if not args.skip_transformers:
         hf = TransformersBackend(model, batch_size=max(args.batch_sizes), profile=args.profile)
-        report["transformers"] = measure(hf, items, args.batch_sizes, params, similarity, hf.device,
+        hf_params = hf.params(preset.model_dump(exclude_unset=True))
+        report["transformers_params"] = hf_params.model_dump()
+        report["transformers"] = measure(hf, items, args.batch_sizes, hf_params, similarity, hf.device,
                                          min_rows=args.min_rows, repeats=args.repeats, variants=variants)
         report["vllm_over_transformers_items_per_s"] = [
             {"batch_size": v["batch_size"],
