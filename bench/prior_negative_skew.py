@@ -19,14 +19,7 @@ import time
 from pathlib import Path
 
 from hscr_trainer.reproduce import train_one
-from hscr_trainer.reproduce_prior import (
-    COUNTER_SEED_BASE,
-    IN_PRIOR_SEED_BASE,
-    METHODS,
-    evaluate,
-    negative_prior_share,
-    paired_bootstrap,
-)
+from hscr_trainer.reproduce_prior import METHODS, negative_prior_share, paired_bootstrap, split_scores
 
 
 def unskewed_rows(rows: list[dict], truth: dict[str, dict], seed: int) -> list[dict]:
@@ -107,9 +100,7 @@ def main() -> None:
         started = time.time()
         final = train_one(out, loss_type, seed, args.workdir / "runs" / f"{name}-{seed}", {**hyper, **extra},
                           args.workdir / f"ref-logps-{args.dataset}-unskewed.json", settings["model"])
-        results[str(seed)] = {"counter-prior": evaluate(str(final), 300, COUNTER_SEED_BASE + seed, "counter-prior"),
-                              "in-prior": evaluate(str(final), 300, IN_PRIOR_SEED_BASE + seed, "in-prior"),
-                              "seconds": round(time.time() - started, 1)}
+        results[str(seed)] = {**split_scores(str(final), seed, 300), "seconds": round(time.time() - started, 1)}
         results_path.write_text(json.dumps(results, indent=1) + "\n")
     for label, arm in ((name, results), (args.method, runs[args.method]), ("sft", runs["sft"])):
         cells = [label]

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from hscr_trainer.reproduce import build_hscr_dataset, train_one
-from hscr_trainer.reproduce_prior import COUNTER_SEED_BASE, IN_PRIOR_SEED_BASE, evaluate, paired_bootstrap
+from hscr_trainer.reproduce_prior import paired_bootstrap, split_scores
 
 ARMS = {"stage2 sft": ("sft", {}),
         "stage2 own-rejected explicit+implicit+rpo": ("explicit,implicit", {"nll_weight": 1.0})}
@@ -56,9 +56,7 @@ def main() -> None:
             started = time.time()
             final = train_one(data, loss, seed, seed_dir / "runs" / arm.replace(" ", "_"), {**hyper, **extra},
                               seed_dir / "ref-logps.json", str(sft))
-            runs[str(seed)] = {"counter-prior": evaluate(str(final), 300, COUNTER_SEED_BASE + seed, "counter-prior"),
-                               "in-prior": evaluate(str(final), 300, IN_PRIOR_SEED_BASE + seed, "in-prior"),
-                               "seconds": round(time.time() - started, 1)}
+            runs[str(seed)] = {**split_scores(str(final), seed, 300), "seconds": round(time.time() - started, 1)}
             out.write_text(json.dumps(results, indent=1) + "\n")
     for arm, runs in results.items():
         line = [arm]

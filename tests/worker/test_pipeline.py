@@ -93,8 +93,9 @@ def test_drop_corrections_keeps_levels_no_closer_to_the_preferred_answer(fixture
         if not closer:  # nothing to drop: the same levels both ways
             assert [lv.text for lv in on.levels] == [lv.text for lv in off.levels]
         else:
-            wrong_own = synthetic.count_errors(off.own_answer, examples[picked[k]].qtype, examples[picked[k]].attrs)
-            corrected = synthetic.count_errors(closer[0].text, examples[picked[k]].qtype, examples[picked[k]].attrs)
+            example = examples[picked[k]]
+            wrong_own = synthetic.count_errors(off.own_answer, example.qtype, example.attrs)
+            corrected = synthetic.count_errors(closer[0].text, example.qtype, example.attrs)
             assert wrong_own and corrected is not None and corrected < wrong_own
             assert on.error or all(lv.text not in {c.text for c in closer} for lv in on.levels)
     assert corrections == 3

@@ -76,6 +76,13 @@ def evaluate(model: str, n: int, seed: int, split: str) -> dict:
     return evaluate_fixture(model, n=n, seed=seed, task="prior", split=split, per_item=True)
 
 
+def split_scores(model: str, seed: int, n: int) -> dict:
+    """``evaluate`` on both splits, with the eval items of training seed ``seed`` (``COUNTER_SEED_BASE + seed``,
+    ``IN_PRIOR_SEED_BASE + seed``)."""
+    return {"counter-prior": evaluate(model, n, COUNTER_SEED_BASE + seed, "counter-prior"),
+            "in-prior": evaluate(model, n, IN_PRIOR_SEED_BASE + seed, "in-prior")}
+
+
 def paired_bootstrap(a: dict[str, list[int]], b: dict[str, list[int]], *, resamples: int = 2000,
                      seed: int = 0) -> tuple[float, float, float]:
     """Mean over seeds of ``a - b`` (per-item 0/1 on the same items) and its 95 % CI: items resampled with
@@ -237,9 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
                             for name, path in datasets.items()}
 
     def scores(model: str, seed: int) -> dict:
-        counter_seed, in_seed = eval_seeds[seed]
-        return {"counter-prior": evaluate(model, args.eval_items, counter_seed, "counter-prior"),
-                "in-prior": evaluate(model, args.eval_items, in_seed, "in-prior")}
+        return split_scores(model, seed, args.eval_items)
 
     def train(method: str, seed: int) -> Path:
         dataset, loss_type, extra = METHODS[method]

@@ -415,12 +415,15 @@ class HSCRBatch:
                 unique.append((text, done, unfired))
         if not unique:
             return unique, [], Selection([], shortfall=True)
-        *sims, bar = self.similarity([text for text, _, _ in unique] + [result.corrupted], result.chosen)
+        texts = [text for text, _, _ in unique]
         if self.params.drop_corrections:  # a corruption closer to the preferred answer than its source corrected it
+            *sims, bar = self.similarity([*texts, result.corrupted], result.chosen)
             kept = [k for k, (_, done, _) in enumerate(unique) if not done or sims[k] <= bar + 1e-9]
             unique, sims = [unique[k] for k in kept], [sims[k] for k in kept]
             if not unique:
                 return unique, [], Selection([], shortfall=True)
+        else:
+            sims = self.similarity(texts, result.chosen)
         severity = [len(done) for _, done, _ in unique] if self.params.severity_order else None
         return unique, sims, select_levels(sims, self.params.n_levels, self.params.min_similarity_gap, severity)
 
