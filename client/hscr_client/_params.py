@@ -83,6 +83,12 @@ class HSCRParams(BaseModel):
         True,
         description="[choice] Reranking also requires each kept level to replace at least as many tokens as "
                     "the milder one before it, so similarity and error degree agree. Paper: similarity only.")
+    keep_tied_levels: bool = Field(
+        True,
+        description="[choice] Where fewer than n_levels candidates meet the gap (a shortfall), keep the widest-spread "
+                    "set even when two adjacent levels are equally similar to the preferred answer (true; the "
+                    "reranker cannot order such a pair, so its order is a guess), or keep the largest set without "
+                    "such a tie (false: fewer levels; the Qwen family's default). Paper: the widest-spread set.")
     candidates_per_round: int = Field(
         1, ge=0, le=64,
         description="[choice] Levels each item re-decodes per engine call, mildest first; after each call the "
@@ -150,5 +156,5 @@ class HSCRParams(BaseModel):
         change none of it."""
         setting = {"dropout_ratio": 0.7, "dropout_mode": "remove", "n_masks": 1, "shift": "logit", "coupling": "raise",
                    "min_shift": 0.0, "fire_after_divergence": True, "severity_order": False, "candidates_per_round": 0,
-                   "drop_corrections": False}
+                   "drop_corrections": False, "keep_tied_levels": True}
         return cls(**{**setting, **overrides})

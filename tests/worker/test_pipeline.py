@@ -99,3 +99,33 @@ def test_drop_corrections_keeps_levels_no_closer_to_the_preferred_answer(fixture
             assert wrong_own and corrected is not None and corrected < wrong_own
             assert on.error or all(lv.text not in {c.text for c in closer} for lv in on.levels)
     assert corrections == 3
+
+
+def test_qwen_keeps_no_tied_levels_in_a_shortfall(qwen_backend):
+    """Two candidates equally similar to the preferred answer cannot be ordered by the reranker. On these Qwen
+    fixture items the widest-spread set (keep_tied_levels, the paper) holds such a pair and its levels are out of
+    order (a later level has fewer errors); the Qwen family's default keeps fewer levels instead, every kept level
+    strictly less similar than the one before it, in order, and the same items keep levels."""
+    examples = synthetic.make_examples(200, 9090)
+    picked = [3, 146, 163, 86]
+    items = [PreparedItem(f"q-{i}", examples[i].question, examples[i].image.convert("RGB"), examples[i].answer)
+             for i in picked]
+    shipped = run_hscr(qwen_backend, items, qwen_backend.params({}), lexical)
+    tied = run_hscr(qwen_backend, items, qwen_backend.params({"keep_tied_levels": True}), lexical)
+    assert qwen_backend.params({}).keep_tied_levels is False
+    with_ties = 0
+    for k, (untied, widest) in enumerate(zip(shipped, tied, strict=True)):
+        assert untied.error is None and widest.error is None and untied.shortfall and widest.shortfall
+        sims = [lv.similarity for lv in untied.levels]
+        assert all(a > b for a, b in zip(sims, sims[1:], strict=False)), sims
+        widest_sims = [lv.similarity for lv in widest.levels]
+        if any(abs(a - b) < 1e-9 for a, b in zip(widest_sims, widest_sims[1:], strict=False)):
+            with_ties += 1
+            assert len(untied.levels) < len(widest.levels)
+        else:
+            assert [lv.text for lv in untied.levels] == [lv.text for lv in widest.levels]
+        example = examples[picked[k]]
+        for result, in_order in ((untied, True), (widest, False)):
+            errors = [synthetic.count_errors(lv.text, example.qtype, example.attrs) for lv in result.levels]
+            assert all(a <= b for a, b in zip(errors, errors[1:], strict=False)) is in_order, (errors, result.levels)
+    assert with_ties == len(picked)

@@ -425,7 +425,8 @@ class HSCRBatch:
         else:
             sims = self.similarity(texts, result.chosen)
         severity = [len(done) for _, done, _ in unique] if self.params.severity_order else None
-        return unique, sims, select_levels(sims, self.params.n_levels, self.params.min_similarity_gap, severity)
+        return unique, sims, select_levels(sims, self.params.n_levels, self.params.min_similarity_gap, severity,
+                                         keep_ties=self.params.keep_tied_levels)
 
     def finish(self, redecoded: Sequence[list[int]] | None = None) -> list[ItemResult]:
         """Step 8 once every round is in (``redecoded``: the last round's outputs, if not absorbed yet) -> one

@@ -34,3 +34,17 @@ def test_select_levels_severity_order():
     assert select_levels(sims, 3, 0.1).indices == [0, 1, 2]
     selection = select_levels(sims, 3, 0.1, severity)
     assert selection.shortfall and selection.indices == [0, 1]
+
+
+def test_select_levels_shortfall_keeps_no_tied_levels_unless_asked():
+    """Two candidates equally similar to the preferred answer cannot be ordered: in a shortfall the default keeps
+    the largest set without such a tie (down to the greedy one); ``keep_ties`` keeps the widest-spread set."""
+    sims = [0.6, 0.6, 0.2]  # only 0.6 -> 0.2 meets the gap; the third level would tie with the first
+    assert select_levels(sims, 3, 0.1, keep_ties=True).indices == [0, 1, 2]
+    selection = select_levels(sims, 3, 0.1, keep_ties=False)
+    assert selection.indices == [0, 2] and selection.shortfall
+    assert select_levels([0.5, 0.5], 3, 0.1, keep_ties=False).indices == [0]
+    assert select_levels([0.5, 0.5], 3, 0.1, keep_ties=True).indices == [0, 1]
+    # a tie-free triple still beats the greedy pair, and a strict gap is all it needs
+    assert select_levels([0.9, 0.88, 0.88, 0.5], 3, 0.1, keep_ties=False).indices == [0, 1, 3]
+    assert select_levels([0.9, 0.88, 0.87, 0.5], 3, 0.1, keep_ties=False).indices == [0, 2, 3]

@@ -27,7 +27,7 @@ class Selection:
 
 
 def select_levels(similarities: Sequence[float], j: int, min_gap: float,
-                  severity: Sequence[int] | None = None) -> Selection:
+                  severity: Sequence[int] | None = None, keep_ties: bool = True) -> Selection:
     """Keep ``j`` candidates, most similar first, whose adjacent similarities differ by >= ``min_gap``.
 
     Greedy from the most similar candidate. With ``severity`` (e.g. the number of replaced tokens),
@@ -35,6 +35,8 @@ def select_levels(similarities: Sequence[float], j: int, min_gap: float,
     When fewer than ``j`` qualify, keep the ``j`` severity-consistent candidates whose smallest
     adjacent gap is largest (ties: the larger total spread), or the greedy set when no ``j`` are
     consistent, and flag a shortfall; with fewer than ``j`` candidates in all, keep them all.
+    Without ``keep_ties`` a shortfall never keeps two adjacent levels of equal similarity (the
+    reranker cannot order them): it keeps the largest such set that has none, down to the greedy one.
     """
     order = sorted(range(len(similarities)), key=lambda i: (-similarities[i], i))
 
@@ -47,14 +49,19 @@ def select_levels(similarities: Sequence[float], j: int, min_gap: float,
             kept.append(i)
         if len(kept) == j:
             return Selection(kept, shortfall=False)
-    size = min(j, len(order))
-    if size <= 1:
-        return Selection(kept, shortfall=len(kept) < j)
 
     def spread(combo: tuple[int, ...]) -> tuple[float, float]:
         gaps = [similarities[a] - similarities[b] for a, b in itertools.pairwise(combo)]
         return min(gaps), similarities[combo[0]] - similarities[combo[-1]]
 
-    ordered = [c for c in itertools.combinations(order, size)
-               if all(consistent(a, b) for a, b in itertools.pairwise(c))]
-    return Selection(list(max(ordered, key=spread)) if ordered else kept, shortfall=True)
+    def allowed(combo: tuple[int, ...]) -> bool:
+        return all(consistent(a, b) and (keep_ties or similarities[a] - similarities[b] > 1e-9)
+                   for a, b in itertools.pairwise(combo))
+
+    for size in range(min(j, len(order)), max(len(kept), 1), -1):
+        ordered = [c for c in itertools.combinations(order, size) if allowed(c)]
+        if ordered:
+            return Selection(list(max(ordered, key=spread)), shortfall=True)
+        if keep_ties:
+            break  # the widest-spread set of this size or, where none is consistent, the greedy one
+    return Selection(kept, shortfall=len(kept) < j)
