@@ -88,7 +88,8 @@ class HSCRParams(BaseModel):
         description="[choice] Where fewer than n_levels candidates meet the gap (a shortfall), keep the widest-spread "
                     "set even when two adjacent levels are equally similar to the preferred answer (true; the "
                     "reranker cannot order such a pair, so its order is a guess), or keep the largest set without "
-                    "such a tie (false: fewer levels; the Qwen family's default). Paper: the widest-spread set.")
+                    "such a tie (false: fewer levels, every implicit pair ordered by similarity). Paper: the "
+                    "widest-spread set.")
     candidates_per_round: int = Field(
         1, ge=0, le=64,
         description="[choice] Levels each item re-decodes per engine call, mildest first; after each call the "

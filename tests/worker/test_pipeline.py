@@ -101,20 +101,20 @@ def test_drop_corrections_keeps_levels_no_closer_to_the_preferred_answer(fixture
     assert corrections == 3
 
 
-def test_qwen_keeps_no_tied_levels_in_a_shortfall(qwen_backend):
+def test_keep_tied_levels_false_keeps_no_tied_levels_in_a_shortfall(qwen_backend):
     """Two candidates equally similar to the preferred answer cannot be ordered by the reranker. On these Qwen
-    fixture items the widest-spread set (keep_tied_levels, the paper) holds such a pair and its levels are out of
-    order (a later level has fewer errors); the Qwen family's default keeps fewer levels instead, every kept level
-    strictly less similar than the one before it, in order, and the same items keep levels."""
+    fixture items the widest-spread set (the default and the paper) holds such a pair and its levels are out of
+    order (a later level has fewer errors); with keep_tied_levels false a shortfall keeps fewer levels instead,
+    every kept level strictly less similar than the one before it, here in order, and the same items keep levels."""
     examples = synthetic.make_examples(200, 9090)
     picked = [3, 146, 163, 86]
     items = [PreparedItem(f"q-{i}", examples[i].question, examples[i].image.convert("RGB"), examples[i].answer)
              for i in picked]
-    shipped = run_hscr(qwen_backend, items, qwen_backend.params({}), lexical)
-    tied = run_hscr(qwen_backend, items, qwen_backend.params({"keep_tied_levels": True}), lexical)
-    assert qwen_backend.params({}).keep_tied_levels is False
+    assert qwen_backend.params({}).keep_tied_levels is True
+    untied_results = run_hscr(qwen_backend, items, qwen_backend.params({"keep_tied_levels": False}), lexical)
+    widest_results = run_hscr(qwen_backend, items, qwen_backend.params({}), lexical)
     with_ties = 0
-    for k, (untied, widest) in enumerate(zip(shipped, tied, strict=True)):
+    for k, (untied, widest) in enumerate(zip(untied_results, widest_results, strict=True)):
         assert untied.error is None and widest.error is None and untied.shortfall and widest.shortfall
         sims = [lv.similarity for lv in untied.levels]
         assert all(a > b for a, b in zip(sims, sims[1:], strict=False)), sims

@@ -59,10 +59,9 @@ def test_family_defaults_fill_only_what_nobody_set():
     assert llava.params() == HSCRParams()
     defaults = qwen.params()
     assert (defaults.n_masks, defaults.dropout_ratio, defaults.coupling, defaults.min_shift) == (5, 0.97, "move", 0.032)
-    assert defaults.fire_after_divergence is False and defaults.keep_tied_levels is False
+    assert defaults.fire_after_divergence is False
     assert (gemma.params().n_masks, gemma.params().dropout_ratio) == (3, 0.97)
     assert gemma.params().fire_after_divergence is False and gemma.params().coupling == "raise"
-    assert gemma.params().keep_tied_levels is True
     assert gemma.params(HSCRParams.paper().model_dump(exclude_unset=True)) == HSCRParams.paper()
     assert qwen.params({"n_masks": 1}).n_masks == 1 and qwen.params({"n_masks": 1}).dropout_ratio == 0.97
     paper = HSCRParams.paper().model_dump(exclude_unset=True)

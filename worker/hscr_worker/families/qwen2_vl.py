@@ -71,11 +71,10 @@ class QwenVLFamily(ModelFamily):
     # the non-grounded (wording and template) words' |shift| on the tuning seeds (grounded median 0.73): with
     # 0.01 (their 90th percentile) wording swaps such as "mri study" -> "mri image" became level 1 where no
     # image token moves the answer (issue #14). Later replacements do not fire once a re-decode has diverged
-    # (they fired into the continuation: "... region . and mri reveals"). Nearly every Qwen item ends in a
-    # shortfall, where the widest-spread set often held two levels of equal similarity whose order was a guess.
+    # (they fired into the continuation: "... region . and mri reveals").
     # docs/models.md, "HSCR defaults per family": every setting measured on held-out items.
     param_defaults = MappingProxyType({"n_masks": 5, "dropout_ratio": 0.97, "coupling": "move", "min_shift": 0.032,
-                                       "fire_after_divergence": False, "keep_tied_levels": False})
+                                       "fire_after_divergence": False})
 
     def image_markers(self, processor) -> tuple[str, ...]:
         from hscr_client.schema import IMAGE_MARKER  # LLaVA-format data writes "<image>" into the question
