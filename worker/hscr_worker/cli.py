@@ -229,20 +229,23 @@ def fixture_evaluate(model, n, seed):
 @click.command()
 @click.option("--model", default=None, help="[default: the bundled fixture model]")
 @click.option("--n", default=200, show_default=True)
-@click.option("--seed", default=4242, show_default=True)
+@click.option("--seed", "seeds", multiple=True, type=int, default=[4242], show_default=True,
+              help="Item seed; give it several times to measure each seed and pool them (95 % intervals).")
 @click.option("--paper", is_flag=True, help="Measure the paper's setting instead of the shipped defaults.")
 @_param_options
-def quality(model, n, seed, paper, **options):
+def quality(model, n, seeds, paper, **options):
     """HSCR quality on held-out fixture items: R-precision of coupled tokens, level error rates."""
     library_progress_at_debug()
     from .backends.transformers import TransformersBackend
-    from .fixture.quality import measure
+    from .fixture.quality import measure, pool
     from .generate import DEFAULT_MODEL
 
     params = params_from_options(options, paper)
     backend = TransformersBackend(model or DEFAULT_MODEL)
     params = for_family(backend, params)
-    click.echo(json.dumps(measure(model or DEFAULT_MODEL, params, n=n, seed=seed, backend=backend), indent=2))
+    reports = [measure(model or DEFAULT_MODEL, params, n=n, seed=seed, backend=backend) for seed in seeds]
+    click.echo(json.dumps(reports[0] if len(reports) == 1 else {"per_seed": reports, "pooled": pool(reports)},
+                          indent=2))
 
 
 @click.command("convert-llava")
