@@ -167,6 +167,14 @@ class CountingBackend(Backend):
         self.generated_tokens += sum(len(ids) - len(r.response_prefix) for ids, r in zip(out, requests, strict=True))
         return out
 
+    def generate_chained(self, requests: Sequence[GenerateRequest],
+                         follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]]) -> None:
+        def counted(request: GenerateRequest, ids: list[int]) -> Sequence[GenerateRequest]:
+            self.generated_tokens += len(ids) - len(request.response_prefix)
+            return follow(request, ids)
+
+        self.inner.generate_chained(requests, counted)
+
     def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
         self.scored_tokens += sum(len(r.response_ids) for r in requests)
         return self.inner.score(requests)

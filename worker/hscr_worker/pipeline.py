@@ -124,9 +124,7 @@ def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams
         return []
     batch = HSCRBatch(backend, items, params, similarity, prefix_redecode=prefix_redecode,
                       share_decodes=share_decodes, full_scores_from_decode=full_scores_from_decode)
-    requests = batch.plan(backend.generate(batch.answer_requests))
-    while requests:
-        requests = batch.absorb(backend.generate(requests))
+    backend.generate_chained(batch.plan(backend.generate(batch.answer_requests)), batch.follow)
     return batch.finish()
 
 
@@ -185,7 +183,9 @@ class HSCRBatch:
        hallucinated tokens and level plans (steps 3-6); fills ``redecode_requests``, the first round
        of step 7;
     3. ``absorb(redecoded)`` per round: the round's candidates in; the next round's requests out
-       (empty once every item has its levels or has none left to try: ``done``);
+       (empty once every item has its levels or has none left to try: ``done``); or ``follow(request,
+       ids)`` per finished request: an item's next round as soon as its own round is in (items are
+       independent, so an engine can decode one item's next level while others still decode theirs);
     4. ``finish()``: the kept levels, reranked (step 8) -> one result per item.
 
     ``run_hscr`` runs them back to back; ``run_hscr_stream`` interleaves batches.
@@ -230,16 +230,18 @@ class HSCRBatch:
         self.answer_requests = [
             GenerateRequest(p, v, params.max_new_tokens, return_logits=full_scores_from_decode and ids is None)
             for p, v, ids in zip(self.prompts, self.visual, self.preferred_ids, strict=True)]
-        self.redecode_requests: list[GenerateRequest] = []
         self.results: list[ItemResult] = []
         self.corrupted: list[list[int]] = []  # per item: the response that gets corrupted
         self._plans: list[list[list[Replacement]]] = []  # per item: its level plans, mildest first
         # per item with plans: its candidates so far, (ids, fired (step, replacement) pairs, unfired count)
         self._candidates: dict[int, list[Candidate]] = {}
         self._followed: dict[int, int] = {}  # per item: response tokens the full-image greedy decode reproduces
-        # this round, per level plan: (item, plan, its decoder) for a re-decode, or (item, plan, the finished
-        # candidate) where an earlier decode already holds all of it (``_resume``)
-        self._jobs: list[tuple[int, list[Replacement], ForcedDecoder | Candidate]] = []
+        # per item in a round: its level plans with their decoders (a re-decode) or finished candidates (an
+        # earlier decode already holds all of it: ``_resume``), its requests and the outputs that are in
+        self._jobs: dict[int, list[tuple[list[Replacement], ForcedDecoder | Candidate]]] = {}
+        self._requests: dict[int, list[GenerateRequest]] = {}
+        self._outputs: dict[int, list[list[int] | None]] = {}
+        self._pending: dict[int, tuple[int, int]] = {}  # id(request) -> (item, index in its round)
 
     def plan(self, own: Sequence[list[int]]) -> list[GenerateRequest]:
         """Steps 3-7 from the own answers; returns (and keeps) the re-decode requests."""
@@ -332,22 +334,47 @@ class HSCRBatch:
 
     def _next_round(self, items: Sequence[int]) -> None:
         """The re-decode requests of the next ``candidates_per_round`` levels of each of ``items``."""
+        if self.params.replace_mode == "redecode":
+            for i in items:
+                self._round(i)
+
+    def _round(self, i: int) -> None:
+        """Item ``i``'s next round: its next ``candidates_per_round`` levels; a round whose levels earlier
+        decodes hold whole is taken in at once, and the one after it planned."""
         params = self.params
         per_round = params.candidates_per_round or params.n_coupled
-        self._jobs, self.redecode_requests = [], []
-        if params.replace_mode != "redecode":
-            return
-        for i in items:
+        while True:
             done = len(self._candidates[i])
-            for plan in self._plans[i][done:done + per_round]:
-                job = self._resume(i, plan)
-                self._jobs.append((i, plan, job))
-                if isinstance(job, ForcedDecoder):
-                    budget = params.max_new_tokens - len(job.response_prefix)
-                    self.redecode_requests.append(GenerateRequest(self.prompts[i], self.visual[i], budget, forced=job,
-                                                                  response_prefix=list(job.response_prefix)))
-        if self._jobs and not self.redecode_requests:  # every level of the round was already decoded
-            self.absorb([])
+            jobs = [(plan, self._resume(i, plan)) for plan in self._plans[i][done:done + per_round]]
+            requests = [GenerateRequest(self.prompts[i], self.visual[i],
+                                        params.max_new_tokens - len(job.response_prefix), forced=job,
+                                        response_prefix=list(job.response_prefix))
+                        for _, job in jobs if isinstance(job, ForcedDecoder)]
+            if requests:
+                self._jobs[i], self._requests[i], self._outputs[i] = jobs, requests, [None] * len(requests)
+                self._pending |= {id(r): (i, index) for index, r in enumerate(requests)}
+                return
+            self._take(i, jobs, [])
+            if not jobs or not self._more(i):
+                return
+
+    def _take(self, i: int, jobs: Sequence[tuple[list[Replacement], ForcedDecoder | Candidate]],
+              outputs: Sequence[list[int]]) -> None:
+        """Item ``i``'s round in: its candidates in plan order (the reranker breaks ties by it)."""
+        decoded = iter(outputs)
+        for plan, job in jobs:
+            if isinstance(job, ForcedDecoder):
+                job = (next(decoded), list(job.fired), len(plan) - len(job.fired))
+            self._candidates[i].append(job)
+
+    def _more(self, i: int) -> bool:
+        """Whether item ``i`` has levels left to decode and not yet ``n_levels`` kept with the gap."""
+        return len(self._candidates[i]) < len(self._plans[i]) and self._rank(i)[2].shortfall
+
+    @property
+    def redecode_requests(self) -> list[GenerateRequest]:
+        """The pending re-decode requests of every item, in item order."""
+        return [r for i in sorted(self._requests) for r in self._requests[i]]
 
     def _resume(self, i: int, plan: list[Replacement]) -> ForcedDecoder | Candidate:
         """Where item ``i``'s re-decode with ``plan`` starts: the decoder of a request whose response prefix is
@@ -379,23 +406,31 @@ class HSCRBatch:
         return ForcedDecoder(corrupted, plan, response_prefix=list(source[:steps]), fired=fired, after_divergence=late)
 
     def absorb(self, redecoded: Sequence[list[int]]) -> list[GenerateRequest]:
-        """Take one round's re-decode outputs; returns (and keeps) the next round's requests, empty when
-        every item is done: it has ``n_levels`` levels with the gap, or no level left to decode."""
-        if len(redecoded) != len(self.redecode_requests):
-            raise ValueError(f"expected {len(self.redecode_requests)} re-decode outputs, got {len(redecoded)}")
-        outputs = iter(redecoded)
-        for i, plan, job in self._jobs:  # in plan order, as the reranker breaks ties by it
-            if isinstance(job, ForcedDecoder):
-                job = (next(outputs), list(job.fired), len(plan) - len(job.fired))
-            self._candidates[i].append(job)
-        again = [i for i in dict.fromkeys(i for i, _, _ in self._jobs)
-                 if len(self._candidates[i]) < len(self._plans[i]) and self._rank(i)[2].shortfall]
-        self._next_round(again)
+        """Take one round's re-decode outputs (for ``redecode_requests``, in order); returns the next round's
+        requests, empty when every item is done: it has ``n_levels`` levels with the gap, or no level left."""
+        requests = self.redecode_requests
+        if len(redecoded) != len(requests):
+            raise ValueError(f"expected {len(requests)} re-decode outputs, got {len(redecoded)}")
+        for request, ids in zip(requests, redecoded, strict=True):
+            self.follow(request, ids)
         return self.redecode_requests
+
+    def follow(self, request: GenerateRequest, ids: list[int]) -> list[GenerateRequest]:
+        """Take one re-decode's output; returns its item's next round's requests once the item's round is in
+        (none while others of the round are pending, or when the item is done)."""
+        i, index = self._pending.pop(id(request))
+        self._outputs[i][index] = ids
+        if any(out is None for out in self._outputs[i]):
+            return []
+        del self._requests[i]
+        self._take(i, self._jobs.pop(i), self._outputs.pop(i))
+        if self._more(i):
+            self._round(i)
+        return self._requests.get(i, [])
 
     @property
     def done(self) -> bool:
-        return not self.redecode_requests
+        return not self._requests
 
     def _own_is_rejected(self, result: ItemResult) -> bool:
         """``own_rejected``: the own answer disagrees with the preferred one, so it is a dispreferred candidate."""

@@ -355,14 +355,25 @@ def test_stream_without_overlap_on_transformers_is_batch_by_batch(hf_backend, he
         events.append(("/".join(sorted(kinds)), sorted({batch_of(r) for r in requests})))
         return generate(requests)
 
-    hf_backend.generate = recorded  # instance attribute: shadows the method for this test only
+    chained = hf_backend.generate_chained
+
+    def recorded_chain(requests, follow):  # a batch's re-decodes, chained: each follow-up is recorded as one call
+        def followed(request, ids):
+            new = follow(request, ids)
+            events.extend(("re-decode", [batch_of(r)]) for r in new)
+            return new
+        events.append(("re-decode", sorted({batch_of(r) for r in requests})))
+        return chained(requests, followed)
+
+    # instance attributes: shadow the methods for this test only
+    hf_backend.generate, hf_backend.generate_chained = recorded, recorded_chain
     try:
         for key, results in run_hscr_stream(hf_backend, iter(batches), params, get_similarity(params.similarity)):
             events.append(("results", key))
             assert [r.custom_id for r in results] == [it.custom_id for it in batches[key][1]]
             assert any(r.levels for r in results)  # each batch has re-decodes to order
     finally:
-        del hf_backend.generate
+        del hf_backend.generate, hf_backend.generate_chained
     # a batch's re-decode rounds (candidates_per_round levels per item each) follow one another
     rounds = [event for k, event in enumerate(events) if not (k and event == events[k - 1] == ("re-decode", event[1]))]
     assert rounds == [event for k in range(3) for event in (("answer", [k]), ("re-decode", [k]), ("results", k))]
@@ -496,19 +507,23 @@ def test_rounds_decode_fewer_levels_and_keep_the_decisions(hf_backend, heldout_i
     similarity = get_similarity("lexical")
     decoded = {}
     results = {}
-    generate = hf_backend.generate
+    chained = hf_backend.generate_chained
     for per_round in (0, 1):
         count = [0]
 
-        def counted(requests, count=count):
-            count[0] += sum(r.forced is not None for r in requests)
-            return generate(requests)
+        def counted(requests, follow, count=count):  # the re-decodes: the first requests and every follow-up
+            def followed(request, ids):
+                new = follow(request, ids)
+                count[0] += len(new)
+                return new
+            count[0] += len(requests)
+            return chained(requests, followed)
 
-        hf_backend.generate = counted  # instance attribute: shadows the method for this test only
+        hf_backend.generate_chained = counted  # instance attribute: shadows the method for this test only
         try:
             results[per_round] = run_hscr(hf_backend, items, HSCRParams(candidates_per_round=per_round), similarity)
         finally:
-            del hf_backend.generate
+            del hf_backend.generate_chained
         decoded[per_round] = count[0]
     # one level per round: an item whose levels are met stops; on these items the kept levels are those of
     # decoding every level (the greedy reranker keeps the mildest levels that meet the gap)

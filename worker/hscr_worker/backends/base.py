@@ -8,7 +8,7 @@ pipeline (``hscr_worker.pipeline``) and the pure core never touch a model direct
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
@@ -152,6 +152,15 @@ class Backend(ABC):
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
         """Greedy responses (without the end-of-sequence token, each starting with its request's
         ``response_prefix``), batched; fills ``request.logits`` where ``return_logits`` is set."""
+
+    def generate_chained(self, requests: Sequence[GenerateRequest],
+                         follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]]) -> None:
+        """Decode ``requests`` and, for each that finishes, what ``follow(request, response)`` returns, until
+        nothing is left. Here in rounds, one ``generate`` call each; a backend that can take new requests
+        while others decode overrides it, so one item's next request need not wait for a whole round."""
+        while requests:
+            requests = [new for request, ids in zip(requests, self.generate(requests), strict=True)
+                        for new in follow(request, ids)]
 
     @abstractmethod
     def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:

@@ -10,8 +10,9 @@ positions hold at every step. A family whose image tokens attend to each other b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from hscr_worker._compat import ensure_torchvision_importable
 
@@ -38,6 +39,60 @@ class _CachedRow:
     last_prompt_position: int
     next_position: int  # position of the first response token
     n_positions: int  # position rows of the family (3 for M-RoPE, else 1)
+
+    def shared(self, want: Sequence[int]) -> int:
+        """How much of ``want`` (``_want``) this row holds."""
+        return _shared([self.last_prompt_token, *self.tokens], want)
+
+    def width(self, shared: int) -> int:
+        """Columns of the prompt but its last token and ``shared`` held tokens."""
+        return self.prompt_end - 1 - self.first + shared
+
+
+@dataclass
+class _Slot:
+    """A row of a chained decode batch (``TransformersBackend._chain``) and the request it decodes, if any. Its
+    keys: the prompt but its last token, then ``held`` (the last prompt token and response tokens) at
+    ``columns``; a later request of the same prompt and image continues the stretch of ``held`` it shares."""
+
+    prompt_ids: tuple[int, ...]
+    visual: torch.Tensor  # identity, not value
+    held: list[int]
+    columns: list[int]
+    last_prompt_position: int
+    next_position: int  # position of the first response token
+    request: GenerateRequest | None = None
+    feed: list[int] = field(default_factory=list)  # tokens to feed, one a step; a decision once it is empty
+    generated: list[int] = field(default_factory=list)
+
+    def continues(self, request: GenerateRequest) -> bool:
+        return tuple(request.prompt_ids) == self.prompt_ids and request.visual.embeds is self.visual
+
+    def shared(self, want: Sequence[int]) -> int:
+        return _shared(self.held, want)
+
+    def feed_next(self, column: int) -> tuple[int, int]:
+        """The next token to feed, which goes into ``column``, and its position."""
+        token, index = self.feed.pop(0), len(self.held)
+        self.held.append(token)
+        self.columns.append(column)
+        return token, self.last_prompt_position if index == 0 else self.next_position + index - 1
+
+
+def _want(request: GenerateRequest) -> list[int]:
+    """What a continued request's row must hold or be fed: the last prompt token and the response prefix."""
+    return [int(request.prompt_ids[-1]), *request.response_prefix]
+
+
+def _shared(held: Sequence[int], want: Sequence[int]) -> int:
+    """How many leading tokens of ``want`` (last prompt token, response prefix) ``held`` has, all but at least
+    the last one: that one is fed, which gives the first logits."""
+    n = 0
+    for have, token in zip(held, want[:-1], strict=False):
+        if have != token:
+            break
+        n += 1
+    return n
 
 
 class TransformersBackend(ProcessorBackend):
@@ -66,6 +121,7 @@ class TransformersBackend(ProcessorBackend):
         self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                                 else self.eos_token_id)
         self._embed_tokens = self.model.get_input_embeddings()
+        self._sliding = any(layer.is_sliding for layer in DynamicCache(config=self.model.config).layers)
 
     # ---- images (text: ProcessorBackend) ----
     def encode_images(self, images: Sequence[Image.Image]) -> list[VisualTokens]:
@@ -134,15 +190,15 @@ class TransformersBackend(ProcessorBackend):
         return out
 
     def _generate_batch(self, requests: Sequence[GenerateRequest],
-                        kept: Sequence[tuple[_CachedRow, int] | None]) -> list[list[int]]:
+                        kept: Sequence[_CachedRow | None]) -> list[list[int]]:
         fresh = [k for k, row in enumerate(kept) if row is None]
         if not fresh:
-            return self._continue(requests, kept)
+            return self._chain(requests, kept)[0]
         if len(fresh) < len(requests):  # two passes: the rows to prefill, and the rows continuing a kept cache
             rest = [k for k, row in enumerate(kept) if row is not None]
             out: dict[int, list[int]] = dict(zip(fresh, self._generate_batch([requests[k] for k in fresh],
                                                                               [None] * len(fresh)), strict=True))
-            out |= dict(zip(rest, self._continue([requests[k] for k in rest], [kept[k] for k in rest]), strict=True))
+            out |= dict(zip(rest, self._chain([requests[k] for k in rest], [kept[k] for k in rest])[0], strict=True))
             return [out[k] for k in range(len(requests))]
         inputs = [self._inputs([*r.prompt_ids, *r.response_prefix], r.visual) for r in requests]
         embeds, positions, mask, types = self._pad(inputs, left=True,
@@ -233,62 +289,166 @@ class TransformersBackend(ProcessorBackend):
                 last_prompt_position=int(p[:, -1].max()), next_position=int(p.max()) + 1,
                 n_positions=p.shape[0])
 
-    def _reusable_row(self, request: GenerateRequest) -> tuple[_CachedRow, int] | None:
-        """The kept own-answer row ``request`` can continue (same prompt, same image tensor), and how many of its
-        response-prefix tokens that row's cache holds: all but at least the last one, which is fed with the
-        ones after the shared stretch (a level continuing another level's decode shares only part of it)."""
+    def _reusable_row(self, request: GenerateRequest) -> _CachedRow | None:
+        """The kept own-answer row ``request`` can continue: same prompt, same image tensor."""
         if not self.reuse_prompt_cache or request.return_logits:
             return None
         row = self._reusable.get((tuple(request.prompt_ids), id(request.visual.embeds)))
-        if row is None or row.visual is not request.visual.embeds:
-            return None
-        shared = 0
-        for have, want in zip(row.tokens, request.response_prefix[:-1], strict=False):
-            if have != want:
-                break
-            shared += 1
-        return row, shared
+        return None if row is None or row.visual is not request.visual.embeds else row
 
-    def _continue(self, requests: Sequence[GenerateRequest], kept: Sequence[tuple[_CachedRow, int]]) -> list[list[int]]:
-        """Decode ``requests`` from kept caches: each row's keys up to the shared part of its response prefix,
-        the rest of the prefix fed as one chunk (or, without a prefix, the prompt's last token: the first
-        logits), then greedy decoding."""
-        spans = []  # (row, end of the reused columns, the tokens fed, their first position)
-        for r, (row, shared) in zip(requests, kept, strict=True):
-            if r.response_prefix:
-                spans.append((row, row.prompt_end + shared, r.response_prefix[shared:], row.next_position + shared))
+    @torch.inference_mode()
+    def generate_chained(self, requests: Sequence[GenerateRequest],
+                         follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]]) -> None:
+        # A sliding-window layer would drop a row's oldest columns: only full attention decodes chained.
+        if self._sliding or not self.reuse_prompt_cache:
+            return super().generate_chained(requests, follow)
+        while requests:
+            kept = [self._reusable_row(r) for r in requests]
+            continued = [k for k, row in enumerate(kept) if row is not None]
+            fresh = [r for r, row in zip(requests, kept, strict=True) if row is None]
+            left = self._chain([requests[k] for k in continued], [kept[k] for k in continued], follow)[1] \
+                if continued else []
+            if fresh:
+                left += [new for r, ids in zip(fresh, self.generate(fresh), strict=True) for new in follow(r, ids)]
+            requests = left
+
+    def _chain(self, requests: Sequence[GenerateRequest], kept: Sequence[_CachedRow],
+               follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]] | None = None,
+               ) -> tuple[list[list[int]], list[GenerateRequest]]:
+        """Decode ``requests`` from kept caches in one decode batch of up to ``batch_size`` rows (slots), a row
+        taking the next request as soon as its own finishes (``requests`` beyond the slots, and what ``follow``
+        returns for each finished request). Returns the responses of ``requests`` and the follow-ups that no
+        kept cache continues (the caller decodes them).
+
+        A request's row holds the keys of the prompt and of the stretch of its response prefix that its source
+        holds; the rest of the prefix is fed one token per step, the last one giving its first logits. The
+        source is a kept own answer (its rows copied in) or, for a follow-up of the same prompt and image, the
+        row it takes over: that row's keys past the shared stretch are masked, not copied (a level mostly
+        repeats the decode of the level before it, so its prefix is that decode's but for the last token).
+        A row's columns are its own: positions are explicit, and masked columns (left padding, a gap) count for
+        nothing, so rows of any length and start share the steps."""
+        n_pos = kept[0].n_positions
+        queue = deque(zip(requests, kept, strict=True))
+        slots: list[_Slot | None] = [None] * min(len(requests), self.batch_size)
+        mask = torch.zeros(len(slots), 0, device=self.device, dtype=torch.long)
+        out: dict[int, list[int]] = {}
+        left: list[GenerateRequest] = []
+
+        def place(s: int, request: GenerateRequest, source: _CachedRow | None) -> None:
+            """Put ``request`` into row ``s``: continuing the row's own keys, or those of ``source`` (a kept own
+            answer, its rows copied in) where that holds more of the request's prefix."""
+            nonlocal cache, mask
+            want, slot = _want(request), slots[s]
+            own = slot.shared(want) if slot is not None and slot.continues(request) else -1
+            kept_shared = source.shared(want) if source is not None else -1
+            if kept_shared > own:
+                n = source.width(kept_shared)
+                if n > mask.shape[1]:  # every row gets masked columns on its left
+                    grow = n - mask.shape[1]
+                    cache, mask = self._widen(cache, mask, grow, source.cache)
+                    for other in slots:
+                        if other is not None:
+                            other.columns = [c + grow for c in other.columns]
+                at, end = mask.shape[1] - n, source.prompt_end - 1 + kept_shared
+                for layer, kept_layer in zip(cache.layers, source.cache.layers, strict=True):
+                    layer.keys[s, :, at:] = kept_layer.keys[source.row, :, source.first:end]
+                    layer.values[s, :, at:] = kept_layer.values[source.row, :, source.first:end]
+                mask[s] = 0
+                mask[s, at:] = 1
+                first = mask.shape[1] - kept_shared
+                slot = _Slot(tuple(request.prompt_ids), request.visual.embeds, want[:kept_shared],
+                             list(range(first, first + kept_shared)), source.last_prompt_position,
+                             source.next_position)
             else:
-                spans.append((row, row.prompt_end - 1, [row.last_prompt_token], row.last_prompt_position))
-        length = max(end - row.first for row, end, _, _ in spans)
-        chunk = max(len(fed) for _, _, fed, _ in spans)
-        n_pos = kept[0][0].n_positions
-        cache = DynamicCache(config=self.model.config)
-        for index in range(len(kept[0][0].cache.layers)):
-            keys, values = [], []
-            for row, end, _, _ in spans:  # left-padded to a common length, as a prefilled batch is
-                layer, pad = row.cache.layers[index], (0, 0, length - (end - row.first), 0)
-                keys.append(torch.nn.functional.pad(layer.keys[row.row, :, row.first:end], pad))
-                values.append(torch.nn.functional.pad(layer.values[row.row, :, row.first:end], pad))
-            cache.update(torch.stack(keys), torch.stack(values), index)
-        # The fed chunks end together (their last row gives each request's first logits): a shorter one is
-        # padded on its left, a masked gap between its cached keys and its tokens.
-        mask = torch.zeros(len(requests), length + chunk, device=self.device, dtype=torch.long)
-        tokens = torch.full((len(requests), chunk), self.pad_token_id, device=self.device, dtype=torch.long)
-        positions = torch.zeros(len(requests), chunk, device=self.device, dtype=torch.long)
-        for b, (row, end, fed, first) in enumerate(spans):
-            mask[b, length - (end - row.first):length] = 1
-            mask[b, length + chunk - len(fed):] = 1
-            tokens[b, chunk - len(fed):] = torch.tensor(fed, device=self.device)
-            positions[b] = (first + torch.arange(chunk, device=self.device) - (chunk - len(fed))).clamp(min=0)
-        logits = self._forward(self._embed_tokens(tokens), positions.unsqueeze(0).expand(n_pos, -1, -1),
-                               mask, None, cache)[:, -1]
-        fed_tokens = sum(len(fed) for _, _, fed, _ in spans)
-        self.stats.prefill_tokens += fed_tokens
-        self.stats.reused_prefill_tokens += int(mask.sum()) - fed_tokens
-        next_position = torch.tensor([row.next_position + len(r.response_prefix)
-                                      for r, (row, _) in zip(requests, kept, strict=True)], device=self.device)
-        generated, _ = self._decode(requests, logits, cache, mask, next_position, n_pos, drop_finished=True)
-        return self._responses(requests, generated)
+                if own < len(slot.columns):
+                    mask[s, slot.columns[own]:] = 0
+                slot.held, slot.columns = slot.held[:own], slot.columns[:own]
+            slot.request, slot.generated, slot.feed = request, [], want[len(slot.held):]
+            self.stats.prefill_tokens += len(slot.feed)
+            self.stats.reused_prefill_tokens += int(mask[s].sum())
+            slots[s] = slot
+
+        def finished(slot: _Slot) -> list[GenerateRequest]:
+            request, ids = slot.request, slot.generated
+            response = [*request.response_prefix, *(ids if self.ignore_eos else self._cut_at_stop(ids))]
+            if id(request) in ids_of:
+                out[ids_of[id(request)]] = response
+            return list(follow(request, response)) if follow is not None else []
+
+        ids_of = {id(r): k for k, r in enumerate(requests)}
+        width = max(source.width(source.shared(_want(r))) for r, source in list(queue)[:len(slots)])
+        cache, mask = self._widen(None, mask, width, kept[0].cache)
+        for s in range(len(slots)):
+            place(s, *queue.popleft())
+        while True:
+            active = [s for s, slot in enumerate(slots) if slot is not None and slot.request is not None]
+            if not active:
+                break
+            column = mask.shape[1]
+            inputs = [self.pad_token_id] * len(slots)
+            positions = [0] * len(slots)
+            for s in active:
+                inputs[s], positions[s] = slots[s].feed_next(column)
+            column_mask = mask.new_zeros(len(slots), 1)  # an idle row's pad token is never attended to
+            column_mask[active] = 1
+            mask = torch.cat([mask, column_mask], dim=1)
+            step_positions = torch.tensor(positions, device=self.device).view(1, -1, 1).expand(n_pos, -1, -1)
+            logits = self._forward(self._embed_tokens(torch.tensor(inputs, device=self.device)).unsqueeze(1),
+                                   step_positions, mask, None, cache)[:, -1]
+            deciding = [s for s in active if not slots[s].feed]
+            greedy = logits[deciding].float().argmax(-1).tolist() if deciding else []
+            done = []
+            for s, choice in zip(deciding, greedy, strict=True):
+                slot = slots[s]
+                forced = slot.request.forced.next_token(slot.generated, choice) if slot.request.forced else None
+                token = choice if forced is None else forced
+                slot.generated.append(token)
+                self.stats.decoded_tokens += 1
+                if (token in self.stop_token_ids and not self.ignore_eos) or \
+                        len(slot.generated) >= slot.request.max_new_tokens:
+                    done.append(s)
+                else:
+                    slot.feed.append(token)
+            for s in done:
+                slot = slots[s]
+                follow_ups = finished(slot)
+                slot.request = None
+                for new in follow_ups:  # the finished row takes the first follow-up it can continue
+                    source = self._reusable_row(new)
+                    if slot.request is None and (source is not None or slot.continues(new)):
+                        place(s, new, source)
+                    elif source is not None:
+                        queue.append((new, source))
+                    else:
+                        left.append(new)
+            for s, slot in enumerate(slots):
+                if queue and (slot is None or slot.request is None):
+                    place(s, *queue.popleft())
+            idle = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
+            if not queue and len(slots) > 1 and 2 * len(idle) >= len(slots):  # a smaller batch is cheaper per step
+                keep = [s for s in range(len(slots)) if s not in idle]
+                if keep:
+                    index = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(index)
+                    mask, slots = mask[index], [slots[s] for s in keep]
+        return [out[k] for k in range(len(requests))], left
+
+    def _widen(self, cache: DynamicCache | None, mask: torch.Tensor, grow: int,
+               like: DynamicCache) -> tuple[DynamicCache, torch.Tensor]:
+        """``cache`` and ``mask`` with ``grow`` masked columns added on the left; where there is no cache yet,
+        a zero one of ``mask``'s rows, with its layers shaped like ``like``'s."""
+        mask = torch.nn.functional.pad(mask, (grow, 0))
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+            for index, layer in enumerate(like.layers):
+                shape = (mask.shape[0], layer.keys.shape[1], mask.shape[1])
+                cache.update(layer.keys.new_zeros(*shape, layer.keys.shape[-1]),
+                             layer.values.new_zeros(*shape, layer.values.shape[-1]), index)
+            return cache, mask
+        for layer in cache.layers:
+            layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, grow, 0))
+            layer.values = torch.nn.functional.pad(layer.values, (0, 0, grow, 0))
+        return cache, mask
 
     @torch.inference_mode()
     def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
