@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-savings", action="store_true",
                         help="HSCR as before issue #18: every level re-decoded (candidates_per_round 0) and, on "
                              "transformers, every re-decode prefilled again (no kept KV cache)")
+    parser.add_argument("--no-chain", action="store_true",
+                        help="transformers: re-decodes in rounds, a decode call per round, instead of one chained "
+                             "decode batch (TransformersBackend(chain_redecodes=False))")
     parser.add_argument("--candidates-per-round", type=int, default=None,
                         help="HSCRParams.candidates_per_round (default: the shipped value)")
     parser.add_argument("--stream", action="store_true",
@@ -219,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"benchmark": "compute_bound", "env": env_block(device), "tiny": args.tiny,
                     "max_new_tokens": args.max_new_tokens, "question_words": args.question_words,
                     "visual_tokens": config.image_seq_length, "params": params.model_dump(),
-                    "no_savings": args.no_savings, "stream": args.stream, "block_size": args.block_size,
+                    "no_savings": args.no_savings, "no_chain": args.no_chain, "stream": args.stream,
+                    "block_size": args.block_size,
                     "backends": {}}
     began_all = time.perf_counter()
 
@@ -239,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "transformers":
                 backend, why_not = TransformersBackend(str(model_dir), device="cpu", batch_size=max(args.batch_sizes),
                                                        ignore_eos=True, profile=ARCHS["llava-1.5-7b"].profile,
-                                                       reuse_prompt_cache=not args.no_savings), ""
+                                                       reuse_prompt_cache=not args.no_savings,
+                                                       chain_redecodes=not args.no_chain), ""
             else:
                 backend, why_not = vllm_backend(model_dir, max(args.batch_sizes), device,
                                                 **({} if args.block_size is None else {"block_size": args.block_size}))

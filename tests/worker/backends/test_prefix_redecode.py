@@ -192,6 +192,45 @@ def test_transformers_shared_decodes_give_the_unshared_results(hf_backend, heldo
     _shared_same_as_unshared(hf_backend, heldout_items[:N_ITEMS], SHARING[setting])
 
 
+def test_transformers_chain_drops_the_columns_no_row_attends_to(hf_backend, heldout_items, monkeypatch):
+    """A chained decode batch's cache stays near its widest row (followed-up rows mask the keys they do not
+    continue, and those columns are dropped), and the results are those of the rounds, which never compact."""
+    from hscr_worker.backends import transformers as module
+
+    monkeypatch.setattr(module, "COMPACT_SLACK", 4)  # compact often: every follow-up's discarded keys count
+    monkeypatch.setattr(module, "COMPACT_SHARE", 0.0)
+    params = HSCRParams(candidates_per_round=1)
+    similarity = get_similarity(params.similarity)
+    items = heldout_items[:N_ITEMS]
+    hf_backend.chain_redecodes = False
+    try:
+        rounds = run_hscr(hf_backend, items, params, similarity)
+    finally:
+        hf_backend.chain_redecodes = True
+    waste, compactions = [], [0]
+    forward, compact = hf_backend._forward, hf_backend._compact
+
+    def recorded(embeds, positions, mask, *args, **kwargs):
+        if embeds.shape[1] == 1:  # a decode step: how many columns no row attends to
+            widest = int(mask.sum(1).max())
+            waste.append(mask.shape[1] - widest - module.COMPACT_SLACK)
+        return forward(embeds, positions, mask, *args, **kwargs)
+
+    def counted(*args):
+        compactions[0] += 1
+        return compact(*args)
+
+    hf_backend._forward, hf_backend._compact = recorded, counted  # instance attributes: this test only
+    try:
+        chained = run_hscr(hf_backend, items, params, similarity)
+    finally:
+        del hf_backend._forward, hf_backend._compact
+    _same_decisions(chained, rounds, "compacting the chained cache", 1e-4)
+    assert sum(len(r.levels) for r in chained) >= 10
+    assert compactions[0] >= 3
+    assert max(waste) <= 1  # at most the step's own new column past the bound before the next compaction
+
+
 def test_preferred_answer_prefix_stops_where_greedy_leaves_it(hf_backend, heldout_items):
     """A teacher-forced preferred answer is only followed while greedy agrees with it."""
     from hscr_worker.backends.base import ScoreRequest

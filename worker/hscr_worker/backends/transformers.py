@@ -24,6 +24,10 @@ from transformers import AutoModelForImageTextToText, DynamicCache  # noqa: E402
 
 from .base import BackendStats, GenerateRequest, ProcessorBackend, ScoreRequest, VisualTokens  # noqa: E402
 
+# A chained decode batch drops the columns no row attends to once they are more than COMPACT_SLACK and more than
+# COMPACT_SHARE of the widest row's: a copy of the cache then costs less than attending over them afterwards.
+COMPACT_SLACK, COMPACT_SHARE = 32, 0.25
+
 
 @dataclass
 class _CachedRow:
@@ -100,10 +104,14 @@ class TransformersBackend(ProcessorBackend):
 
     def __init__(self, model_path: str, *, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 32, ignore_eos: bool = False, profile: str | None = None,
-                 min_pixels: int | None = None, max_pixels: int | None = None, reuse_prompt_cache: bool = True):
+                 min_pixels: int | None = None, max_pixels: int | None = None, reuse_prompt_cache: bool = True,
+                 chain_redecodes: bool = True):
         # Re-decodes continue the own answer's KV cache (``_continue``) instead of prefilling prompt and image
         # again; False prefills every request (kept to check and measure exactly that).
         self.reuse_prompt_cache = reuse_prompt_cache
+        # Re-decodes and their follow-ups share one decode batch (``_chain``); False decodes them in rounds, a
+        # call per round (``Backend.generate_chained``), kept to measure the chain against.
+        self.chain_redecodes = chain_redecodes
         self._reusable: dict[tuple[tuple[int, ...], int], _CachedRow] = {}
         self.stats = BackendStats()
         # Benchmarks only: random weights would stop at a random EOS; this decodes every response
@@ -300,7 +308,7 @@ class TransformersBackend(ProcessorBackend):
     def generate_chained(self, requests: Sequence[GenerateRequest],
                          follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]]) -> None:
         # A sliding-window layer would drop a row's oldest columns: only full attention decodes chained.
-        if self._sliding or not self.reuse_prompt_cache:
+        if self._sliding or not self.reuse_prompt_cache or not self.chain_redecodes:
             return super().generate_chained(requests, follow)
         while requests:
             kept = [self._reusable_row(r) for r in requests]
@@ -431,7 +439,29 @@ class TransformersBackend(ProcessorBackend):
                     index = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(index)
                     mask, slots = mask[index], [slots[s] for s in keep]
+            widest = int(mask.sum(1).max())
+            if mask.shape[1] - widest > max(COMPACT_SLACK, COMPACT_SHARE * widest):
+                cache, mask = self._compact(cache, mask, slots)
         return [out[k] for k in range(len(requests))], left
+
+    def _compact(self, cache: DynamicCache, mask: torch.Tensor,
+                 slots: Sequence[_Slot | None]) -> tuple[DynamicCache, torch.Tensor]:
+        """``cache`` and ``mask`` without the columns no row attends to. A chained row's columns only grow (a
+        follow-up masks the keys it does not continue), so without this the cache would hold every step of the
+        chain: memory and attention work grow with the chain, not with the rows. Each row keeps its attended
+        columns in their order, right-aligned; positions are explicit, so a key's column does not matter."""
+        width = int(mask.sum(1).max())
+        index = torch.sort(mask, dim=1, stable=True).indices[:, -width:]  # masked columns first, then attended
+        new_column = torch.full_like(mask, -1)
+        new_column.scatter_(1, index, torch.arange(width, device=mask.device).expand_as(index))
+        for s, slot in enumerate(slots):
+            if slot is not None and slot.columns:
+                slot.columns = new_column[s, slot.columns].tolist()
+        for layer in cache.layers:
+            gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys = layer.keys.gather(2, gather)
+            layer.values = layer.values.gather(2, gather)
+        return cache, mask.gather(1, index)
 
     def _widen(self, cache: DynamicCache | None, mask: torch.Tensor, grow: int,
                like: DynamicCache) -> tuple[DynamicCache, torch.Tensor]:
