@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from hscr_client import HSCRParams
-from hscr_worker.backends.base import Backend, GenerateRequest, ScoreRequest
+from hscr_worker.backends.base import Backend, DecodeWatch, GenerateRequest, ScoreRequest
 from hscr_worker.pipeline import PreparedItem, Similarity, run_hscr, run_hscr_stream
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -168,12 +168,13 @@ class CountingBackend(Backend):
         return out
 
     def generate_chained(self, requests: Sequence[GenerateRequest],
-                         follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]]) -> None:
+                         follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]],
+                         successor: Callable[[GenerateRequest], DecodeWatch | None] | None = None) -> None:
         def counted(request: GenerateRequest, ids: list[int]) -> Sequence[GenerateRequest]:
             self.generated_tokens += len(ids) - len(request.response_prefix)
             return follow(request, ids)
 
-        self.inner.generate_chained(requests, counted)
+        self.inner.generate_chained(requests, counted, successor)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
         self.scored_tokens += sum(len(r.response_ids) for r in requests)

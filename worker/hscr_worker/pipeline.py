@@ -124,7 +124,8 @@ def run_hscr(backend: Backend, items: Sequence[PreparedItem], params: HSCRParams
         return []
     batch = HSCRBatch(backend, items, params, similarity, prefix_redecode=prefix_redecode,
                       share_decodes=share_decodes, full_scores_from_decode=full_scores_from_decode)
-    backend.generate_chained(batch.plan(backend.generate(batch.answer_requests)), batch.follow)
+    backend.generate_chained(batch.plan(backend.generate(batch.answer_requests)), batch.follow,
+                             successor=batch.successor)
     return batch.finish()
 
 
@@ -241,7 +242,10 @@ class HSCRBatch:
         self._jobs: dict[int, list[tuple[list[Replacement], ForcedDecoder | Candidate]]] = {}
         self._requests: dict[int, list[GenerateRequest]] = {}
         self._outputs: dict[int, list[list[int] | None]] = {}
-        self._pending: dict[int, tuple[int, int]] = {}  # id(request) -> (item, index in its round)
+        # id(request) -> (item, its round's outputs, index in its round)
+        self._pending: dict[int, tuple[int, list[list[int] | None], int]] = {}
+        # per item: rounds requested ahead of the round in flight (``successor``), oldest first, as above
+        self._ahead: dict[int, list[tuple[list, list[GenerateRequest], list[list[int] | None]]]] = {}
 
     def plan(self, own: Sequence[list[int]]) -> list[GenerateRequest]:
         """Steps 3-7 from the own answers; returns (and keeps) the re-decode requests."""
@@ -352,7 +356,7 @@ class HSCRBatch:
                         for _, job in jobs if isinstance(job, ForcedDecoder)]
             if requests:
                 self._jobs[i], self._requests[i], self._outputs[i] = jobs, requests, [None] * len(requests)
-                self._pending |= {id(r): (i, index) for index, r in enumerate(requests)}
+                self._pending |= {id(r): (i, self._outputs[i], index) for index, r in enumerate(requests)}
                 return
             self._take(i, jobs, [])
             if not jobs or not self._more(i):
@@ -418,15 +422,48 @@ class HSCRBatch:
     def follow(self, request: GenerateRequest, ids: list[int]) -> list[GenerateRequest]:
         """Take one re-decode's output; returns its item's next round's requests once the item's round is in
         (none while others of the round are pending, or when the item is done)."""
-        i, index = self._pending.pop(id(request))
-        self._outputs[i][index] = ids
-        if any(out is None for out in self._outputs[i]):
-            return []
-        del self._requests[i]
-        self._take(i, self._jobs.pop(i), self._outputs.pop(i))
-        if self._more(i):
-            self._round(i)
-        return self._requests.get(i, [])
+        i, outputs, index = self._pending.pop(id(request))
+        outputs[index] = ids
+        while i in self._requests and all(out is not None for out in self._outputs[i]):
+            del self._requests[i]
+            self._take(i, self._jobs.pop(i), self._outputs.pop(i))
+            if self._ahead.get(i):  # the next round was requested ahead (``successor``): it is in flight
+                self._jobs[i], self._requests[i], self._outputs[i] = self._ahead[i].pop(0)
+            elif self._more(i):
+                self._round(i)
+                return self._requests.get(i, [])
+        return []
+
+    def successor(self, request: GenerateRequest) -> Successor | None:
+        """What watches ``request``'s decode for the point where its item's next level leaves it, so that the
+        next level can be requested then instead of when ``request`` finishes (``Backend.generate_chained``).
+
+        Only where the next level is certain to be requested whatever ``request`` decodes: one level per round
+        (``candidates_per_round`` 1, shared decodes), ``request`` the item's newest, and fewer than ``n_levels``
+        candidates once it is in (so the reranker is still short). Exact: greedy decoding is deterministic, so
+        the next level decodes what it would from ``request``'s finished decode (``_resume``)."""
+        params = self.params
+        if params.candidates_per_round != 1 or not (self.share_decodes and self.prefix_redecode) \
+                or id(request) not in self._pending:
+            return None
+        i, outputs, _ = self._pending[id(request)]
+        ahead = self._ahead.get(i, [])
+        if outputs is not (ahead[-1][2] if ahead else self._outputs.get(i)):
+            return None  # not the item's newest request
+        issued = len(self._candidates[i]) + 1 + len(ahead)
+        if issued >= len(self._plans[i]) or issued + self._own_is_rejected(self.results[i]) >= params.n_levels:
+            return None
+        return Successor(self, i, self._plans[i][issued], request)
+
+    def _request_ahead(self, i: int, plan: list[Replacement], job: ForcedDecoder) -> GenerateRequest:
+        """Item ``i``'s next level, requested while the level before it still decodes (``Successor``)."""
+        budget = self.params.max_new_tokens - len(job.response_prefix)
+        request = GenerateRequest(self.prompts[i], self.visual[i], budget, forced=job,
+                                  response_prefix=list(job.response_prefix))
+        outputs: list[list[int] | None] = [None]
+        self._ahead.setdefault(i, []).append(([(plan, job)], [request], outputs))
+        self._pending[id(request)] = (i, outputs, 0)
+        return request
 
     @property
     def done(self) -> bool:
@@ -495,6 +532,38 @@ class HSCRBatch:
         """The results of the items that ran, with the rejected ones back in their input positions."""
         ran = iter(self.results)
         return [self._rejected[k] if k in self._rejected else next(ran) for k in range(self._size)]
+
+
+class Successor:
+    """Item ``i``'s next level (``plan``) checked against the decode of ``request`` (the level before it) step
+    by step, as ``core.replace.divergence`` checks a finished decode: at the first step where the next level's
+    decoder decides otherwise, the next level is requested with the tokens before that step as its prefix."""
+
+    def __init__(self, batch: HSCRBatch, i: int, plan: list[Replacement], request: GenerateRequest):
+        self.batch, self.i, self.plan = batch, i, plan
+        self.tokens: list[int] = []
+        self.decoder = ForcedDecoder(batch.corrupted[i], plan, after_divergence=batch.params.fire_after_divergence)
+        self.request: GenerateRequest | None = None  # the next level's, once requested
+        # the prefix was decoded already: the forced steps' greedy choices are the originals it replaced
+        greedy_at = {step: r.original for step, r in request.forced.fired} if request.forced else {}
+        for token in request.response_prefix:
+            if self.step(token, greedy_at.get(len(self.tokens), token)) is not None:
+                break
+
+    def step(self, token: int, greedy: int) -> GenerateRequest | None:
+        """The decode emitted ``token`` where the model's greedy choice was ``greedy``; returns the next level's
+        request at the step where it leaves this decode (once; None before and after)."""
+        if self.request is not None or len(self.tokens) >= self.batch.params.max_new_tokens - 1:
+            return None
+        before = list(self.decoder.fired)
+        forced = self.decoder.next_token(self.tokens, greedy)
+        if (greedy if forced is None else forced) == token:
+            self.tokens.append(token)
+            return None
+        job = ForcedDecoder(self.batch.corrupted[self.i], self.plan, response_prefix=list(self.tokens), fired=before,
+                            after_divergence=self.batch.params.fire_after_divergence)
+        self.request = self.batch._request_ahead(self.i, self.plan, job)
+        return self.request
 
 
 def check_params_supported(backend: Backend, params: HSCRParams) -> None:

@@ -231,6 +231,46 @@ def test_transformers_chain_drops_the_columns_no_row_attends_to(hf_backend, held
     assert max(waste) <= 1  # at most the step's own new column past the bound before the next compaction
 
 
+def test_transformers_next_level_decodes_beside_the_level_it_leaves(hf_backend, heldout_items, monkeypatch):
+    """With one level per round, an item's next level is requested at the step where it leaves the decode of the
+    level before it (``HSCRBatch.successor``), not when that decode ends: the same results in fewer decode steps."""
+    from hscr_worker.pipeline import HSCRBatch
+
+    params = HSCRParams(candidates_per_round=1)
+    similarity = get_similarity(params.similarity)
+    items = heldout_items[:N_ITEMS]
+    chained, forward, request_ahead = hf_backend.generate_chained, hf_backend._forward, HSCRBatch._request_ahead
+    steps, ahead = [0], [0]
+
+    def counted_steps(embeds, *args, **kwargs):
+        steps[0] += embeds.shape[1] == 1
+        return forward(embeds, *args, **kwargs)
+
+    def counted_ahead(self, *args):
+        ahead[0] += 1
+        return request_ahead(self, *args)
+
+    monkeypatch.setattr(HSCRBatch, "_request_ahead", counted_ahead)
+    runs = {}
+    for mid_decode in (False, True):
+        steps[0] = 0
+        # instance attributes: shadow the methods for this test only
+        hf_backend._forward = counted_steps
+        if not mid_decode:
+            hf_backend.generate_chained = lambda requests, follow, successor=None: chained(requests, follow)
+        try:
+            runs[mid_decode] = run_hscr(hf_backend, items, params, similarity), steps[0]
+        finally:
+            del hf_backend._forward
+            if not mid_decode:
+                del hf_backend.generate_chained
+    (after_end, steps_after_end), (mid, steps_mid) = runs[False], runs[True]
+    _same_decisions(mid, after_end, "requesting the next level mid-decode", 1e-4)
+    assert sum(len(r.levels) for r in mid) >= 10
+    assert ahead[0] >= 10  # levels were requested mid-decode
+    assert steps_mid < steps_after_end
+
+
 def test_preferred_answer_prefix_stops_where_greedy_leaves_it(hf_backend, heldout_items):
     """A teacher-forced preferred answer is only followed while greedy agrees with it."""
     from hscr_worker.backends.base import ScoreRequest
@@ -396,7 +436,8 @@ def test_stream_without_overlap_on_transformers_is_batch_by_batch(hf_backend, he
 
     chained = hf_backend.generate_chained
 
-    def recorded_chain(requests, follow):  # a batch's re-decodes, chained: each follow-up is recorded as one call
+    def recorded_chain(requests, follow, successor=None):  # a batch's re-decodes, chained: each follow-up is one
+        # call (no level is requested mid-decode: the order of whole calls is the point here)
         def followed(request, ids):
             new = follow(request, ids)
             events.extend(("re-decode", [batch_of(r)]) for r in new)
@@ -550,7 +591,7 @@ def test_rounds_decode_fewer_levels_and_keep_the_decisions(hf_backend, heldout_i
     for per_round in (0, 1):
         count = [0]
 
-        def counted(requests, follow, count=count):  # the re-decodes: the first requests and every follow-up
+        def counted(requests, follow, successor=None, count=count):  # the re-decodes: first ones and follow-ups
             def followed(request, ids):
                 new = follow(request, ids)
                 count[0] += len(new)

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from PIL import Image
@@ -115,6 +115,15 @@ class BackendStats:
         return self.reused_prefill_tokens / total if total else 0.0
 
 
+class DecodeWatch(Protocol):
+    """Watches one request's decode (``Backend.generate_chained``'s ``successor``)."""
+
+    request: GenerateRequest | None  # set once it has handed out its request
+
+    def step(self, token: int, greedy: int) -> GenerateRequest | None:
+        """The request emitted ``token`` (the model's greedy choice: ``greedy``); a new request to decode, or None."""
+
+
 class Backend(ABC):
     """A Med-VLM as HSCR sees it. Implementations: ``transformers`` (reference), ``vllm``."""
 
@@ -154,10 +163,15 @@ class Backend(ABC):
         ``response_prefix``), batched; fills ``request.logits`` where ``return_logits`` is set."""
 
     def generate_chained(self, requests: Sequence[GenerateRequest],
-                         follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]]) -> None:
+                         follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]],
+                         successor: Callable[[GenerateRequest], DecodeWatch | None] | None = None) -> None:
         """Decode ``requests`` and, for each that finishes, what ``follow(request, response)`` returns, until
         nothing is left. Here in rounds, one ``generate`` call each; a backend that can take new requests
-        while others decode overrides it, so one item's next request need not wait for a whole round."""
+        while others decode overrides it, so one item's next request need not wait for a whole round.
+
+        ``successor(request)``, where given, may return what watches a request's decode (``step(token,
+        greedy)`` per decoded token) and hands out a new request mid-decode, which such a backend decodes too
+        (its output goes to ``follow`` like any other's). A backend may ignore it: nothing is requested then."""
         while requests:
             requests = [new for request, ids in zip(requests, self.generate(requests), strict=True)
                         for new in follow(request, ids)]

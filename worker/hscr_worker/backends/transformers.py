@@ -22,7 +22,14 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, DynamicCache  # noqa: E402
 
-from .base import BackendStats, GenerateRequest, ProcessorBackend, ScoreRequest, VisualTokens  # noqa: E402
+from .base import (  # noqa: E402
+    BackendStats,
+    DecodeWatch,
+    GenerateRequest,
+    ProcessorBackend,
+    ScoreRequest,
+    VisualTokens,
+)
 
 # A chained decode batch drops the columns no row attends to once they are more than COMPACT_SLACK and more than
 # COMPACT_SHARE of the widest row's: a copy of the cache then costs less than attending over them afterwards.
@@ -68,6 +75,7 @@ class _Slot:
     request: GenerateRequest | None = None
     feed: list[int] = field(default_factory=list)  # tokens to feed, one a step; a decision once it is empty
     generated: list[int] = field(default_factory=list)
+    watch: DecodeWatch | None = None  # hands out a request that leaves this one's decode (``successor``)
 
     def continues(self, request: GenerateRequest) -> bool:
         return tuple(request.prompt_ids) == self.prompt_ids and request.visual.embeds is self.visual
@@ -306,7 +314,8 @@ class TransformersBackend(ProcessorBackend):
 
     @torch.inference_mode()
     def generate_chained(self, requests: Sequence[GenerateRequest],
-                         follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]]) -> None:
+                         follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]],
+                         successor: Callable[[GenerateRequest], DecodeWatch | None] | None = None) -> None:
         # A sliding-window layer would drop a row's oldest columns: only full attention decodes chained.
         if self._sliding or not self.reuse_prompt_cache or not self.chain_redecodes:
             return super().generate_chained(requests, follow)
@@ -314,14 +323,15 @@ class TransformersBackend(ProcessorBackend):
             kept = [self._reusable_row(r) for r in requests]
             continued = [k for k, row in enumerate(kept) if row is not None]
             fresh = [r for r, row in zip(requests, kept, strict=True) if row is None]
-            left = self._chain([requests[k] for k in continued], [kept[k] for k in continued], follow)[1] \
-                if continued else []
+            left = self._chain([requests[k] for k in continued], [kept[k] for k in continued], follow,
+                               successor)[1] if continued else []
             if fresh:
                 left += [new for r, ids in zip(fresh, self.generate(fresh), strict=True) for new in follow(r, ids)]
             requests = left
 
     def _chain(self, requests: Sequence[GenerateRequest], kept: Sequence[_CachedRow],
                follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]] | None = None,
+               successor: Callable[[GenerateRequest], DecodeWatch | None] | None = None,
                ) -> tuple[list[list[int]], list[GenerateRequest]]:
         """Decode ``requests`` from kept caches in one decode batch of up to ``batch_size`` rows (slots), a row
         taking the next request as soon as its own finishes (``requests`` beyond the slots, and what ``follow``
@@ -334,7 +344,11 @@ class TransformersBackend(ProcessorBackend):
         row it takes over: that row's keys past the shared stretch are masked, not copied (a level mostly
         repeats the decode of the level before it, so its prefix is that decode's but for the last token).
         A row's columns are its own: positions are explicit, and masked columns (left padding, a gap) count for
-        nothing, so rows of any length and start share the steps."""
+        nothing, so rows of any length and start share the steps.
+
+        ``successor`` (``Backend.generate_chained``): a request handed out mid-decode continues a copy of the
+        row it leaves, in an idle row or a new one up to ``batch_size`` rows, so an item's next level decodes
+        beside the level it leaves instead of after it."""
         n_pos = kept[0].n_positions
         queue = deque(zip(requests, kept, strict=True))
         slots: list[_Slot | None] = [None] * min(len(requests), self.batch_size)
@@ -375,6 +389,38 @@ class TransformersBackend(ProcessorBackend):
             self.stats.prefill_tokens += len(slot.feed)
             self.stats.reused_prefill_tokens += int(mask[s].sum())
             slots[s] = slot
+            slot.watch = successor(request) if successor is not None else None
+            if slot.watch is not None and slot.watch.request is not None:  # it leaves inside the prefix
+                forks.append((s, slot.watch.request))
+
+        def fork(s: int, request: GenerateRequest) -> None:
+            """Place ``request``, handed out by row ``s``'s decode, in a copy of row ``s``."""
+            nonlocal cache, mask
+            source = self._reusable_row(request)
+            free = next((t for t, slot in enumerate(slots) if slot is None or slot.request is None), None)
+            if free is None and len(slots) < self.batch_size:
+                free = len(slots)
+                slots.append(None)
+                for layer in cache.layers:
+                    layer.keys = torch.cat([layer.keys, layer.keys[s:s + 1]])
+                    layer.values = torch.cat([layer.values, layer.values[s:s + 1]])
+                mask = torch.cat([mask, mask[s:s + 1]])
+            elif free is not None:
+                for layer in cache.layers:
+                    layer.keys[free] = layer.keys[s]
+                    layer.values[free] = layer.values[s]
+                mask[free] = mask[s]
+            else:  # every row is busy: it waits like a follow-up
+                (queue.append((request, source)) if source is not None else left.append(request))
+                return
+            row = slots[s]
+            slots[free] = _Slot(row.prompt_ids, row.visual, list(row.held), list(row.columns),
+                                row.last_prompt_position, row.next_position)
+            place(free, request, source)
+
+        def fork_all() -> None:
+            while forks:
+                fork(*forks.pop(0))
 
         def finished(slot: _Slot) -> list[GenerateRequest]:
             request, ids = slot.request, slot.generated
@@ -384,10 +430,12 @@ class TransformersBackend(ProcessorBackend):
             return list(follow(request, response)) if follow is not None else []
 
         ids_of = {id(r): k for k, r in enumerate(requests)}
+        forks: list[tuple[int, GenerateRequest]] = []  # (row, request it handed out), placed between steps
         width = max(source.width(source.shared(_want(r))) for r, source in list(queue)[:len(slots)])
         cache, mask = self._widen(None, mask, width, kept[0].cache)
         for s in range(len(slots)):
             place(s, *queue.popleft())
+        fork_all()
         while True:
             active = [s for s, slot in enumerate(slots) if slot is not None and slot.request is not None]
             if not active:
@@ -412,11 +460,14 @@ class TransformersBackend(ProcessorBackend):
                 token = choice if forced is None else forced
                 slot.generated.append(token)
                 self.stats.decoded_tokens += 1
+                if slot.watch is not None and (new := slot.watch.step(token, choice)) is not None:
+                    forks.append((s, new))
                 if (token in self.stop_token_ids and not self.ignore_eos) or \
                         len(slot.generated) >= slot.request.max_new_tokens:
                     done.append(s)
                 else:
                     slot.feed.append(token)
+            fork_all()  # before a finished row takes a follow-up: a fork copies the row's keys
             for s in done:
                 slot = slots[s]
                 follow_ups = finished(slot)
@@ -432,6 +483,7 @@ class TransformersBackend(ProcessorBackend):
             for s, slot in enumerate(slots):
                 if queue and (slot is None or slot.request is None):
                     place(s, *queue.popleft())
+            fork_all()
             idle = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
             if not queue and len(slots) > 1 and 2 * len(idle) >= len(slots):  # a smaller batch is cheaper per step
                 keep = [s for s in range(len(slots)) if s not in idle]
