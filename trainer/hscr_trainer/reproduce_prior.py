@@ -60,6 +60,8 @@ METHODS: dict[str, tuple[str, str, dict]] = {
                                               {"nll_weight": 1.0, "freeze_vision_tower": False}),
     "own-rejected explicit+implicit+rpo unfrozen-vision": ("hscr+own-rejected", "explicit,implicit",
                                                            {"nll_weight": 1.0, "freeze_vision_tower": False}),
+    "own-rejected explicit+implicit+image_conditional+rpo": ("hscr+own-rejected", "explicit,implicit,image_conditional",
+                                                             {"nll_weight": 1.0}),
 }
 # The table in docs/trainer.md (Table 5). The rest are one flag away (--methods): chosen='own' gives the same pairs
 # on this task (its answers have no free wording), and the dpop, un-anchored mDPO and own-rejected rows have no
