@@ -350,10 +350,7 @@ class HSCRBatch:
         while True:
             done = len(self._candidates[i])
             jobs = [(plan, self._resume(i, plan)) for plan in self._plans[i][done:done + per_round]]
-            requests = [GenerateRequest(self.prompts[i], self.visual[i],
-                                        params.max_new_tokens - len(job.response_prefix), forced=job,
-                                        response_prefix=list(job.response_prefix))
-                        for _, job in jobs if isinstance(job, ForcedDecoder)]
+            requests = [self._request(i, job) for _, job in jobs if isinstance(job, ForcedDecoder)]
             if requests:
                 self._jobs[i], self._requests[i], self._outputs[i] = jobs, requests, [None] * len(requests)
                 self._pending |= {id(r): (i, self._outputs[i], index) for index, r in enumerate(requests)}
@@ -391,7 +388,7 @@ class HSCRBatch:
         budget, corrupted = self.params.max_new_tokens, self.corrupted[i]
         late = self.params.fire_after_divergence
         if not self.prefix_redecode:
-            return ForcedDecoder(corrupted, plan, after_divergence=late)
+            return self._decoder(i, plan)
         # (tokens, greedy choices where they differ from the tokens, whether the decode ended there)
         # (a preferred answer: greedy decoding follows it this far, and where it would stop is unknown)
         earlier = [(corrupted[:min(self._followed[i], budget)], {}, self.preferred_ids[i] is None)]
@@ -407,7 +404,19 @@ class HSCRBatch:
             return list(source[:budget]), fired, len(plan) - len(fired)
         steps = min(steps, budget - 1)  # (a preferred answer may outrun the budget: keep a step to decode)
         fired = [(step, r) for step, r in fired if step < steps]
-        return ForcedDecoder(corrupted, plan, response_prefix=list(source[:steps]), fired=fired, after_divergence=late)
+        return self._decoder(i, plan, source[:steps], fired)
+
+    def _decoder(self, i: int, plan: list[Replacement], prefix: Sequence[int] = (),
+                 fired: Sequence[tuple[int, Replacement]] = ()) -> ForcedDecoder:
+        """The decoder of item ``i``'s level ``plan``, from ``prefix`` (an earlier decode's tokens, in which the
+        replacements ``fired`` fired)."""
+        return ForcedDecoder(self.corrupted[i], plan, response_prefix=list(prefix), fired=list(fired),
+                             after_divergence=self.params.fire_after_divergence)
+
+    def _request(self, i: int, job: ForcedDecoder) -> GenerateRequest:
+        """The re-decode request of item ``i`` that ``job`` decides, after its response prefix."""
+        return GenerateRequest(self.prompts[i], self.visual[i], self.params.max_new_tokens - len(job.response_prefix),
+                               forced=job, response_prefix=list(job.response_prefix))
 
     def absorb(self, redecoded: Sequence[list[int]]) -> list[GenerateRequest]:
         """Take one round's re-decode outputs (for ``redecode_requests``, in order); returns the next round's
@@ -457,9 +466,7 @@ class HSCRBatch:
 
     def _request_ahead(self, i: int, plan: list[Replacement], job: ForcedDecoder) -> GenerateRequest:
         """Item ``i``'s next level, requested while the level before it still decodes (``Successor``)."""
-        budget = self.params.max_new_tokens - len(job.response_prefix)
-        request = GenerateRequest(self.prompts[i], self.visual[i], budget, forced=job,
-                                  response_prefix=list(job.response_prefix))
+        request = self._request(i, job)
         outputs: list[list[int] | None] = [None]
         self._ahead.setdefault(i, []).append(([(plan, job)], [request], outputs))
         self._pending[id(request)] = (i, outputs, 0)
@@ -542,7 +549,7 @@ class Successor:
     def __init__(self, batch: HSCRBatch, i: int, plan: list[Replacement], request: GenerateRequest):
         self.batch, self.i, self.plan = batch, i, plan
         self.tokens: list[int] = []
-        self.decoder = ForcedDecoder(batch.corrupted[i], plan, after_divergence=batch.params.fire_after_divergence)
+        self.decoder = batch._decoder(i, plan)
         self.request: GenerateRequest | None = None  # the next level's, once requested
         # the prefix was decoded already: the forced steps' greedy choices are the originals it replaced
         greedy_at = {step: r.original for step, r in request.forced.fired} if request.forced else {}
@@ -560,8 +567,7 @@ class Successor:
         if (greedy if forced is None else forced) == token:
             self.tokens.append(token)
             return None
-        job = ForcedDecoder(self.batch.corrupted[self.i], self.plan, response_prefix=list(self.tokens), fired=before,
-                            after_divergence=self.batch.params.fire_after_divergence)
+        job = self.batch._decoder(self.i, self.plan, self.tokens, before)
         self.request = self.batch._request_ahead(self.i, self.plan, job)
         return self.request
 

@@ -411,12 +411,20 @@ class TransformersBackend(ProcessorBackend):
                     layer.values[free] = layer.values[s]
                 mask[free] = mask[s]
             else:  # every row is busy: it waits like a follow-up
-                (queue.append((request, source)) if source is not None else left.append(request))
+                wait(request, source)
                 return
             row = slots[s]
             slots[free] = _Slot(row.prompt_ids, row.visual, list(row.held), list(row.columns),
                                 row.last_prompt_position, row.next_position)
             place(free, request, source)
+
+        def wait(request: GenerateRequest, source: _CachedRow | None) -> None:
+            """No row takes ``request`` now: it waits for a free row, or for the caller where no kept own
+            answer holds its prompt (a free row of another prompt could not continue it)."""
+            if source is not None:
+                queue.append((request, source))
+            else:
+                left.append(request)
 
         def fork_all() -> None:
             while forks:
@@ -476,10 +484,8 @@ class TransformersBackend(ProcessorBackend):
                     source = self._reusable_row(new)
                     if slot.request is None and (source is not None or slot.continues(new)):
                         place(s, new, source)
-                    elif source is not None:
-                        queue.append((new, source))
                     else:
-                        left.append(new)
+                        wait(new, source)
             for s, slot in enumerate(slots):
                 if queue and (slot is None or slot.request is None):
                     place(s, *queue.popleft())
