@@ -108,8 +108,11 @@ def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: 
     (which goes first rotates between passes).
 
     ``stream``: each mode takes every chunk in turn, and HSCR runs as the worker and ``hscr generate`` do
-    (``run_hscr_stream``: a chunk's re-decode rounds ride the engine calls of the chunks after it)."""
+    (``run_hscr_stream``: a chunk's re-decode rounds ride the engine calls of the chunks after it on vLLM; on
+    transformers the whole stream is one chained decode batch of ``batch_size`` rows)."""
     similarity = get_similarity(params.similarity)
+    if isinstance(backend, TransformersBackend):  # its row budget: no decode (a chained one too) holds more rows
+        backend.batch_size = batch_size
     totals: dict[str, dict] = {"prefill_only": {}, "plain": {}, "hscr": {}}
     levels: list[int] = []
 

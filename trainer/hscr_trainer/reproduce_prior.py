@@ -32,7 +32,10 @@ from .reproduce import build_hscr_dataset, build_random_dataset, run_grid, train
 
 COUNTER_SEED_BASE, IN_PRIOR_SEED_BASE = 8000, 8500  # eval items of seed s: base + s (counter-prior, in-prior)
 # HSCR datasets: name -> the HSCRParams that differ from the shipped defaults.
-DATASETS: dict[str, dict] = {"hscr": {}, "hscr-own": {"chosen": "own"}, "hscr+own-rejected": {"own_rejected": True}}
+# "hscr-minimal-pair": each level is the own answer with its replaced tokens swapped in place (no re-decode), against
+# the own answer where it is right: the pair differs exactly at the hallucinated tokens (bench/minimal_edit.py).
+DATASETS: dict[str, dict] = {"hscr": {}, "hscr-own": {"chosen": "own"}, "hscr+own-rejected": {"own_rejected": True},
+                             "hscr-minimal-pair": {"chosen": "own", "replace_mode": "splice"}}
 # name -> (dataset, loss_type, extra trainer settings). "dpo-*": one pair per item (level 1), as plain DPO.
 METHODS: dict[str, tuple[str, str, dict]] = {
     "sft": ("hscr", "sft", {}),
@@ -62,6 +65,7 @@ METHODS: dict[str, tuple[str, str, dict]] = {
                                                            {"nll_weight": 1.0, "freeze_vision_tower": False}),
     "own-rejected explicit+implicit+image_conditional+rpo": ("hscr+own-rejected", "explicit,implicit,image_conditional",
                                                              {"nll_weight": 1.0}),
+    "minimal-pair explicit+implicit+rpo": ("hscr-minimal-pair", "explicit,implicit", {"nll_weight": 1.0}),
 }
 # The table in docs/trainer.md (Table 5). The rest are one flag away (--methods): chosen='own' gives the same pairs
 # on this task (its answers have no free wording), and the dpop, un-anchored mDPO and own-rejected rows have no

@@ -30,6 +30,7 @@ batch's own answers into the same engine call.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -139,7 +140,13 @@ def run_hscr_stream(backend: Backend, batches: Iterable[tuple[K, Sequence[Prepar
     and a stream costs about ``max(answer, re-decode)`` steps per batch instead of their sum.
     Every request stays independent, so the decisions are those of ``run_hscr`` on each batch.
     A batch's results come out one batch later than without overlap.
+
+    By default a backend that decodes a whole stream in one chained batch (``streams_chained``: the
+    transformers backend) does that instead (``_stream_chained``); ``overlap=False`` runs batch by batch.
     """
+    if overlap is None and not backend.continuous_batching and getattr(backend, "streams_chained", False):
+        yield from _stream_chained(backend, batches, params, similarity)
+        return
     if overlap is None:
         overlap = backend.continuous_batching
     if not overlap:
@@ -174,6 +181,83 @@ def run_hscr_stream(backend: Backend, batches: Iterable[tuple[K, Sequence[Prepar
     while waiting:
         call([])
         yield from ready()
+
+
+@dataclass
+class _Streamed:
+    """One batch of a chained stream (``_stream_chained``): its own answers as they finish, then its levels."""
+
+    key: object
+    batch: HSCRBatch
+    own: list[list[int] | None] = field(default_factory=list)
+    planned: bool = False
+
+    def __post_init__(self) -> None:
+        self.own = [None] * len(self.batch.answer_requests)
+        self._index = {id(r): k for k, r in enumerate(self.batch.answer_requests)}
+        if not self.own:  # every item refused: nothing to decode
+            self.batch.plan([])
+            self.planned = True
+
+    def follow(self, request: GenerateRequest, ids: list[int]) -> list[GenerateRequest]:
+        k = self._index.pop(id(request), None)
+        if k is None:
+            return self.batch.follow(request, ids)
+        self.own[k] = ids
+        if self._index:
+            return []
+        self.planned = True
+        return self.batch.plan(self.own)
+
+    @property
+    def ready(self) -> bool:
+        return self.planned and self.batch.done
+
+
+def _stream_chained(backend: Backend, batches: Iterable[tuple[K, Sequence[PreparedItem]]], params: HSCRParams,
+                    similarity: Similarity) -> Iterator[tuple[K, list[ItemResult]]]:
+    """``run_hscr_stream`` in one chained decode batch (``backend.stream_chained``): a batch's own answers take
+    rows as soon as the batch before it leaves rows free, and its levels follow in the same batch, so no row idles
+    while one batch's last levels decode. Each request is the one ``run_hscr`` makes, so are the decisions."""
+    source = iter(batches)
+    live: deque[_Streamed] = deque()  # oldest first: results leave in order
+    of_image: dict[int, _Streamed] = {}  # id(visual embeddings) -> its batch (an item's requests share them)
+
+    def more() -> list[GenerateRequest]:
+        for key, items in source:
+            entry = _Streamed(key, HSCRBatch(backend, items, params, similarity))
+            live.append(entry)
+            if entry.own:
+                of_image.update((id(r.visual.embeds), entry) for r in entry.batch.answer_requests)
+                return entry.batch.answer_requests
+        return []
+
+    def release(entry: _Streamed) -> None:
+        backend.release(entry.batch.answer_requests)
+        for r in entry.batch.answer_requests:
+            of_image.pop(id(r.visual.embeds), None)
+
+    def ready() -> Iterator[tuple[K, list[ItemResult]]]:
+        while live and live[0].ready:
+            entry = live.popleft()
+            release(entry)
+            yield entry.key, entry.batch.finish()
+
+    def follow(request: GenerateRequest, ids: list[int]) -> list[GenerateRequest]:
+        return of_image[id(request.visual.embeds)].follow(request, ids)
+
+    def successor(request: GenerateRequest) -> Successor | None:
+        return of_image[id(request.visual.embeds)].batch.successor(request)
+
+    try:
+        for _ in backend.stream_chained(more, follow, successor):
+            yield from ready()
+        yield from ready()
+        if live:
+            raise RuntimeError(f"the chained stream ended with {len(live)} batches unfinished")
+    finally:
+        for entry in live:
+            release(entry)
 
 
 class HSCRBatch:

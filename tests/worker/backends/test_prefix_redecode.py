@@ -21,7 +21,7 @@ import torch
 from hscr_client import HSCRParams
 from hscr_worker.backends.base import BackendStats, GenerateRequest
 from hscr_worker.core.replace import ForcedDecoder, Replacement
-from hscr_worker.pipeline import reproduced_prefix, run_hscr, run_hscr_stream
+from hscr_worker.pipeline import PreparedItem, reproduced_prefix, run_hscr, run_hscr_stream
 from hscr_worker.similarity import get_similarity
 
 N_ITEMS = 16  # held-out items per comparison: enough levels (asserted) at a few seconds per run
@@ -414,8 +414,8 @@ def _same_as_batch_by_batch(backend, items, params, batch_size=6):
 
 
 def test_stream_without_overlap_on_transformers_is_batch_by_batch(hf_backend, heldout_items):
-    """Padded static batches gain nothing from merging: by default a transformers stream decodes each batch's own
-    answers, then its re-decodes, and hands its results over before the next batch's first engine call."""
+    """``overlap=False``: a transformers stream decodes each batch's own answers, then its re-decodes, and hands its
+    results over before the next batch's first engine call."""
     assert hf_backend.continuous_batching is False
     params = HSCRParams()
     items = heldout_items[:12]
@@ -448,7 +448,8 @@ def test_stream_without_overlap_on_transformers_is_batch_by_batch(hf_backend, he
     # instance attributes: shadow the methods for this test only
     hf_backend.generate, hf_backend.generate_chained = recorded, recorded_chain
     try:
-        for key, results in run_hscr_stream(hf_backend, iter(batches), params, get_similarity(params.similarity)):
+        for key, results in run_hscr_stream(hf_backend, iter(batches), params, get_similarity(params.similarity),
+                                            overlap=False):
             events.append(("results", key))
             assert [r.custom_id for r in results] == [it.custom_id for it in batches[key][1]]
             assert any(r.levels for r in results)  # each batch has re-decodes to order
@@ -457,6 +458,70 @@ def test_stream_without_overlap_on_transformers_is_batch_by_batch(hf_backend, he
     # a batch's re-decode rounds (candidates_per_round levels per item each) follow one another
     rounds = [event for k, event in enumerate(events) if not (k and event == events[k - 1] == ("re-decode", event[1]))]
     assert rounds == [event for k in range(3) for event in (("answer", [k]), ("re-decode", [k]), ("results", k))]
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_transformers_chained_stream_gives_the_batch_results(hf_backend, heldout_items, setting):
+    """By default a transformers stream is one chained decode batch (``stream_chained``): a batch's own answers take
+    the rows the batch before it frees while that batch's last levels still decode, and no ``generate`` call is
+    made; the decisions are those of ``run_hscr`` batch by batch. A batch whose every item is refused still comes
+    out in its place."""
+    params = SETTINGS[setting]
+    similarity = get_similarity(params.similarity)
+    items = heldout_items[:N_ITEMS]
+    too_long = PreparedItem("too-long", "what is seen " * 300, items[0].image.copy())
+    batches = [(0, items[:6]), (1, [too_long]), (2, items[6:12]), (3, items[12:N_ITEMS])]
+    order: list[tuple[str, int]] = []  # (kind, batch) of each finished request, in the order they finished
+    chained, kept_before = hf_backend.stream_chained, set(hf_backend._reusable)
+
+    def recorded(more, follow, successor=None, max_rows=None):
+        def followed(request, ids):
+            batch = next(key for key, chunk in batches for it in chunk if it.image is images[id(request.visual.embeds)])
+            order.append(("re-decode" if request.forced is not None else "answer", batch))
+            return follow(request, ids)
+        return chained(more, followed, successor, max_rows)
+
+    images: dict[int, object] = {}
+    encode = hf_backend.encode_images
+
+    def encode_and_note(pictures):
+        visual = encode(pictures)
+        images.update((id(v.embeds), p) for v, p in zip(visual, pictures, strict=True))
+        return visual
+
+    def no_generate(requests):
+        raise AssertionError("a chained stream makes no generate call")
+
+    # instance attributes: shadow the methods for this test only
+    hf_backend.stream_chained, hf_backend.encode_images, hf_backend.generate = recorded, encode_and_note, no_generate
+    try:
+        streamed = list(run_hscr_stream(hf_backend, iter(batches), params, similarity))
+    finally:
+        del hf_backend.stream_chained, hf_backend.encode_images, hf_backend.generate
+    assert set(hf_backend._reusable) <= kept_before  # each batch's kept caches went with its results
+    assert [key for key, _ in streamed] == [0, 1, 2, 3]
+    assert "context of" in streamed[1][1][0].error
+    for (key, chunk), (_, results) in zip(batches, streamed, strict=True):
+        if key != 1:
+            _same_decisions(results, run_hscr(hf_backend, chunk, params, similarity), f"chained stream ({key})", 1e-4)
+    assert sum(len(r.levels) for _, results in streamed for r in results) >= 10
+    # overlap: some own answer of a later batch finished before the last re-decode of the batch before it
+    last_redecode = {k: max(n for n, event in enumerate(order) if event == ("re-decode", k)) for k in (0, 2)}
+    first_answer = {k: min(n for n, event in enumerate(order) if event == ("answer", k)) for k in (2, 3)}
+    assert first_answer[2] < last_redecode[0] and first_answer[3] < last_redecode[2], order
+
+
+def test_transformers_chained_stream_closed_early_keeps_no_cache(hf_backend, heldout_items):
+    """A consumer that stops reading (a cancelled job) closes the stream: the kept caches of its batches go."""
+    params = HSCRParams()
+    items = heldout_items[:12]
+    kept_before = set(hf_backend._reusable)
+    stream = run_hscr_stream(hf_backend, iter([(0, items[:4]), (1, items[4:8]), (2, items[8:])]), params,
+                             get_similarity(params.similarity))
+    key, results = next(stream)
+    assert key == 0 and any(r.levels for r in results)
+    stream.close()
+    assert set(hf_backend._reusable) <= kept_before
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))

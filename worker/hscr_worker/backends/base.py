@@ -137,6 +137,9 @@ class Backend(ABC):
     # True when requests of any length share engine steps without padding (vLLM's scheduler):
     # then ``run_hscr_stream`` overlaps one batch's re-decode with the next batch's own answers.
     continuous_batching: bool = False
+    # True when one chained decode batch can take a whole stream (``stream_chained``, ``release``): then
+    # ``run_hscr_stream`` hands it each batch's own answers as rows free up (the transformers backend).
+    streams_chained: bool = False
     # HSCR parameters this engine runs fastest with where nobody set them (below a model family's defaults):
     # speed only, never what the data is.
     param_defaults: Mapping[str, object] = MappingProxyType({})

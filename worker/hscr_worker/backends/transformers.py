@@ -11,7 +11,7 @@ positions hold at every step. A family whose image tokens attend to each other b
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from hscr_worker._compat import ensure_torchvision_importable
@@ -329,10 +329,79 @@ class TransformersBackend(ProcessorBackend):
                 left += [new for r, ids in zip(fresh, self.generate(fresh), strict=True) for new in follow(r, ids)]
             requests = left
 
+    @property
+    def streams_chained(self) -> bool:
+        """Whether ``stream_chained`` runs here: one chained decode batch needs every layer's full columns."""
+        return not self._sliding and self.reuse_prompt_cache and self.chain_redecodes
+
+    @torch.inference_mode()
+    def stream_chained(self, more: Callable[[], Sequence[GenerateRequest]],
+                       follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]],
+                       successor: Callable[[GenerateRequest], DecodeWatch | None] | None = None,
+                       max_rows: int | None = None) -> Iterator[None]:
+        """One chained decode batch over a stream (``pipeline.run_hscr_stream``): whenever a row is free and
+        nothing waits, ``more()`` hands over the next requests (the next batch's own answers; empty at the end),
+        each prefilled alone into a free row; what ``follow`` returns for a finished request decodes in the same
+        batch. So one batch's last levels share the steps with the next batch's own answers instead of leaving
+        rows idle. Yields after every step in which a request finished (its ``follow`` ran); ``max_rows``
+        (default ``batch_size``) caps the rows."""
+        if not self.streams_chained:
+            raise RuntimeError("stream_chained needs full-attention layers, reuse_prompt_cache and chain_redecodes")
+        requests = list(more())
+        if requests:
+            yield from self._chain_steps(requests, [self._reusable_row(r) for r in requests], follow, successor,
+                                         more=more, max_rows=max_rows)
+
+    def release(self, requests: Sequence[GenerateRequest]) -> None:
+        """Drop the kept own-answer caches of ``requests``' prompts and images (``stream_chained``: a finished
+        batch's, which no later request continues)."""
+        for r in requests:
+            self._reusable.pop((tuple(r.prompt_ids), id(r.visual.embeds)), None)
+
+    def _prefilled(self, request: GenerateRequest) -> _CachedRow:
+        """``request``'s prompt prefilled alone, as a kept row a chained row continues (as a kept own answer's, the
+        chain feeds the last prompt token again: its logits are the first response token's)."""
+        embeds, positions = self._inputs(request.prompt_ids, request.visual)
+        cache = DynamicCache(config=self.model.config)
+        n = embeds.shape[0]
+        self._forward(embeds[None], positions[:, None], torch.ones(1, n, dtype=torch.long, device=self.device),
+                      None, cache)
+        self.stats.prefill_tokens += n
+        return _CachedRow(visual=request.visual.embeds, cache=cache, row=0, first=0, prompt_end=n, tokens=[],
+                          last_prompt_token=int(request.prompt_ids[-1]),
+                          last_prompt_position=int(positions[:, -1].max()), next_position=int(positions.max()) + 1,
+                          n_positions=positions.shape[0])
+
+    def _kept_from(self, cache: DynamicCache, mask: torch.Tensor, s: int, slot: _Slot, n_positions: int) -> _CachedRow:
+        """Row ``s`` of a chained batch (an own answer that just finished) as a kept row of its own: its attended
+        columns (the prompt, then ``slot.held``) copied out, since the row takes other requests next."""
+        columns = mask[s].nonzero().squeeze(-1)
+        copy = DynamicCache(config=self.model.config)
+        for index, layer in enumerate(cache.layers):
+            copy.update(layer.keys[s:s + 1, :, columns], layer.values[s:s + 1, :, columns], index)  # (a copy)
+        prompt_end = len(columns) - len(slot.held) + 1  # the held stretch starts with the last prompt token
+        return _CachedRow(visual=slot.visual, cache=copy, row=0, first=0, prompt_end=prompt_end,
+                          tokens=list(slot.held[1:]), last_prompt_token=slot.held[0],
+                          last_prompt_position=slot.last_prompt_position, next_position=slot.next_position,
+                          n_positions=n_positions)
+
     def _chain(self, requests: Sequence[GenerateRequest], kept: Sequence[_CachedRow],
                follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]] | None = None,
                successor: Callable[[GenerateRequest], DecodeWatch | None] | None = None,
                ) -> tuple[list[list[int]], list[GenerateRequest]]:
+        """``_chain_steps`` run to its end."""
+        steps = self._chain_steps(requests, kept, follow, successor)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as end:
+                return end.value
+
+    def _chain_steps(self, requests: Sequence[GenerateRequest], kept: Sequence[_CachedRow | None],
+                     follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]] | None = None,
+                     successor: Callable[[GenerateRequest], DecodeWatch | None] | None = None, *,
+                     more: Callable[[], Sequence[GenerateRequest]] | None = None, max_rows: int | None = None,
+                     ) -> Generator[None, None, tuple[list[list[int]], list[GenerateRequest]]]:
         """Decode ``requests`` from kept caches in one decode batch of up to ``batch_size`` rows (slots), a row
         taking the next request as soon as its own finishes (``requests`` beyond the slots, and what ``follow``
         returns for each finished request). Returns the responses of ``requests`` and the follow-ups that no
@@ -349,18 +418,31 @@ class TransformersBackend(ProcessorBackend):
         ``successor`` (``Backend.generate_chained``): a request handed out mid-decode continues a copy of the
         row it leaves, in an idle row or a new one up to ``batch_size`` rows, so an item's next level decodes
         beside the level it leaves instead of after it."""
+        stream = more is not None
+        if stream:  # what no kept row holds is prefilled
+            kept = [source or self._prefilled(r) for r, source in zip(requests, kept, strict=True)]
         n_pos = kept[0].n_positions
+        cap = max_rows or self.batch_size
         queue = deque(zip(requests, kept, strict=True))
-        slots: list[_Slot | None] = [None] * min(len(requests), self.batch_size)
+        fresh: deque[tuple[GenerateRequest, None]] = deque()  # a stream's new requests: after the queued ones
+
+        def take() -> tuple[GenerateRequest, _CachedRow | None]:
+            """The next waiting request: continuations of earlier work first, so a batch's levels finish (and
+            free its kept answers) before the next batch's own answers fill every row."""
+            return queue.popleft() if queue else fresh.popleft()
+        slots: list[_Slot | None] = [None] * min(len(requests), cap)
         mask = torch.zeros(len(slots), 0, device=self.device, dtype=torch.long)
         out: dict[int, list[int]] = {}
         left: list[GenerateRequest] = []
+        logits_of: dict[int, list[torch.Tensor]] = {}  # id(request) -> its score rows (``return_logits``)
 
         def place(s: int, request: GenerateRequest, source: _CachedRow | None) -> None:
             """Put ``request`` into row ``s``: continuing the row's own keys, or those of ``source`` (a kept own
             answer, its rows copied in) where that holds more of the request's prefix."""
             nonlocal cache, mask
             want, slot = _want(request), slots[s]
+            if source is None and (slot is None or not slot.continues(request)):
+                source = self._prefilled(request)  # a stream's new request (``wait``)
             own = slot.shared(want) if slot is not None and slot.continues(request) else -1
             kept_shared = source.shared(want) if source is not None else -1
             if kept_shared > own:
@@ -398,7 +480,7 @@ class TransformersBackend(ProcessorBackend):
             nonlocal cache, mask
             source = self._reusable_row(request)
             free = next((t for t, slot in enumerate(slots) if slot is None or slot.request is None), None)
-            if free is None and len(slots) < self.batch_size:
+            if free is None and len(slots) < cap:
                 free = len(slots)
                 slots.append(None)
                 for layer in cache.layers:
@@ -420,19 +502,55 @@ class TransformersBackend(ProcessorBackend):
 
         def wait(request: GenerateRequest, source: _CachedRow | None) -> None:
             """No row takes ``request`` now: it waits for a free row, or for the caller where no kept own
-            answer holds its prompt (a free row of another prompt could not continue it)."""
-            if source is not None:
+            answer holds its prompt (a free row of another prompt could not continue it; in a stream it is
+            prefilled when a row takes it)."""
+            if source is not None or stream:
                 queue.append((request, source))
             else:
                 left.append(request)
+
+        def add_rows(n: int) -> list[int]:
+            """``n`` empty rows at the end of the batch (one copy of the cache for all of them)."""
+            nonlocal mask
+            for layer in cache.layers:
+                layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(n, *layer.keys.shape[1:])])
+                layer.values = torch.cat([layer.values, layer.values.new_zeros(n, *layer.values.shape[1:])])
+            mask = torch.cat([mask, mask.new_zeros(n, mask.shape[1])])
+            slots.extend([None] * n)
+            return list(range(len(slots) - n, len(slots)))
+
+        def refill() -> bool:
+            """A stream: free rows (up to ``cap``) take ``more()``'s requests; whether any did."""
+            nonlocal more
+            new = list(more()) if more is not None else []
+            if not new:
+                more = None  # the stream is over
+                return False
+            free = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
+            for request in new:
+                fresh.append((request, None))
+            waiting = len(queue) + len(fresh)
+            if waiting > len(free) and len(slots) < cap:
+                free += add_rows(min(waiting - len(free), cap - len(slots)))
+            while (queue or fresh) and free:
+                place(free.pop(0), *take())
+            return True
 
         def fork_all() -> None:
             while forks:
                 fork(*forks.pop(0))
 
-        def finished(slot: _Slot) -> list[GenerateRequest]:
+        def finished(s: int) -> list[GenerateRequest]:
+            slot = slots[s]
             request, ids = slot.request, slot.generated
             response = [*request.response_prefix, *(ids if self.ignore_eos else self._cut_at_stop(ids))]
+            if request.return_logits:  # step t's row predicts response token t, as a score row does
+                rows = logits_of.pop(id(request))[:len(response)]
+                request.logits = torch.stack(rows) if rows else torch.empty(0, self.model.config.get_text_config(
+                ).vocab_size)
+            if stream and self._keeps(request):  # a stream's own answer: its re-decodes continue it
+                self._reusable[(tuple(request.prompt_ids), id(request.visual.embeds))] = self._kept_from(
+                    cache, mask, s, slot, n_pos)
             if id(request) in ids_of:
                 out[ids_of[id(request)]] = response
             return list(follow(request, response)) if follow is not None else []
@@ -447,7 +565,9 @@ class TransformersBackend(ProcessorBackend):
         while True:
             active = [s for s, slot in enumerate(slots) if slot is not None and slot.request is not None]
             if not active:
-                break
+                if not refill():
+                    break
+                active = [s for s, slot in enumerate(slots) if slot is not None and slot.request is not None]
             column = mask.shape[1]
             inputs = [self.pad_token_id] * len(slots)
             positions = [0] * len(slots)
@@ -460,10 +580,13 @@ class TransformersBackend(ProcessorBackend):
             logits = self._forward(self._embed_tokens(torch.tensor(inputs, device=self.device)).unsqueeze(1),
                                    step_positions, mask, None, cache)[:, -1]
             deciding = [s for s in active if not slots[s].feed]
-            greedy = logits[deciding].float().argmax(-1).tolist() if deciding else []
+            scores = logits[deciding].float()
+            greedy = scores.argmax(-1).tolist() if deciding else []
             done = []
-            for s, choice in zip(deciding, greedy, strict=True):
+            for row, (s, choice) in enumerate(zip(deciding, greedy, strict=True)):
                 slot = slots[s]
+                if slot.request.return_logits:
+                    logits_of.setdefault(id(slot.request), []).append(scores[row].cpu())
                 forced = slot.request.forced.next_token(slot.generated, choice) if slot.request.forced else None
                 token = choice if forced is None else forced
                 slot.generated.append(token)
@@ -476,22 +599,32 @@ class TransformersBackend(ProcessorBackend):
                 else:
                     slot.feed.append(token)
             fork_all()  # before a finished row takes a follow-up: a fork copies the row's keys
+            ended = []
             for s in done:
                 slot = slots[s]
-                follow_ups = finished(slot)
+                follow_ups = finished(s)
+                ended.append(slot.request)
                 slot.request = None
                 for new in follow_ups:  # the finished row takes the first follow-up it can continue
                     source = self._reusable_row(new)
-                    if slot.request is None and (source is not None or slot.continues(new)):
+                    if slots[s].request is None and (source is not None or slot.continues(new)):
                         place(s, new, source)
                     else:
                         wait(new, source)
+            if stream:  # an item whose level left nothing to decode after it is done: its kept answer goes
+                pending = {id(r.visual.embeds) for r in [*(slot.request for slot in slots if slot is not None),
+                                                          *(r for r, _ in queue), *(r for r, _ in fresh)]
+                           if r is not None}
+                self.release([r for r in ended if r.forced is not None and id(r.visual.embeds) not in pending])
             for s, slot in enumerate(slots):
-                if queue and (slot is None or slot.request is None):
-                    place(s, *queue.popleft())
+                if (queue or fresh) and (slot is None or slot.request is None):
+                    place(s, *take())
             fork_all()
             idle = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
-            if not queue and len(slots) > 1 and 2 * len(idle) >= len(slots):  # a smaller batch is cheaper per step
+            if more is not None and not queue and not fresh and (idle or len(slots) < cap) and refill():
+                idle = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
+            # a smaller batch is cheaper per step
+            if not queue and not fresh and len(slots) > 1 and 2 * len(idle) >= len(slots):
                 keep = [s for s in range(len(slots)) if s not in idle]
                 if keep:
                     index = torch.tensor(keep, device=self.device)
@@ -500,6 +633,8 @@ class TransformersBackend(ProcessorBackend):
             widest = int(mask.sum(1).max())
             if mask.shape[1] - widest > max(COMPACT_SLACK, COMPACT_SHARE * widest):
                 cache, mask = self._compact(cache, mask, slots)
+            if done:
+                yield
         return [out[k] for k in range(len(requests))], left
 
     def _compact(self, cache: DynamicCache, mask: torch.Tensor,
