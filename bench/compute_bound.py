@@ -109,33 +109,36 @@ def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: 
 
     ``stream``: each mode takes every chunk in turn, and HSCR runs as the worker and ``hscr generate`` do
     (``run_hscr_stream``: a chunk's re-decode rounds ride the engine calls of the chunks after it on vLLM; on
-    transformers the whole stream is one chained decode batch of ``batch_size`` rows)."""
+    transformers the whole stream is one chained decode batch of ``batch_size`` rows), and once more batch by
+    batch (``overlap=False``, mode ``hscr_by_batch``), side by side."""
     similarity = get_similarity(params.similarity)
     if isinstance(backend, TransformersBackend):  # its row budget: no decode (a chained one too) holds more rows
         backend.batch_size = batch_size
-    totals: dict[str, dict] = {"prefill_only": {}, "plain": {}, "hscr": {}}
+    totals: dict[str, dict] = {"prefill_only": {}, "plain": {}, "hscr": {}, "hscr_by_batch": {}}
     levels: list[int] = []
 
     def chunked(run):
         return lambda rows: [out for start in range(0, len(rows), batch_size)
                              for out in run(rows[start:start + batch_size])]
 
-    def hscr_stream(rows):
+    def hscr_stream(rows, overlap=None):
         chunks = ((start, rows[start:start + batch_size]) for start in range(0, len(rows), batch_size))
-        return [r for _, results in run_hscr_stream(backend, chunks, params, similarity) for r in results]
+        return [r for _, results in run_hscr_stream(backend, chunks, params, similarity, overlap=overlap)
+                for r in results]
 
     modes = {"prefill_only": lambda chunk: plain_greedy(backend, chunk, 1),
              "plain": lambda chunk: plain_greedy(backend, chunk, params.max_new_tokens),
              "hscr": lambda chunk: run_hscr(backend, chunk, params, similarity)}
     if stream:
-        modes = {"prefill_only": chunked(modes["prefill_only"]), "plain": chunked(modes["plain"]), "hscr": hscr_stream}
+        modes = {"prefill_only": chunked(modes["prefill_only"]), "plain": chunked(modes["plain"]), "hscr": hscr_stream,
+                 "hscr_by_batch": lambda rows: hscr_stream(rows, overlap=False)}
     order = list(modes)
     # Streams of STREAM_CHUNKS chunks, the three modes in turn per stream: load that comes and goes hits all three
     step = batch_size * (STREAM_CHUNKS if stream else 1)
     for repeat in range(repeats):
         for group, start in enumerate(range(0, len(items), step)):
             chunk = items[start:start + step]
-            first = (repeat + (group if stream else 0)) % 3
+            first = (repeat + (group if stream else 0)) % len(order)
             turn = order[first:] + order[:first]
             for mode in turn:
                 phase = _phase(backend, device, lambda mode=mode, chunk=chunk: modes[mode](chunk))
@@ -164,6 +167,9 @@ def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: 
         "floor_seconds": floor,
         "plain_prefill_seconds_per_token": prefill_cost, "plain_decode_seconds_per_token": decode_cost,
         "peak_memory_ratio": hscr["peak_memory_bytes"] / plain["peak_memory_bytes"],
+        **({"hscr_by_batch": totals["hscr_by_batch"],
+            "hscr_by_batch_over_plain": totals["hscr_by_batch"]["seconds"] / plain["seconds"],
+            "hscr_over_hscr_by_batch": hscr["seconds"] / totals["hscr_by_batch"]["seconds"]} if stream else {}),
     }
 
 
@@ -171,7 +177,8 @@ def line(backend: str, r: dict) -> str:
     return (f"{backend:>12} batch {r['batch_size']:>3}: HSCR/plain {r['hscr_over_plain']:5.2f}x, "
             f"generated {r['generated_tokens_ratio']:4.2f}x, prefill {r['prefill_tokens_ratio']:4.2f}x, "
             f"HSCR/floor {r['hscr_over_floor']:4.2f}x, peak memory {r['peak_memory_ratio']:4.2f}x, "
-            f"prefix hits {r['hscr']['prefix_hit_rate']:.2f}, levels/row {r['hscr']['mean_levels_per_row']:.2f}")
+            f"prefix hits {r['hscr']['prefix_hit_rate']:.2f}, levels/row {r['hscr']['mean_levels_per_row']:.2f}"
+            + (f"; batch by batch HSCR/plain {r['hscr_by_batch_over_plain']:5.2f}x" if "hscr_by_batch" in r else ""))
 
 
 def table(report: dict) -> str:

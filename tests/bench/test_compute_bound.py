@@ -81,3 +81,6 @@ def test_stream_runs_hscr_as_the_worker_does_and_shared_levels_decode_less(tmp_p
                          one_call["backends"]["transformers"]["results"], strict=True):
         assert now["hscr"]["decoded_tokens"] <= then["hscr"]["decoded_tokens"]
         assert now["hscr"]["mean_levels_per_row"] == then["hscr"]["mean_levels_per_row"]
+        # batch by batch, side by side: the chained stream decodes the same tokens (each request is run_hscr's)
+        assert now["hscr_by_batch"]["decoded_tokens"] == now["hscr"]["decoded_tokens"]
+        assert now["hscr_by_batch_over_plain"] > 0 and now["hscr_over_hscr_by_batch"] > 0

@@ -185,7 +185,8 @@ def run_hscr_stream(backend: Backend, batches: Iterable[tuple[K, Sequence[Prepar
 
 @dataclass
 class _Streamed:
-    """One batch of a chained stream (``_stream_chained``): its own answers as they finish, then its levels."""
+    """One ``HSCRBatch`` of a chained stream (``_stream_chained``): its own answers as they finish, then its
+    levels."""
 
     key: object
     batch: HSCRBatch
@@ -218,30 +219,34 @@ def _stream_chained(backend: Backend, batches: Iterable[tuple[K, Sequence[Prepar
                     similarity: Similarity) -> Iterator[tuple[K, list[ItemResult]]]:
     """``run_hscr_stream`` in one chained decode batch (``backend.stream_chained``): a batch's own answers take
     rows as soon as the batch before it leaves rows free, and its levels follow in the same batch, so no row idles
-    while one batch's last levels decode. Each request is the one ``run_hscr`` makes, so are the decisions."""
+    while one batch's last levels decode. Each item is planned as soon as its own answer is in (an ``HSCRBatch``
+    of its own: items are independent), so its levels do not wait for the slowest answer of its batch. Each
+    request is the one ``run_hscr`` makes, so are the decisions; results leave per batch, in order."""
     source = iter(batches)
-    live: deque[_Streamed] = deque()  # oldest first: results leave in order
-    of_image: dict[int, _Streamed] = {}  # id(visual embeddings) -> its batch (an item's requests share them)
+    live: deque[tuple[K, list[_Streamed]]] = deque()  # per batch, oldest first: results leave in order
+    of_image: dict[int, _Streamed] = {}  # id(visual embeddings) -> its item (an item's requests share them)
 
     def more() -> list[GenerateRequest]:
         for key, items in source:
-            entry = _Streamed(key, HSCRBatch(backend, items, params, similarity))
-            live.append(entry)
-            if entry.own:
-                of_image.update((id(r.visual.embeds), entry) for r in entry.batch.answer_requests)
-                return entry.batch.answer_requests
+            entries = [_Streamed(key, HSCRBatch(backend, [item], params, similarity)) for item in items]
+            live.append((key, entries))
+            requests = [r for entry in entries for r in entry.batch.answer_requests]
+            of_image.update((id(r.visual.embeds), entry) for entry in entries for r in entry.batch.answer_requests)
+            if requests:
+                return requests
         return []
 
-    def release(entry: _Streamed) -> None:
-        backend.release(entry.batch.answer_requests)
-        for r in entry.batch.answer_requests:
-            of_image.pop(id(r.visual.embeds), None)
+    def release(entries: list[_Streamed]) -> None:
+        for entry in entries:
+            backend.release(entry.batch.answer_requests)
+            for r in entry.batch.answer_requests:
+                of_image.pop(id(r.visual.embeds), None)
 
     def ready() -> Iterator[tuple[K, list[ItemResult]]]:
-        while live and live[0].ready:
-            entry = live.popleft()
-            release(entry)
-            yield entry.key, entry.batch.finish()
+        while live and all(entry.ready for entry in live[0][1]):
+            key, entries = live.popleft()
+            release(entries)
+            yield key, [result for entry in entries for result in entry.batch.finish()]
 
     def follow(request: GenerateRequest, ids: list[int]) -> list[GenerateRequest]:
         return of_image[id(request.visual.embeds)].follow(request, ids)
@@ -256,8 +261,8 @@ def _stream_chained(backend: Backend, batches: Iterable[tuple[K, Sequence[Prepar
         if live:
             raise RuntimeError(f"the chained stream ended with {len(live)} batches unfinished")
     finally:
-        for entry in live:
-            release(entry)
+        for _, entries in live:
+            release(entries)
 
 
 class HSCRBatch:

@@ -417,7 +417,12 @@ class TransformersBackend(ProcessorBackend):
 
         ``successor`` (``Backend.generate_chained``): a request handed out mid-decode continues a copy of the
         row it leaves, in an idle row or a new one up to ``batch_size`` rows, so an item's next level decodes
-        beside the level it leaves instead of after it."""
+        beside the level it leaves instead of after it.
+
+        ``more`` (``stream_chained``): where rows are free and nothing waits, the next requests of a stream; a
+        request no kept row holds is prefilled alone when a row takes it, a finished own answer's row is copied
+        out as the kept row its levels continue, and the steps yield. ``max_rows`` caps the rows (default
+        ``batch_size``)."""
         stream = more is not None
         if stream:  # what no kept row holds is prefilled
             kept = [source or self._prefilled(r) for r, source in zip(requests, kept, strict=True)]
@@ -430,18 +435,20 @@ class TransformersBackend(ProcessorBackend):
             """The next waiting request: continuations of earlier work first, so a batch's levels finish (and
             free its kept answers) before the next batch's own answers fill every row."""
             return queue.popleft() if queue else fresh.popleft()
+
         slots: list[_Slot | None] = [None] * min(len(requests), cap)
         mask = torch.zeros(len(slots), 0, device=self.device, dtype=torch.long)
         out: dict[int, list[int]] = {}
         left: list[GenerateRequest] = []
         logits_of: dict[int, list[torch.Tensor]] = {}  # id(request) -> its score rows (``return_logits``)
+        kept_here: set[tuple] = set()  # the kept answers this stream made that are still kept
 
         def place(s: int, request: GenerateRequest, source: _CachedRow | None) -> None:
             """Put ``request`` into row ``s``: continuing the row's own keys, or those of ``source`` (a kept own
             answer, its rows copied in) where that holds more of the request's prefix."""
             nonlocal cache, mask
             want, slot = _want(request), slots[s]
-            if source is None and (slot is None or not slot.continues(request)):
+            if stream and source is None and (slot is None or not slot.continues(request)):
                 source = self._prefilled(request)  # a stream's new request (``wait``)
             own = slot.shared(want) if slot is not None and slot.continues(request) else -1
             kept_shared = source.shared(want) if source is not None else -1
@@ -549,8 +556,9 @@ class TransformersBackend(ProcessorBackend):
                 request.logits = torch.stack(rows) if rows else torch.empty(0, self.model.config.get_text_config(
                 ).vocab_size)
             if stream and self._keeps(request):  # a stream's own answer: its re-decodes continue it
-                self._reusable[(tuple(request.prompt_ids), id(request.visual.embeds))] = self._kept_from(
-                    cache, mask, s, slot, n_pos)
+                key = (tuple(request.prompt_ids), id(request.visual.embeds))
+                self._reusable[key] = self._kept_from(cache, mask, s, slot, n_pos)
+                kept_here.add(key)
             if id(request) in ids_of:
                 out[ids_of[id(request)]] = response
             return list(follow(request, response)) if follow is not None else []
@@ -621,7 +629,11 @@ class TransformersBackend(ProcessorBackend):
                     place(s, *take())
             fork_all()
             idle = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
-            if more is not None and not queue and not fresh and (idle or len(slots) < cap) and refill():
+            # the next batch comes in once half of this one's kept answers are gone: at most about one and a half
+            # batches of kept answers besides the rows (batch by batch: one), and it fills the rows the tail leaves
+            kept_here &= self._reusable.keys()
+            if more is not None and not queue and not fresh and (idle or len(slots) < cap) \
+                    and 2 * len(kept_here) <= cap and refill():
                 idle = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
             # a smaller batch is cheaper per step
             if not queue and not fresh and len(slots) > 1 and 2 * len(idle) >= len(slots):
