@@ -4,7 +4,7 @@ weights, 48 forced tokens), every forward timed; decode steps grouped by how man
 that fed or decided a token (active) against the idle ones, and the tokens HSCR decided.
 
 python bench/chain_profile.py --batch-size 8            # 4 batches one by one (run_hscr each), about 3 min
-python bench/chain_profile.py --batch-size 8 --stream   # the same 4 batches through run_hscr_stream
+python bench/chain_profile.py --batch-size 8 --stream   # the same 4 batches as one chained stream (stream_chain)
 """
 
 from __future__ import annotations  # noqa: I001  (the torchvision shim must import first)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         write_random_checkpoint(config, processor, model_dir, device=torch.device("cpu"), dtype=torch.float32,
                                 portable=False)
         backend = TransformersBackend(str(model_dir), device="cpu", batch_size=args.batch_size, ignore_eos=True,
-                                      profile=ARCHS["llava-1.5-7b"].profile)
+                                      profile=ARCHS["llava-1.5-7b"].profile, stream_chain=args.stream)
         params = backend.params(HSCRParams(max_new_tokens=48, min_shift=0.0).model_dump(exclude_unset=True))
         plain_greedy(backend, items[:1], 2)  # warm-up, untimed
         run_hscr(backend, items[:1], params.model_copy(update={"max_new_tokens": 4}), similarity)

@@ -109,8 +109,8 @@ def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: 
 
     ``stream``: each mode takes every chunk in turn, and HSCR runs as the worker and ``hscr generate`` do
     (``run_hscr_stream``: a chunk's re-decode rounds ride the engine calls of the chunks after it on vLLM; on
-    transformers the whole stream is one chained decode batch of ``batch_size`` rows), and once more batch by
-    batch (``overlap=False``, mode ``hscr_by_batch``), side by side."""
+    transformers with ``--stream-chain`` the whole stream is one chained decode batch of ``batch_size`` rows), and
+    once more batch by batch (``overlap=False``, mode ``hscr_by_batch``), side by side."""
     similarity = get_similarity(params.similarity)
     if isinstance(backend, TransformersBackend):  # its row budget: no decode (a chained one too) holds more rows
         backend.batch_size = batch_size
@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                              "decode batch (TransformersBackend(chain_redecodes=False))")
     parser.add_argument("--candidates-per-round", type=int, default=None,
                         help="HSCRParams.candidates_per_round (default: the shipped value)")
+    parser.add_argument("--stream-chain", action="store_true",
+                        help="transformers: a stream in one chained decode batch (TransformersBackend(stream_chain="
+                             "True)); with --stream")
     parser.add_argument("--stream", action="store_true",
                         help="HSCR as the worker runs it (run_hscr_stream over the chunks; see measure_batch_size)")
     parser.add_argument("--block-size", type=int, default=None,
@@ -233,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                     "max_new_tokens": args.max_new_tokens, "question_words": args.question_words,
                     "visual_tokens": config.image_seq_length, "params": params.model_dump(),
                     "no_savings": args.no_savings, "no_chain": args.no_chain, "stream": args.stream,
+                    "stream_chain": args.stream_chain,
                     "block_size": args.block_size,
                     "backends": {}}
     began_all = time.perf_counter()
@@ -254,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                 backend, why_not = TransformersBackend(str(model_dir), device="cpu", batch_size=max(args.batch_sizes),
                                                        ignore_eos=True, profile=ARCHS["llava-1.5-7b"].profile,
                                                        reuse_prompt_cache=not args.no_savings,
-                                                       chain_redecodes=not args.no_chain), ""
+                                                       chain_redecodes=not args.no_chain,
+                                                       stream_chain=args.stream_chain), ""
             else:
                 backend, why_not = vllm_backend(model_dir, max(args.batch_sizes), device,
                                                 **({} if args.block_size is None else {"block_size": args.block_size}))

@@ -74,13 +74,14 @@ def test_stream_runs_hscr_as_the_worker_does_and_shared_levels_decode_less(tmp_p
     """``--stream``: HSCR through ``run_hscr_stream`` over the chunks; levels in rounds of one, each continuing the
     levels before it, never decode more than every level in one call (and the same items get their levels)."""
     one_call = _run(tmp_path, "--backends", "transformers", "--stream", "--candidates-per-round", "0")
-    shared = _run(tmp_path, "--backends", "transformers", "--stream", "--candidates-per-round", "1")
+    shared = _run(tmp_path, "--backends", "transformers", "--stream", "--stream-chain", "--candidates-per-round", "1")
     assert one_call["stream"] is shared["stream"] is True
     _check(shared["backends"]["transformers"]["results"])
     for now, then in zip(shared["backends"]["transformers"]["results"],
                          one_call["backends"]["transformers"]["results"], strict=True):
         assert now["hscr"]["decoded_tokens"] <= then["hscr"]["decoded_tokens"]
         assert now["hscr"]["mean_levels_per_row"] == then["hscr"]["mean_levels_per_row"]
-        # batch by batch, side by side: the chained stream decodes the same tokens (each request is run_hscr's)
+        # batch by batch, side by side: the chained stream (--stream-chain) decodes the same tokens (each request is
+        # run_hscr's)
         assert now["hscr_by_batch"]["decoded_tokens"] == now["hscr"]["decoded_tokens"]
         assert now["hscr_by_batch_over_plain"] > 0 and now["hscr_over_hscr_by_batch"] > 0

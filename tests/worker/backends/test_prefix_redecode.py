@@ -462,10 +462,10 @@ def test_stream_without_overlap_on_transformers_is_batch_by_batch(hf_backend, he
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_transformers_chained_stream_gives_the_batch_results(hf_backend, heldout_items, setting):
-    """By default a transformers stream is one chained decode batch (``stream_chained``): a batch's own answers take
-    the rows the batch before it frees while that batch's last levels still decode, and no ``generate`` call is
-    made; the decisions are those of ``run_hscr`` batch by batch. A batch whose every item is refused still comes
-    out in its place."""
+    """With ``stream_chain`` a transformers stream is one chained decode batch (``stream_chained``): a batch's own
+    answers take the rows the batch before it frees while that batch's last levels still decode, and no
+    ``generate`` call is made; the decisions are those of ``run_hscr`` batch by batch. A batch whose every item
+    is refused still comes out in its place."""
     params = SETTINGS[setting]
     similarity = get_similarity(params.similarity)
     items = heldout_items[:N_ITEMS]
@@ -492,12 +492,15 @@ def test_transformers_chained_stream_gives_the_batch_results(hf_backend, heldout
     def no_generate(requests):
         raise AssertionError("a chained stream makes no generate call")
 
+    assert not hf_backend.streams_chained  # opt-in (TransformersBackend(stream_chain=True))
     # instance attributes: shadow the methods for this test only
     hf_backend.stream_chained, hf_backend.encode_images, hf_backend.generate = recorded, encode_and_note, no_generate
+    hf_backend.stream_chain = True
     try:
         streamed = list(run_hscr_stream(hf_backend, iter(batches), params, similarity))
     finally:
         del hf_backend.stream_chained, hf_backend.encode_images, hf_backend.generate
+        hf_backend.stream_chain = False
     assert set(hf_backend._reusable) <= kept_before  # each batch's kept caches went with its results
     assert [key for key, _ in streamed] == [0, 1, 2, 3]
     assert "context of" in streamed[1][1][0].error
@@ -516,11 +519,15 @@ def test_transformers_chained_stream_closed_early_keeps_no_cache(hf_backend, hel
     params = HSCRParams()
     items = heldout_items[:12]
     kept_before = set(hf_backend._reusable)
-    stream = run_hscr_stream(hf_backend, iter([(0, items[:4]), (1, items[4:8]), (2, items[8:])]), params,
-                             get_similarity(params.similarity))
-    key, results = next(stream)
-    assert key == 0 and any(r.levels for r in results)
-    stream.close()
+    hf_backend.stream_chain = True
+    try:
+        stream = run_hscr_stream(hf_backend, iter([(0, items[:4]), (1, items[4:8]), (2, items[8:])]), params,
+                                 get_similarity(params.similarity))
+        key, results = next(stream)
+        assert key == 0 and any(r.levels for r in results)
+        stream.close()
+    finally:
+        hf_backend.stream_chain = False
     assert set(hf_backend._reusable) <= kept_before
 
 

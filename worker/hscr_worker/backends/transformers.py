@@ -113,13 +113,17 @@ class TransformersBackend(ProcessorBackend):
     def __init__(self, model_path: str, *, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 32, ignore_eos: bool = False, profile: str | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None, reuse_prompt_cache: bool = True,
-                 chain_redecodes: bool = True):
+                 chain_redecodes: bool = True, stream_chain: bool = False):
         # Re-decodes continue the own answer's KV cache (``_continue``) instead of prefilling prompt and image
         # again; False prefills every request (kept to check and measure exactly that).
         self.reuse_prompt_cache = reuse_prompt_cache
         # Re-decodes and their follow-ups share one decode batch (``_chain``); False decodes them in rounds, a
         # call per round (``Backend.generate_chained``), kept to measure the chain against.
         self.chain_redecodes = chain_redecodes
+        # A stream decodes in one chained batch (``stream_chained``): the next batch's own answers fill the rows a
+        # batch's tail leaves. Off by default: on a CPU it pays where a step's cost is flat in rows (8% faster at
+        # batch 8) and costs where it grows with them (13% slower, more memory at 32; docs/bench.md).
+        self.stream_chain = stream_chain
         self._reusable: dict[tuple[tuple[int, ...], int], _CachedRow] = {}
         self.stats = BackendStats()
         # Benchmarks only: random weights would stop at a random EOS; this decodes every response
@@ -331,8 +335,9 @@ class TransformersBackend(ProcessorBackend):
 
     @property
     def streams_chained(self) -> bool:
-        """Whether ``stream_chained`` runs here: one chained decode batch needs every layer's full columns."""
-        return not self._sliding and self.reuse_prompt_cache and self.chain_redecodes
+        """Whether ``stream_chained`` runs here (``stream_chain``; one chained decode batch needs every layer's full
+        columns)."""
+        return self.stream_chain and not self._sliding and self.reuse_prompt_cache and self.chain_redecodes
 
     @torch.inference_mode()
     def stream_chained(self, more: Callable[[], Sequence[GenerateRequest]],
