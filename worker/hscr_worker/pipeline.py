@@ -142,9 +142,10 @@ def run_hscr_stream(backend: Backend, batches: Iterable[tuple[K, Sequence[Prepar
     A batch's results come out one batch later than without overlap.
 
     By default a backend that decodes a whole stream in one chained batch (``streams_chained``: the
-    transformers backend) does that instead (``_stream_chained``); ``overlap=False`` runs batch by batch.
+    transformers backend built with ``stream_chain=True``) does that instead (``_stream_chained``);
+    ``overlap=False`` runs batch by batch.
     """
-    if overlap is None and not backend.continuous_batching and getattr(backend, "streams_chained", False):
+    if overlap is None and not backend.continuous_batching and backend.streams_chained:
         yield from _stream_chained(backend, batches, params, similarity)
         return
     if overlap is None:
@@ -188,7 +189,6 @@ class _Streamed:
     """One ``HSCRBatch`` of a chained stream (``_stream_chained``): its own answers as they finish, then its
     levels."""
 
-    key: object
     batch: HSCRBatch
     own: list[list[int] | None] = field(default_factory=list)
     planned: bool = False
@@ -228,7 +228,7 @@ def _stream_chained(backend: Backend, batches: Iterable[tuple[K, Sequence[Prepar
 
     def more() -> list[GenerateRequest]:
         for key, items in source:
-            entries = [_Streamed(key, HSCRBatch(backend, [item], params, similarity)) for item in items]
+            entries = [_Streamed(HSCRBatch(backend, [item], params, similarity)) for item in items]
             live.append((key, entries))
             requests = [r for entry in entries for r in entry.batch.answer_requests]
             of_image.update((id(r.visual.embeds), entry) for entry in entries for r in entry.batch.answer_requests)

@@ -489,24 +489,17 @@ class TransformersBackend(ProcessorBackend):
 
         def fork(s: int, request: GenerateRequest) -> None:
             """Place ``request``, handed out by row ``s``'s decode, in a copy of row ``s``."""
-            nonlocal cache, mask
             source = self._reusable_row(request)
             free = next((t for t, slot in enumerate(slots) if slot is None or slot.request is None), None)
             if free is None and len(slots) < cap:
-                free = len(slots)
-                slots.append(None)
-                for layer in cache.layers:
-                    layer.keys = torch.cat([layer.keys, layer.keys[s:s + 1]])
-                    layer.values = torch.cat([layer.values, layer.values[s:s + 1]])
-                mask = torch.cat([mask, mask[s:s + 1]])
-            elif free is not None:
-                for layer in cache.layers:
-                    layer.keys[free] = layer.keys[s]
-                    layer.values[free] = layer.values[s]
-                mask[free] = mask[s]
-            else:  # every row is busy: it waits like a follow-up
+                free = add_rows(1)[0]
+            if free is None:  # every row is busy: it waits like a follow-up
                 wait(request, source)
                 return
+            for layer in cache.layers:
+                layer.keys[free] = layer.keys[s]
+                layer.values[free] = layer.values[s]
+            mask[free] = mask[s]
             row = slots[s]
             slots[free] = _Slot(row.prompt_ids, row.visual, list(row.held), list(row.columns),
                                 row.last_prompt_position, row.next_position)
@@ -558,8 +551,7 @@ class TransformersBackend(ProcessorBackend):
             response = [*request.response_prefix, *(ids if self.ignore_eos else self._cut_at_stop(ids))]
             if request.return_logits:  # step t's row predicts response token t, as a score row does
                 rows = logits_of.pop(id(request))[:len(response)]
-                request.logits = torch.stack(rows) if rows else torch.empty(0, self.model.config.get_text_config(
-                ).vocab_size)
+                request.logits = torch.stack(rows) if rows else torch.empty(0, logits.shape[-1])
             if stream and self._keeps(request):  # a stream's own answer: its re-decodes continue it
                 key = (tuple(request.prompt_ids), id(request.visual.embeds))
                 self._reusable[key] = self._kept_from(cache, mask, s, slot, n_pos)
