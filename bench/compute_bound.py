@@ -133,7 +133,7 @@ def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: 
         modes = {"prefill_only": chunked(modes["prefill_only"]), "plain": chunked(modes["plain"]), "hscr": hscr_stream,
                  "hscr_by_batch": lambda rows: hscr_stream(rows, overlap=False)}
     order = list(modes)
-    # Streams of STREAM_CHUNKS chunks, the three modes in turn per stream: load that comes and goes hits all three
+    # Streams of STREAM_CHUNKS chunks, the modes in turn per stream: load that comes and goes hits them all
     step = batch_size * (STREAM_CHUNKS if stream else 1)
     for repeat in range(repeats):
         for group, start in enumerate(range(0, len(items), step)):
