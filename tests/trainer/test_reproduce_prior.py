@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,24 @@ def test_every_method_names_a_dataset_and_valid_trainer_settings():
         assert dataset in DATASETS or dataset == "random", name
         assert set(extra) <= fields, name
         assert loss_type
+
+
+def test_the_harness_trains_the_default_row_as_hscr_train_does_with_no_flag():
+    """Table 5's `hscr-train-default` row is `hscr train --model fixture-prior` with no flag: HSCRConfig's default
+    loss with the model's hscr_training.json, where that differs from the harness's own settings."""
+    import json
+
+    from hscr_trainer.hscr_config import HSCRConfig
+    from hscr_trainer.train import MODEL_DEFAULTS_FILE
+    from hscr_worker.fixture import resolve_model
+
+    shipped = json.loads((Path(resolve_model("fixture-prior")) / MODEL_DEFAULTS_FILE).read_text())
+    dataset, loss_type, extra = METHODS["hscr-train-default"]
+    assert dataset == "hscr" and loss_type.split(",") == HSCRConfig(output_dir="unused", nll_weight=0.0).loss_type
+    harness = {"learning_rate": 5e-5, "num_train_epochs": 2.0, "per_device_train_batch_size": 8, "nll_weight": 0.0,
+               "lr_scheduler_type": "cosine", "warmup_steps": 0.1}
+    expected = {k: v for k, v in shipped.items() if k in harness and harness[k] != v}
+    assert extra == expected, (extra, shipped)
 
 
 def test_mixed_items_hold_the_train_share_from_their_own_seed(tmp_path):

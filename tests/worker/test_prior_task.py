@@ -60,7 +60,8 @@ def test_on_policy_chosen_is_the_own_answer_only_where_it_agrees_with_the_refere
 def test_fixture_prior_answers_from_the_history_where_the_image_disagrees():
     """The shipped fixture-prior has the language prior the benchmark needs: it is right far more often where the
     image agrees with the history than where it does not, and its counter-prior errors mostly name the history's
-    kind (docs/trainer.md: 0.66 / 0.89, errors = prior's answer 0.70 on seed 8101)."""
+    kind (docs/trainer.md: 0.57 / 0.89, errors = prior's answer 0.69 on seed 8101). Counter-prior exact is in the
+    40-60 % band issue #17 asks of the base model (0.59 on these items)."""
     from hscr_worker.backends.transformers import TransformersBackend
     from hscr_worker.fixture import resolve_model
     from hscr_worker.fixture.evaluate import answers_for, score_answers
@@ -73,6 +74,6 @@ def test_fixture_prior_answers_from_the_history_where_the_image_disagrees():
         scores[split] = {**score_answers(answers, examples, [e.attrs for e in examples]),
                          **prior.prior_answer_share(answers, examples)}
     assert scores["in-prior"]["exact"] - scores["counter-prior"]["exact"] >= 0.15, scores
-    assert 0.4 <= scores["counter-prior"]["exact"] <= 0.85, scores
+    assert 0.4 <= scores["counter-prior"]["exact"] <= 0.6, scores
     assert scores["counter-prior"]["prior_answer_share"] >= 0.4, scores
     assert scores["in-prior"]["malformed"] == scores["counter-prior"]["malformed"] == 0.0
