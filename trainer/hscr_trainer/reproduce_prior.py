@@ -65,6 +65,8 @@ METHODS: dict[str, tuple[str, str, dict]] = {
     "sft unfrozen-vision": ("hscr", "sft", {"freeze_vision_tower": False}),
     "explicit+implicit+rpo unfrozen-vision": ("hscr", "explicit,implicit",
                                               {"nll_weight": 1.0, "freeze_vision_tower": False}),
+    "hscr-train-default unfrozen-vision": ("hscr", "explicit,implicit", {"nll_weight": 2.0, "num_train_epochs": 1.5,
+                                                                       "freeze_vision_tower": False}),
     "own-rejected explicit+implicit+rpo unfrozen-vision": ("hscr+own-rejected", "explicit,implicit",
                                                            {"nll_weight": 1.0, "freeze_vision_tower": False}),
     "own-rejected explicit+implicit+image_conditional+rpo": ("hscr+own-rejected", "explicit,implicit,image_conditional",
