@@ -35,7 +35,7 @@ def test_generate_then_train_with_no_flags_lowers_the_prior(tmp_path):
                                       split="counter-prior", per_item=True)
                      for model in ("fixture-prior", str(run / "final")))
     gain, low, high = paired_bootstrap({"1": trained["correct"]}, {"1": base["correct"]})
-    print(json.dumps({"base": base["exact"], "trained": trained["exact"], "gain_ci": [low, high]}))
+    print(json.dumps({"base": base["exact"], "trained": trained["exact"], "gain": gain, "ci": [low, high]}))
     assert trained["malformed"] <= 0.01
     assert low > 0, (base["exact"], trained["exact"], low, high)  # a gain, not seed noise
     assert trained["prior_answer_share"] <= base["prior_answer_share"] or trained["wrong"] < base["wrong"]

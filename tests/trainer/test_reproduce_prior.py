@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hscr_trainer.reproduce_prior import METHODS, paired_bootstrap, summarize
+from hscr_trainer.reproduce_prior import METHODS, SETTINGS, paired_bootstrap, summarize
 
 
 def test_paired_bootstrap_centres_on_the_paired_difference_and_covers_it():
@@ -81,9 +81,7 @@ def test_the_harness_trains_the_default_row_as_hscr_train_does_with_no_flag():
     shipped = json.loads((Path(resolve_model("fixture-prior")) / MODEL_DEFAULTS_FILE).read_text())
     dataset, loss_type, extra = METHODS["hscr-train-default"]
     assert dataset == "hscr" and loss_type.split(",") == HSCRConfig(output_dir="unused", nll_weight=0.0).loss_type
-    harness = {"learning_rate": 5e-5, "num_train_epochs": 2.0, "per_device_train_batch_size": 8, "nll_weight": 0.0,
-               "lr_scheduler_type": "cosine", "warmup_steps": 0.1}
-    expected = {k: v for k, v in shipped.items() if k in harness and harness[k] != v}
+    expected = {k: v for k, v in shipped.items() if k in SETTINGS and SETTINGS[k] != v}
     assert extra == expected, (extra, shipped)
 
 

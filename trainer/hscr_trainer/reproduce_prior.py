@@ -80,6 +80,10 @@ DEFAULT_METHODS = ["sft", "dpo-random", "dpo-hscr", "explicit", "implicit", "exp
                    "explicit+implicit+rpo", "hscr-train-default", "mdpo+implicit+rpo",
                    "own-rejected explicit+implicit+rpo"]
 CONTROLS = ("base", "sft", "dpo-random")
+# The harness's trainer settings; --epochs, --batch-size, --lr and --gamma override the first four. Each method names
+# its terms, so the NLL anchor is off here: "+rpo" adds it, "sft" is it alone.
+SETTINGS = {"num_train_epochs": 2.0, "per_device_train_batch_size": 8, "learning_rate": 5e-5, "gamma": 0.1,
+            "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "nll_weight": 0.0}
 
 
 def evaluate(model: str, n: int, seed: int, split: str) -> dict:
@@ -205,10 +209,10 @@ def main(argv: list[str] | None = None) -> dict:
                              "from --data-split: the prior-laden items in the mix keep the history's evidence")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--eval-items", type=int, default=300, help="per split and seed")
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--gamma", type=float, default=0.1)
+    parser.add_argument("--epochs", type=float, default=SETTINGS["num_train_epochs"])
+    parser.add_argument("--batch-size", type=int, default=SETTINGS["per_device_train_batch_size"])
+    parser.add_argument("--lr", type=float, default=SETTINGS["learning_rate"])
+    parser.add_argument("--gamma", type=float, default=SETTINGS["gamma"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     args = parser.parse_args(argv)
@@ -232,9 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_path = args.workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
-    hyper = {"num_train_epochs": args.epochs, "per_device_train_batch_size": args.batch_size,
-             "learning_rate": args.lr, "gamma": args.gamma, "lr_scheduler_type": "cosine", "warmup_steps": 0.1,
-             "nll_weight": 0.0}  # each method names its terms: "+rpo" adds the NLL anchor, "sft" is it alone
+    hyper = {**SETTINGS, "num_train_epochs": args.epochs, "per_device_train_batch_size": args.batch_size,
+             "learning_rate": args.lr, "gamma": args.gamma}
     results["settings"] = {**vars(args), "workdir": str(args.workdir), "eval_seeds": eval_seeds, **hyper}
 
     def save() -> None:
