@@ -21,6 +21,7 @@ ensure_torchvision_importable()
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, DynamicCache  # noqa: E402
+from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 from .base import (  # noqa: E402
     BackendStats,
@@ -34,6 +35,50 @@ from .base import (  # noqa: E402
 # A chained decode batch drops the columns no row attends to once they are more than COMPACT_SLACK and more than
 # COMPACT_SHARE of the widest row's: a copy of the cache then costs less than attending over them afterwards.
 COMPACT_SLACK, COMPACT_SHARE = 32, 0.25
+
+
+class _GrowingLayer(DynamicLayer):
+    """A full-attention cache layer that appends a step's keys into spare columns instead of concatenating.
+
+    transformers' ``DynamicLayer`` copies the whole layer every step (``torch.cat``): at batch 8 on the compute-bound
+    model that memory traffic costs about as much as reading the weights. Here ``keys`` and ``values`` are views of
+    buffers with ``SPARE`` more columns, so a step writes its own columns only; the buffers are copied once per
+    ``SPARE`` steps. Assigning ``keys``/``values`` (row selection, compaction, widening) replaces the buffers, so code
+    written for a ``DynamicLayer`` works unchanged, and the attention sees the same tensors."""
+
+    SPARE = 64
+
+    def __init__(self, **kwargs) -> None:
+        self._buffers: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
+        self._lengths = {"keys": 0, "values": 0}  # each its own: code assigns keys, then reads values
+        super().__init__(**kwargs)
+
+    def _view(self, name: str) -> torch.Tensor | None:
+        buffer = self._buffers[name]
+        return None if buffer is None else buffer[:, :, :self._lengths[name]]
+
+    def _assign(self, name: str, value: torch.Tensor | None) -> None:
+        buffer = value if value is not None and value.dim() == 4 else None  # lazy init assigns an empty 1-D
+        self._buffers[name], self._lengths[name] = buffer, 0 if buffer is None else buffer.shape[-2]
+
+    keys = property(lambda self: self._view("keys"), lambda self, value: self._assign("keys", value))
+    values = property(lambda self: self._view("values"), lambda self, value: self._assign("values", value))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        for name, states in (("keys", key_states), ("values", value_states)):
+            buffer, start = self._buffers[name], self._lengths[name]
+            end = start + states.shape[-2]
+            if buffer is None or buffer.shape[-2] < end:
+                grown = states.new_empty(*states.shape[:-2], end + self.SPARE, states.shape[-1])
+                if start:
+                    grown[:, :, :start] = buffer[:, :, :start]
+                self._buffers[name] = buffer = grown
+            buffer[:, :, start:end] = states
+            self._lengths[name] = end
+        return self.keys, self.values
 
 
 @dataclass
@@ -188,6 +233,13 @@ class TransformersBackend(ProcessorBackend):
         """Where the visual rows sit in the expanded prompt: (first row, count)."""
         return list(ids).index(self.image_token_id), visual.n_tokens
 
+    def _new_cache(self) -> DynamicCache:
+        """An empty KV cache whose full-attention layers grow in place (``_GrowingLayer``); sliding-window layers
+        (Gemma 3) keep transformers' own."""
+        cache = DynamicCache(config=self.model.config)
+        cache.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        return cache
+
     def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  types: torch.Tensor | None = None, cache: DynamicCache | None = None) -> torch.Tensor:
         """Logits ``[B, L, V]``; ``positions`` is ``long[P, B, L]``; ``types`` the token types (Gemma 3's
@@ -224,7 +276,7 @@ class TransformersBackend(ProcessorBackend):
         embeds, positions, mask, types = self._pad(inputs, left=True,
                                                    images=[self._image_span(r.prompt_ids, r.visual) for r in requests])
         next_position = torch.stack([p.max() + 1 for _, p in inputs])  # [B]: the first response token's
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache()
         logits = self._forward(embeds, positions, mask, types, cache)[:, -1]
         self.stats.prefill_tokens += int(mask.sum())
         keep_cache = all(self._keeps(r) for r in requests)
@@ -367,7 +419,7 @@ class TransformersBackend(ProcessorBackend):
         """``request``'s prompt prefilled alone, as a kept row a chained row continues (as a kept own answer's, the
         chain feeds the last prompt token again: its logits are the first response token's)."""
         embeds, positions = self._inputs(request.prompt_ids, request.visual)
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache()
         n = embeds.shape[0]
         self._forward(embeds[None], positions[:, None], torch.ones(1, n, dtype=torch.long, device=self.device),
                       None, cache)
@@ -381,7 +433,7 @@ class TransformersBackend(ProcessorBackend):
         """Row ``s`` of a chained batch (an own answer that just finished) as a kept row of its own: its attended
         columns (the prompt, then ``slot.held``) copied out, since the row takes other requests next."""
         columns = mask[s].nonzero().squeeze(-1)
-        copy = DynamicCache(config=self.model.config)
+        copy = self._new_cache()
         for index, layer in enumerate(cache.layers):
             copy.update(layer.keys[s:s + 1, :, columns], layer.values[s:s + 1, :, columns], index)  # (a copy)
         prompt_end = len(columns) - len(slot.held) + 1  # the held stretch starts with the last prompt token
@@ -671,7 +723,7 @@ class TransformersBackend(ProcessorBackend):
         a zero one of ``mask``'s rows, with its layers shaped like ``like``'s."""
         mask = torch.nn.functional.pad(mask, (grow, 0))
         if cache is None:
-            cache = DynamicCache(config=self.model.config)
+            cache = self._new_cache()
             for index, layer in enumerate(like.layers):
                 shape = (mask.shape[0], layer.keys.shape[1], mask.shape[1])
                 cache.update(layer.keys.new_zeros(*shape, layer.keys.shape[-1]),
