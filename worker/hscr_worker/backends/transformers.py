@@ -40,8 +40,8 @@ COMPACT_SLACK, COMPACT_SHARE = 32, 0.25
 class _GrowingLayer(DynamicLayer):
     """A full-attention cache layer that appends a step's keys into spare columns instead of concatenating.
 
-    transformers' ``DynamicLayer`` copies the whole layer every step (``torch.cat``): at batch 8 on the compute-bound
-    model that memory traffic costs about as much as reading the weights. Here ``keys`` and ``values`` are views of
+    transformers' ``DynamicLayer`` copies the whole layer every step (``torch.cat``): at batch 32 on the compute-bound
+    model that copy took two thirds of a decode step (``bench/kv_cache.py``). Here ``keys`` and ``values`` are views of
     buffers with ``SPARE`` more columns, so a step writes its own columns only; the buffers are copied once per
     ``SPARE`` steps. Assigning ``keys``/``values`` (row selection, compaction, widening) replaces the buffers, so code
     written for a ``DynamicLayer`` works unchanged, and the attention sees the same tensors."""
@@ -419,7 +419,7 @@ class TransformersBackend(ProcessorBackend):
         """``request``'s prompt prefilled alone, as a kept row a chained row continues (as a kept own answer's, the
         chain feeds the last prompt token again: its logits are the first response token's)."""
         embeds, positions = self._inputs(request.prompt_ids, request.visual)
-        cache = self._new_cache()
+        cache = DynamicCache(config=self.model.config)  # a kept row is only read: no spare columns
         n = embeds.shape[0]
         self._forward(embeds[None], positions[:, None], torch.ones(1, n, dtype=torch.long, device=self.device),
                       None, cache)
@@ -433,7 +433,7 @@ class TransformersBackend(ProcessorBackend):
         """Row ``s`` of a chained batch (an own answer that just finished) as a kept row of its own: its attended
         columns (the prompt, then ``slot.held``) copied out, since the row takes other requests next."""
         columns = mask[s].nonzero().squeeze(-1)
-        copy = self._new_cache()
+        copy = DynamicCache(config=self.model.config)  # a kept row is only read: no spare columns
         for index, layer in enumerate(cache.layers):
             copy.update(layer.keys[s:s + 1, :, columns], layer.values[s:s + 1, :, columns], index)  # (a copy)
         prompt_end = len(columns) - len(slot.held) + 1  # the held stretch starts with the last prompt token
