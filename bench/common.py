@@ -7,6 +7,7 @@ backend, so the ratio between them holds even on a busy machine where absolute t
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -109,6 +110,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.source = "torch.cuda.max_memory_allocated"
         else:
+            _release_freed_heap()
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
@@ -125,6 +127,15 @@ class PeakMemory:
             self.peak_bytes = _vm_hwm_bytes()
         else:
             self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _release_freed_heap() -> None:
+    """Hand the heap an earlier phase freed back to the system (glibc's ``malloc_trim``), so that a phase's peak
+    resident set starts from what is in use, not from what the allocator kept of an earlier phase."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _vm_hwm_bytes() -> int:

@@ -492,15 +492,13 @@ def test_transformers_chained_stream_gives_the_batch_results(hf_backend, heldout
     def no_generate(requests):
         raise AssertionError("a chained stream makes no generate call")
 
-    assert not hf_backend.streams_chained  # opt-in (TransformersBackend(stream_chain=True))
+    assert hf_backend.streams_chained  # the default (TransformersBackend(stream_chain=True))
     # instance attributes: shadow the methods for this test only
     hf_backend.stream_chained, hf_backend.encode_images, hf_backend.generate = recorded, encode_and_note, no_generate
-    hf_backend.stream_chain = True
     try:
         streamed = list(run_hscr_stream(hf_backend, iter(batches), params, similarity))
     finally:
         del hf_backend.stream_chained, hf_backend.encode_images, hf_backend.generate
-        hf_backend.stream_chain = False
     assert set(hf_backend._reusable) <= kept_before  # each batch's kept caches went with its results
     assert [key for key, _ in streamed] == [0, 1, 2, 3]
     assert "context of" in streamed[1][1][0].error
@@ -514,20 +512,62 @@ def test_transformers_chained_stream_gives_the_batch_results(hf_backend, heldout
     assert first_answer[2] < last_redecode[0] and first_answer[3] < last_redecode[2], order
 
 
+def test_transformers_chained_stream_keeps_at_most_a_batch_of_answers(hf_backend, heldout_items):
+    """A chained stream holds the kept own answers (the caches its levels continue) of at most ``batch_size`` items
+    at once, as batch by batch does: the next batch's own answers come in as the items before them finish, not all
+    at once. The stream still overlaps its batches, and its results are those of batch by batch."""
+    params = HSCRParams()
+    similarity = get_similarity(params.similarity)
+    batches = [(k, heldout_items[4 * k:4 * k + 4]) for k in range(4)]
+    kept_before = set(hf_backend._reusable)
+    chained, rows = hf_backend.stream_chained, hf_backend.batch_size
+    most_kept, finished = 0, []  # kept answers of this stream after each finished request; (kind, batch) in order
+
+    def recorded(more, follow, successor=None, max_rows=None):
+        def followed(request, ids):
+            nonlocal most_kept
+            most_kept = max(most_kept, len(set(hf_backend._reusable) - kept_before))
+            batch = next(k for k, embeds in embeds_of.items() if id(request.visual.embeds) in embeds)
+            finished.append(("re-decode" if request.forced is not None else "answer", batch))
+            return follow(request, ids)
+        return chained(more, followed, successor, max_rows)
+
+    embeds_of: dict[int, set[int]] = {k: set() for k, _ in batches}
+    encode = hf_backend.encode_images
+
+    def encode_and_note(pictures):
+        visual = encode(pictures)
+        k = next(k for k, chunk in batches if any(p is it.image for it in chunk for p in pictures))
+        embeds_of[k] |= {id(v.embeds) for v in visual}
+        return visual
+
+    # instance attributes: shadow the methods for this test only
+    hf_backend.stream_chained, hf_backend.encode_images = recorded, encode_and_note
+    hf_backend.batch_size = 4
+    try:
+        streamed = list(run_hscr_stream(hf_backend, iter(batches), params, similarity))
+    finally:
+        del hf_backend.stream_chained, hf_backend.encode_images
+        hf_backend.batch_size = rows
+    assert 1 <= most_kept <= 4
+    last_redecode = {k: max(n for n, event in enumerate(finished) if event == ("re-decode", k)) for k in range(3)}
+    first_answer = {k: min(n for n, event in enumerate(finished) if event == ("answer", k)) for k in range(1, 4)}
+    assert any(first_answer[k + 1] < last_redecode[k] for k in range(3)), finished  # the batches overlap
+    for (key, chunk), (_, results) in zip(batches, streamed, strict=True):
+        _same_decisions(results, run_hscr(hf_backend, chunk, params, similarity), f"chained stream ({key})", 1e-4)
+
+
 def test_transformers_chained_stream_closed_early_keeps_no_cache(hf_backend, heldout_items):
     """A consumer that stops reading (a cancelled job) closes the stream: the kept caches of its batches go."""
     params = HSCRParams()
     items = heldout_items[:12]
     kept_before = set(hf_backend._reusable)
-    hf_backend.stream_chain = True
-    try:
-        stream = run_hscr_stream(hf_backend, iter([(0, items[:4]), (1, items[4:8]), (2, items[8:])]), params,
-                                 get_similarity(params.similarity))
-        key, results = next(stream)
-        assert key == 0 and any(r.levels for r in results)
-        stream.close()
-    finally:
-        hf_backend.stream_chain = False
+    assert hf_backend.streams_chained
+    stream = run_hscr_stream(hf_backend, iter([(0, items[:4]), (1, items[4:8]), (2, items[8:])]), params,
+                             get_similarity(params.similarity))
+    key, results = next(stream)
+    assert key == 0 and any(r.levels for r in results)
+    stream.close()
     assert set(hf_backend._reusable) <= kept_before
 
 

@@ -158,7 +158,7 @@ class TransformersBackend(ProcessorBackend):
     def __init__(self, model_path: str, *, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 32, ignore_eos: bool = False, profile: str | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None, reuse_prompt_cache: bool = True,
-                 chain_redecodes: bool = True, stream_chain: bool = False):
+                 chain_redecodes: bool = True, stream_chain: bool = True):
         # Re-decodes continue the own answer's KV cache (``_continue``) instead of prefilling prompt and image
         # again; False prefills every request (kept to check and measure exactly that).
         self.reuse_prompt_cache = reuse_prompt_cache
@@ -166,8 +166,8 @@ class TransformersBackend(ProcessorBackend):
         # call per round (``Backend.generate_chained``), kept to measure the chain against.
         self.chain_redecodes = chain_redecodes
         # A stream decodes in one chained batch (``stream_chained``): the next batch's own answers fill the rows a
-        # batch's tail leaves. Off by default: on a CPU it pays where a step's cost is flat in rows (8% faster at
-        # batch 8) and costs where it grows with them (13% slower, more memory at 32; docs/bench.md).
+        # batch's tail leaves, within one batch's worth of kept answers. Fewer decode steps at batch 8 and 32 alike
+        # (docs/bench.md); False runs a stream batch by batch (``run_hscr`` per batch).
         self.stream_chain = stream_chain
         self._reusable: dict[tuple[tuple[int, ...], int], _CachedRow] = {}
         self.stats = BackendStats()
@@ -481,8 +481,8 @@ class TransformersBackend(ProcessorBackend):
         out as the kept row its levels continue, and the steps yield. ``max_rows`` caps the rows (default
         ``batch_size``)."""
         stream = more is not None
-        if stream:  # what no kept row holds is prefilled
-            kept = [source or self._prefilled(r) for r, source in zip(requests, kept, strict=True)]
+        if stream:  # what no kept row holds is prefilled as a row takes it (``place``); the first here, for the shapes
+            kept = [kept[0] or self._prefilled(requests[0]), *kept[1:]]
         n_pos = kept[0].n_positions
         cap = max_rows or self.batch_size
         queue = deque(zip(requests, kept, strict=True))
@@ -576,21 +576,35 @@ class TransformersBackend(ProcessorBackend):
             slots.extend([None] * n)
             return list(range(len(slots) - n, len(slots)))
 
+        def admissible() -> int:
+            """How many of a stream's new own answers may take rows now. Each keeps its answer's cache for its
+            levels until its item is done, so the kept answers and the own answers decoding stay within ``cap``,
+            one batch's worth, as batch by batch (any number while no row decodes)."""
+            busy = [slot.request for slot in slots if slot is not None and slot.request is not None]
+            if not busy:
+                return len(fresh)
+            kept = len(kept_here & self._reusable.keys()) + sum(self._keeps(r) for r in busy)
+            return max(0, cap - kept)
+
+        def fill() -> None:
+            """Idle rows, and new rows up to ``cap``, take the waiting requests: the continuations, then the new own
+            answers that are admissible."""
+            free = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
+            waiting = len(queue) + min(len(fresh), admissible())
+            if waiting > len(free) and len(slots) < cap:
+                free += add_rows(min(waiting - len(free), cap - len(slots)))
+            for s in free[:waiting]:
+                place(s, *take())
+
         def refill() -> bool:
-            """A stream: free rows (up to ``cap``) take ``more()``'s requests; whether any did."""
+            """A stream: ``more()``'s requests wait for rows (``fill``); whether there were any."""
             nonlocal more
             new = list(more()) if more is not None else []
             if not new:
                 more = None  # the stream is over
                 return False
-            free = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
-            for request in new:
-                fresh.append((request, None))
-            waiting = len(queue) + len(fresh)
-            if waiting > len(free) and len(slots) < cap:
-                free += add_rows(min(waiting - len(free), cap - len(slots)))
-            while (queue or fresh) and free:
-                place(free.pop(0), *take())
+            fresh.extend((request, None) for request in new)
+            fill()
             return True
 
         def fork_all() -> None:
@@ -614,7 +628,8 @@ class TransformersBackend(ProcessorBackend):
 
         ids_of = {id(r): k for k, r in enumerate(requests)}
         forks: list[tuple[int, GenerateRequest]] = []  # (row, request it handed out), placed between steps
-        width = max(source.width(source.shared(_want(r))) for r, source in list(queue)[:len(slots)])
+        width = max(source.width(source.shared(_want(r))) for r, source in list(queue)[:len(slots)]
+                    if source is not None)
         cache, mask = self._widen(None, mask, width, kept[0].cache)
         for s in range(len(slots)):
             place(s, *queue.popleft())
@@ -622,7 +637,9 @@ class TransformersBackend(ProcessorBackend):
         while True:
             active = [s for s, slot in enumerate(slots) if slot is not None and slot.request is not None]
             if not active:
-                if not refill():
+                if fresh:
+                    fill()
+                elif not refill():
                     break
                 active = [s for s, slot in enumerate(slots) if slot is not None and slot.request is not None]
             column = mask.shape[1]
@@ -672,20 +689,18 @@ class TransformersBackend(ProcessorBackend):
                 pending = {id(r.visual.embeds) for r in [*(slot.request for slot in slots if slot is not None),
                                                           *(r for r, _ in queue), *(r for r, _ in fresh)]
                            if r is not None}
-                self.release([r for r in ended if r.forced is not None and id(r.visual.embeds) not in pending])
-            for s, slot in enumerate(slots):
-                if (queue or fresh) and (slot is None or slot.request is None):
-                    place(s, *take())
+                self.release([r for r in ended if id(r.visual.embeds) not in pending])
+                kept_here &= self._reusable.keys()
+            fill()
             fork_all()
             idle = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
-            # the next batch comes in once half of this one's kept answers are gone: at most about one and a half
-            # batches of kept answers besides the rows (batch by batch: one), and it fills the rows the tail leaves
-            kept_here &= self._reusable.keys()
-            if more is not None and not queue and not fresh and (idle or len(slots) < cap) \
-                    and 2 * len(kept_here) <= cap and refill():
+            # the next batch comes in as soon as rows are free and its own answers admissible: it fills the rows the
+            # tail of this one leaves, with at most one batch's worth of kept answers in all (``admissible``)
+            if more is not None and not queue and not fresh and (idle or len(slots) < cap) and admissible() \
+                    and refill():
                 idle = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
             # a smaller batch is cheaper per step
-            if not queue and not fresh and len(slots) > 1 and 2 * len(idle) >= len(slots):
+            if not queue and not (fresh and admissible()) and len(slots) > 1 and 2 * len(idle) >= len(slots):
                 keep = [s for s in range(len(slots)) if s not in idle]
                 if keep:
                     index = torch.tensor(keep, device=self.device)
