@@ -212,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                              "decode batch (TransformersBackend(chain_redecodes=False))")
     parser.add_argument("--candidates-per-round", type=int, default=None,
                         help="HSCRParams.candidates_per_round (default: the shipped value)")
-    parser.add_argument("--stream-chain", action=argparse.BooleanOptionalAction, default=True,
-                        help="transformers, with --stream: a stream in one chained decode batch (the default); "
-                             "--no-stream-chain runs it batch by batch (TransformersBackend(stream_chain=False))")
+    parser.add_argument("--stream-chain", action=argparse.BooleanOptionalAction, default=None,
+                        help="transformers, with --stream: a stream in one chained decode batch, or "
+                             "(--no-stream-chain) batch by batch [default: the backend's, chained up to 16 rows]")
     parser.add_argument("--stream", action="store_true",
                         help="HSCR as the worker runs it (run_hscr_stream over the chunks; see measure_batch_size)")
     parser.add_argument("--block-size", type=int, default=None,

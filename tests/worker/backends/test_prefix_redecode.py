@@ -15,6 +15,9 @@ compared exactly, shifts and rewards within 1e-4.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -492,13 +495,15 @@ def test_transformers_chained_stream_gives_the_batch_results(hf_backend, heldout
     def no_generate(requests):
         raise AssertionError("a chained stream makes no generate call")
 
-    assert hf_backend.streams_chained  # the default (TransformersBackend(stream_chain=True))
+    assert not hf_backend.streams_chained  # by default only up to STREAM_CHAIN_MAX_ROWS rows (this one has 32)
     # instance attributes: shadow the methods for this test only
     hf_backend.stream_chained, hf_backend.encode_images, hf_backend.generate = recorded, encode_and_note, no_generate
+    hf_backend.stream_chain = True
     try:
         streamed = list(run_hscr_stream(hf_backend, iter(batches), params, similarity))
     finally:
         del hf_backend.stream_chained, hf_backend.encode_images, hf_backend.generate
+        hf_backend.stream_chain = None
     assert set(hf_backend._reusable) <= kept_before  # each batch's kept caches went with its results
     assert [key for key, _ in streamed] == [0, 1, 2, 3]
     assert "context of" in streamed[1][1][0].error
@@ -512,21 +517,32 @@ def test_transformers_chained_stream_gives_the_batch_results(hf_backend, heldout
     assert first_answer[2] < last_redecode[0] and first_answer[3] < last_redecode[2], order
 
 
-def test_transformers_chained_stream_keeps_at_most_a_batch_of_answers(hf_backend, heldout_items):
-    """A chained stream holds the kept own answers (the caches its levels continue) of at most ``batch_size`` items
-    at once, as batch by batch does: the next batch's own answers come in as the items before them finish, not all
-    at once. The stream still overlaps its batches, and its results are those of batch by batch."""
+def test_transformers_chained_stream_holds_a_batch_of_answers_and_no_prompt_past_its_row(hf_backend, heldout_items):
+    """A chained stream's memory: a prompt prefilled for a row is dropped once copied into it (the first batch's
+    were all held to the end before), and the kept own answers (the caches the levels continue) are those of at
+    most ``batch_size`` items at once, as batch by batch: the next batch's own answers come in as the items before
+    them finish. The stream still overlaps its batches, and its results are those of batch by batch."""
     params = HSCRParams()
     similarity = get_similarity(params.similarity)
     batches = [(k, heldout_items[4 * k:4 * k + 4]) for k in range(4)]
     kept_before = set(hf_backend._reusable)
-    chained, rows = hf_backend.stream_chained, hf_backend.batch_size
+    chained, rows, prefill = hf_backend.stream_chained, hf_backend.batch_size, hf_backend._prefilled
     most_kept, finished = 0, []  # kept answers of this stream after each finished request; (kind, batch) in order
+    prompts: list[weakref.ref] = []  # each prompt prefilled for a row
+    alive_at_first_redecode = None
+
+    def prefilled(request):
+        row = prefill(request)
+        prompts.append(weakref.ref(row))
+        return row
 
     def recorded(more, follow, successor=None, max_rows=None):
         def followed(request, ids):
-            nonlocal most_kept
+            nonlocal most_kept, alive_at_first_redecode
             most_kept = max(most_kept, len(set(hf_backend._reusable) - kept_before))
+            if request.forced is not None and alive_at_first_redecode is None:
+                gc.collect()
+                alive_at_first_redecode = sum(ref() is not None for ref in prompts)
             batch = next(k for k, embeds in embeds_of.items() if id(request.visual.embeds) in embeds)
             finished.append(("re-decode" if request.forced is not None else "answer", batch))
             return follow(request, ids)
@@ -542,13 +558,16 @@ def test_transformers_chained_stream_keeps_at_most_a_batch_of_answers(hf_backend
         return visual
 
     # instance attributes: shadow the methods for this test only
-    hf_backend.stream_chained, hf_backend.encode_images = recorded, encode_and_note
+    hf_backend.stream_chained, hf_backend.encode_images, hf_backend._prefilled = recorded, encode_and_note, prefilled
     hf_backend.batch_size = 4
     try:
+        assert hf_backend.streams_chained  # the default at 4 rows
         streamed = list(run_hscr_stream(hf_backend, iter(batches), params, similarity))
     finally:
-        del hf_backend.stream_chained, hf_backend.encode_images
+        del hf_backend.stream_chained, hf_backend.encode_images, hf_backend._prefilled
         hf_backend.batch_size = rows
+    # by the first re-decode's end every prompt prefilled so far is in its row: none is held besides
+    assert len(prompts) >= 4 and alive_at_first_redecode == 0
     assert 1 <= most_kept <= 4
     last_redecode = {k: max(n for n, event in enumerate(finished) if event == ("re-decode", k)) for k in range(3)}
     first_answer = {k: min(n for n, event in enumerate(finished) if event == ("answer", k)) for k in range(1, 4)}
@@ -562,12 +581,15 @@ def test_transformers_chained_stream_closed_early_keeps_no_cache(hf_backend, hel
     params = HSCRParams()
     items = heldout_items[:12]
     kept_before = set(hf_backend._reusable)
-    assert hf_backend.streams_chained
-    stream = run_hscr_stream(hf_backend, iter([(0, items[:4]), (1, items[4:8]), (2, items[8:])]), params,
-                             get_similarity(params.similarity))
-    key, results = next(stream)
-    assert key == 0 and any(r.levels for r in results)
-    stream.close()
+    hf_backend.stream_chain = True
+    try:
+        stream = run_hscr_stream(hf_backend, iter([(0, items[:4]), (1, items[4:8]), (2, items[8:])]), params,
+                                 get_similarity(params.similarity))
+        key, results = next(stream)
+        assert key == 0 and any(r.levels for r in results)
+        stream.close()
+    finally:
+        hf_backend.stream_chain = None
     assert set(hf_backend._reusable) <= kept_before
 
 

@@ -35,6 +35,9 @@ from .base import (  # noqa: E402
 # A chained decode batch drops the columns no row attends to once they are more than COMPACT_SLACK and more than
 # COMPACT_SHARE of the widest row's: a copy of the cache then costs less than attending over them afterwards.
 COMPACT_SLACK, COMPACT_SHARE = 32, 0.25
+# A stream decodes in one chained batch by default up to this many rows (``batch_size``): measured on a CPU, 0.89x
+# the time of batch by batch at 8 rows, and at 32 the same time with more memory (docs/bench.md).
+STREAM_CHAIN_MAX_ROWS = 16
 
 
 class _GrowingLayer(DynamicLayer):
@@ -158,7 +161,7 @@ class TransformersBackend(ProcessorBackend):
     def __init__(self, model_path: str, *, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 32, ignore_eos: bool = False, profile: str | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None, reuse_prompt_cache: bool = True,
-                 chain_redecodes: bool = True, stream_chain: bool = True):
+                 chain_redecodes: bool = True, stream_chain: bool | None = None):
         # Re-decodes continue the own answer's KV cache (``_continue``) instead of prefilling prompt and image
         # again; False prefills every request (kept to check and measure exactly that).
         self.reuse_prompt_cache = reuse_prompt_cache
@@ -166,8 +169,8 @@ class TransformersBackend(ProcessorBackend):
         # call per round (``Backend.generate_chained``), kept to measure the chain against.
         self.chain_redecodes = chain_redecodes
         # A stream decodes in one chained batch (``stream_chained``): the next batch's own answers fill the rows a
-        # batch's tail leaves, within one batch's worth of kept answers. Fewer decode steps at batch 8 and 32 alike
-        # (docs/bench.md); False runs a stream batch by batch (``run_hscr`` per batch).
+        # batch's tail leaves, within one batch's worth of kept answers; False runs it batch by batch (``run_hscr``
+        # per batch); None (the default): chained up to STREAM_CHAIN_MAX_ROWS rows.
         self.stream_chain = stream_chain
         self._reusable: dict[tuple[tuple[int, ...], int], _CachedRow] = {}
         self.stats = BackendStats()
@@ -389,7 +392,8 @@ class TransformersBackend(ProcessorBackend):
     def streams_chained(self) -> bool:
         """Whether ``stream_chained`` runs here (``stream_chain``; one chained decode batch needs every layer's full
         columns)."""
-        return self.stream_chain and not self._sliding and self.reuse_prompt_cache and self.chain_redecodes
+        chained = self.batch_size <= STREAM_CHAIN_MAX_ROWS if self.stream_chain is None else self.stream_chain
+        return chained and not self._sliding and self.reuse_prompt_cache and self.chain_redecodes
 
     @torch.inference_mode()
     def stream_chained(self, more: Callable[[], Sequence[GenerateRequest]],
@@ -583,8 +587,8 @@ class TransformersBackend(ProcessorBackend):
             busy = [slot.request for slot in slots if slot is not None and slot.request is not None]
             if not busy:
                 return len(fresh)
-            kept = len(kept_here & self._reusable.keys()) + sum(self._keeps(r) for r in busy)
-            return max(0, cap - kept)
+            held = len(kept_here & self._reusable.keys()) + sum(self._keeps(r) for r in busy)
+            return max(0, cap - held)
 
         def fill() -> None:
             """Idle rows, and new rows up to ``cap``, take the waiting requests: the continuations, then the new own
@@ -633,6 +637,7 @@ class TransformersBackend(ProcessorBackend):
         cache, mask = self._widen(None, mask, width, kept[0].cache)
         for s in range(len(slots)):
             place(s, *queue.popleft())
+        del kept  # a stream's prompt prefilled for the shapes is in its row now: not held besides
         fork_all()
         while True:
             active = [s for s, slot in enumerate(slots) if slot is not None and slot.request is not None]
