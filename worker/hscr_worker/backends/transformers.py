@@ -591,11 +591,11 @@ class TransformersBackend(ProcessorBackend):
             return max(0, cap - held)
 
         def fill() -> None:
-            """Idle rows, and new rows up to ``cap``, take the waiting requests: the continuations, then the new own
-            answers that are admissible."""
+            """Idle rows (in a stream, and new rows up to ``cap``) take the waiting requests: the continuations, then
+            a stream's new own answers that are admissible."""
             free = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
             waiting = len(queue) + min(len(fresh), admissible())
-            if waiting > len(free) and len(slots) < cap:
+            if stream and waiting > len(free) and len(slots) < cap:
                 free += add_rows(min(waiting - len(free), cap - len(slots)))
             for s in free[:waiting]:
                 place(s, *take())
