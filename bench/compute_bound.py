@@ -103,17 +103,21 @@ def _add(total: dict, phase: dict) -> None:
 
 
 def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: int, params: HSCRParams,
-                       device: torch.device, repeats: int, *, stream: bool = False) -> dict:
+                       device: torch.device, repeats: int, *, stream: bool = False,
+                       row_budget: int | None = None) -> dict:
     """Plain (one-token and full decodes) and HSCR on ``items`` in chunks of ``batch_size``, taking turns per chunk
     (which goes first rotates between passes).
 
     ``stream``: each mode takes every chunk in turn, and HSCR runs as the worker and ``hscr generate`` do
     (``run_hscr_stream``: a chunk's re-decode rounds ride the engine calls of the chunks after it on vLLM; on
     transformers with ``--stream-chain`` the whole stream is one chained decode batch of ``batch_size`` rows), and
-    once more batch by batch (``overlap=False``, mode ``hscr_by_batch``), side by side."""
+    once more batch by batch (``overlap=False``, mode ``hscr_by_batch``), side by side.
+
+    ``row_budget``: the transformers backend's rows (default ``batch_size``): the worker and ``hscr generate`` keep
+    32 rows whatever the items per chunk."""
     similarity = get_similarity(params.similarity)
     if isinstance(backend, TransformersBackend):  # its row budget: no decode (a chained one too) holds more rows
-        backend.batch_size = batch_size
+        backend.batch_size = row_budget or batch_size
     totals: dict[str, dict] = {"prefill_only": {}, "plain": {}, "hscr": {}, "hscr_by_batch": {}}
     levels: list[int] = []
 
@@ -152,7 +156,7 @@ def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: 
     floor = hscr["prefill_tokens"] * prefill_cost + hscr["decoded_tokens"] * decode_cost
     rows = len(items) * repeats
     return {
-        "batch_size": batch_size, "rows": len(items), "repeats": repeats,
+        "batch_size": batch_size, "row_budget": row_budget or batch_size, "rows": len(items), "repeats": repeats,
         "plain": {**plain, "rows_per_s": rows / plain["seconds"],
                   "tokens_per_s": plain["decoded_tokens"] / plain["seconds"]},
         "prefill_only": one,
@@ -198,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny model of the same shape (for the tests)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--min-rows", type=int, default=8, help="rows per batch size, in whole batches")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="transformers: the backend's row budget (batch_size) [default: the batch size; the "
+                             "worker and hscr generate keep 32]")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--question-words", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=1, help="passes over the items per batch size")
@@ -236,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     "max_new_tokens": args.max_new_tokens, "question_words": args.question_words,
                     "visual_tokens": config.image_seq_length, "params": params.model_dump(),
                     "no_savings": args.no_savings, "no_chain": args.no_chain, "stream": args.stream,
-                    "stream_chain": args.stream_chain,
+                    "stream_chain": args.stream_chain, "row_budget": args.rows,
                     "block_size": args.block_size,
                     "backends": {}}
     began_all = time.perf_counter()
@@ -274,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             for batch_size in args.batch_sizes:
                 rows = items[:rows_for(batch_size, args.min_rows)]
                 results.append(measure_batch_size(backend, rows, batch_size, shipped, device, args.repeats,
-                                                  stream=args.stream))
+                                                  stream=args.stream, row_budget=args.rows))
                 print(line(name, results[-1]), flush=True)
                 report["backends"][name] = {"params": shipped.model_dump(), "results": results}
                 save()

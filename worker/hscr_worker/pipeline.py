@@ -30,6 +30,7 @@ batch's own answers into the same engine call.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -141,13 +142,19 @@ def run_hscr_stream(backend: Backend, batches: Iterable[tuple[K, Sequence[Prepar
     Every request stays independent, so the decisions are those of ``run_hscr`` on each batch.
     A batch's results come out one batch later than without overlap.
 
-    By default a backend that decodes a whole stream in one chained batch (``streams_chained``: the
-    transformers backend built with ``stream_chain=True``) does that instead (``_stream_chained``);
-    ``overlap=False`` runs batch by batch.
+    By default a backend that decodes a whole stream in one chained batch (the transformers backend:
+    ``streams_chained``) does that instead (``_stream_chained``) where ``backend.chains_stream`` says so for the
+    first batch's size; ``overlap=False`` runs batch by batch.
     """
     if overlap is None and not backend.continuous_batching and backend.streams_chained:
-        yield from _stream_chained(backend, batches, params, similarity)
-        return
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return
+        batches = itertools.chain([first], batches)
+        if backend.chains_stream(len(first[1])):
+            yield from _stream_chained(backend, batches, params, similarity)
+            return
     if overlap is None:
         overlap = backend.continuous_batching
     if not overlap:

@@ -495,7 +495,8 @@ def test_transformers_chained_stream_gives_the_batch_results(hf_backend, heldout
     def no_generate(requests):
         raise AssertionError("a chained stream makes no generate call")
 
-    assert not hf_backend.streams_chained  # by default only up to STREAM_CHAIN_MAX_ROWS rows (this one has 32)
+    # by default where the rows are few or a batch fills at most half of them (this backend has 32)
+    assert hf_backend.chains_stream(6) and hf_backend.chains_stream(16) and not hf_backend.chains_stream(17)
     # instance attributes: shadow the methods for this test only
     hf_backend.stream_chained, hf_backend.encode_images, hf_backend.generate = recorded, encode_and_note, no_generate
     hf_backend.stream_chain = True
@@ -561,7 +562,7 @@ def test_transformers_chained_stream_holds_a_batch_of_answers_and_no_prompt_past
     hf_backend.stream_chained, hf_backend.encode_images, hf_backend._prefilled = recorded, encode_and_note, prefilled
     hf_backend.batch_size = 4
     try:
-        assert hf_backend.streams_chained  # the default at 4 rows
+        assert hf_backend.chains_stream(4)  # the default at 4 rows
         streamed = list(run_hscr_stream(hf_backend, iter(batches), params, similarity))
     finally:
         del hf_backend.stream_chained, hf_backend.encode_images, hf_backend._prefilled

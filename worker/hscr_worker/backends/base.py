@@ -138,7 +138,8 @@ class Backend(ABC):
     # then ``run_hscr_stream`` overlaps one batch's re-decode with the next batch's own answers.
     continuous_batching: bool = False
     # True when one chained decode batch can take a whole stream (``stream_chained``, ``release``): then
-    # ``run_hscr_stream`` hands it each batch's own answers as rows free up (the transformers backend).
+    # ``run_hscr_stream`` hands it each batch's own answers as rows free up where ``chains_stream`` says so (the
+    # transformers backend).
     streams_chained: bool = False
     # HSCR parameters this engine runs fastest with where nobody set them (below a model family's defaults):
     # speed only, never what the data is.
@@ -164,6 +165,10 @@ class Backend(ABC):
     def generate(self, requests: Sequence[GenerateRequest]) -> list[list[int]]:
         """Greedy responses (without the end-of-sequence token, each starting with its request's
         ``response_prefix``), batched; fills ``request.logits`` where ``return_logits`` is set."""
+
+    def chains_stream(self, chunk: int) -> bool:
+        """Whether ``run_hscr_stream`` runs a stream of ``chunk``-item batches in one chained decode batch."""
+        return self.streams_chained
 
     def generate_chained(self, requests: Sequence[GenerateRequest],
                          follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]],

@@ -35,8 +35,10 @@ from .base import (  # noqa: E402
 # A chained decode batch drops the columns no row attends to once they are more than COMPACT_SLACK and more than
 # COMPACT_SHARE of the widest row's: a copy of the cache then costs less than attending over them afterwards.
 COMPACT_SLACK, COMPACT_SHARE = 32, 0.25
-# A stream decodes in one chained batch by default up to this many rows (``batch_size``): measured on a CPU, 0.89x
-# the time of batch by batch at 8 rows, and at 32 the same time with more memory (docs/bench.md).
+# By default a stream decodes in one chained batch up to this many rows (``batch_size``), and above it where a batch
+# of the stream fills at most half the rows. Measured on a CPU against batch by batch (docs/bench.md): 0.89x the
+# time with 8-item batches in 8 rows, 0.62x with 8-item batches in 32 rows (the worker's), and with 32-item batches
+# in 32 rows the same time (1.03x) with more memory (1.66x plain's peak against 1.37x).
 STREAM_CHAIN_MAX_ROWS = 16
 
 
@@ -170,7 +172,7 @@ class TransformersBackend(ProcessorBackend):
         self.chain_redecodes = chain_redecodes
         # A stream decodes in one chained batch (``stream_chained``): the next batch's own answers fill the rows a
         # batch's tail leaves, within one batch's worth of kept answers; False runs it batch by batch (``run_hscr``
-        # per batch); None (the default): chained up to STREAM_CHAIN_MAX_ROWS rows.
+        # per batch); None (the default): ``chains_stream`` decides by the rows and the stream's batch size.
         self.stream_chain = stream_chain
         self._reusable: dict[tuple[tuple[int, ...], int], _CachedRow] = {}
         self.stats = BackendStats()
@@ -392,8 +394,17 @@ class TransformersBackend(ProcessorBackend):
     def streams_chained(self) -> bool:
         """Whether ``stream_chained`` runs here (``stream_chain``; one chained decode batch needs every layer's full
         columns)."""
-        chained = self.batch_size <= STREAM_CHAIN_MAX_ROWS if self.stream_chain is None else self.stream_chain
-        return chained and not self._sliding and self.reuse_prompt_cache and self.chain_redecodes
+        return self.stream_chain is not False and not self._sliding and self.reuse_prompt_cache \
+            and self.chain_redecodes
+
+    def chains_stream(self, chunk: int) -> bool:
+        """Whether a stream of ``chunk``-item batches decodes in one chained batch: ``stream_chain`` where set, else
+        where the rows are at most ``STREAM_CHAIN_MAX_ROWS`` or a batch fills at most half of them."""
+        if not self.streams_chained:
+            return False
+        if self.stream_chain is not None:
+            return self.stream_chain
+        return self.batch_size <= STREAM_CHAIN_MAX_ROWS or 2 * chunk <= self.batch_size
 
     @torch.inference_mode()
     def stream_chained(self, more: Callable[[], Sequence[GenerateRequest]],
