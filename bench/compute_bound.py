@@ -110,7 +110,8 @@ def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: 
 
     ``stream``: each mode takes every chunk in turn, and HSCR runs as the worker and ``hscr generate`` do
     (``run_hscr_stream``: a chunk's re-decode rounds ride the engine calls of the chunks after it on vLLM; on
-    transformers with ``--stream-chain`` the whole stream is one chained decode batch of ``batch_size`` rows), and
+    transformers, where the backend chains it (``chains_stream``, or ``--stream-chain``), the whole stream is one
+    chained decode batch of the backend's rows), and
     once more batch by batch (``overlap=False``, mode ``hscr_by_batch``), side by side.
 
     ``row_budget``: the transformers backend's rows (default ``batch_size``): the worker and ``hscr generate`` keep
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="HSCRParams.candidates_per_round (default: the shipped value)")
     parser.add_argument("--stream-chain", action=argparse.BooleanOptionalAction, default=None,
                         help="transformers, with --stream: a stream in one chained decode batch, or "
-                             "(--no-stream-chain) batch by batch [default: the backend's, chained up to 16 rows]")
+                             "(--no-stream-chain) batch by batch [default: the backend's: chained up to 16 rows, "
+                             "or where a batch fills at most half the rows]")
     parser.add_argument("--stream", action="store_true",
                         help="HSCR as the worker runs it (run_hscr_stream over the chunks; see measure_batch_size)")
     parser.add_argument("--block-size", type=int, default=None,
