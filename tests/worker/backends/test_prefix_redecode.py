@@ -274,6 +274,43 @@ def test_transformers_next_level_decodes_beside_the_level_it_leaves(hf_backend, 
     assert steps_mid < steps_after_end
 
 
+def test_transformers_levels_decode_in_the_own_answers_rows(hf_backend, heldout_items):
+    """Batch by batch, a batch's levels decode in its own answers' KV cache (``_adopted``), each level in its item's
+    own answer's row: every decode step runs on a cache that own answers were decoded into, none on a copy beside it
+    (that copy was most of HSCR's peak memory above plain's). The results are the rounds', which copy."""
+    params = HSCRParams(candidates_per_round=1)
+    similarity = get_similarity(params.similarity)
+    items = heldout_items[:N_ITEMS]
+    hf_backend.chain_redecodes = False
+    try:
+        rounds = run_hscr(hf_backend, items, params, similarity)
+    finally:
+        hf_backend.chain_redecodes = True
+    forward, keep = hf_backend._forward, hf_backend._keep_for_reuse
+    stepped, kept, own_steps = [], [], []
+
+    def recorded(embeds, positions, mask, types=None, cache=None):
+        if embeds.shape[1] == 1:
+            stepped.append(cache)
+        return forward(embeds, positions, mask, types, cache)
+
+    def recorded_keep(requests, inputs, generated, cache, mask):
+        kept.append(cache)
+        own_steps.append(len(stepped))  # decode steps up to here: own answers'
+        return keep(requests, inputs, generated, cache, mask)
+
+    hf_backend._forward, hf_backend._keep_for_reuse = recorded, recorded_keep  # instance attributes: this test only
+    try:
+        chained = run_hscr(hf_backend, items, params, similarity)
+    finally:
+        del hf_backend._forward, hf_backend._keep_for_reuse
+    _same_decisions(chained, rounds, "decoding the levels in the own answers' rows", 1e-4)
+    assert sum(len(r.levels) for r in chained) >= 10
+    levels_steps = stepped[own_steps[-1]:]  # the last own-answer batch's levels
+    assert len(levels_steps) >= 10
+    assert {id(cache) for cache in levels_steps} <= {id(cache) for cache in kept}
+
+
 def test_preferred_answer_prefix_stops_where_greedy_leaves_it(hf_backend, heldout_items):
     """A teacher-forced preferred answer is only followed while greedy agrees with it."""
     from hscr_worker.backends.base import ScoreRequest

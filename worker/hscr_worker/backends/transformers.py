@@ -130,6 +130,11 @@ class _Slot:
     def continues(self, request: GenerateRequest) -> bool:
         return tuple(request.prompt_ids) == self.prompt_ids and request.visual.embeds is self.visual
 
+    def copy(self) -> _Slot:
+        """This row's keys, for a copy of the row that decodes another request."""
+        return _Slot(self.prompt_ids, self.visual, list(self.held), list(self.columns), self.last_prompt_position,
+                     self.next_position)
+
     def shared(self, want: Sequence[int]) -> int:
         return _shared(self.held, want)
 
@@ -270,12 +275,12 @@ class TransformersBackend(ProcessorBackend):
                         kept: Sequence[_CachedRow | None]) -> list[list[int]]:
         fresh = [k for k, row in enumerate(kept) if row is None]
         if not fresh:
-            return self._chain(requests, kept)[0]
+            return self._chain(requests, kept)
         if len(fresh) < len(requests):  # two passes: the rows to prefill, and the rows continuing a kept cache
             rest = [k for k, row in enumerate(kept) if row is not None]
             out: dict[int, list[int]] = dict(zip(fresh, self._generate_batch([requests[k] for k in fresh],
                                                                               [None] * len(fresh)), strict=True))
-            out |= dict(zip(rest, self._chain([requests[k] for k in rest], [kept[k] for k in rest])[0], strict=True))
+            out |= dict(zip(rest, self._chain([requests[k] for k in rest], [kept[k] for k in rest]), strict=True))
             return [out[k] for k in range(len(requests))]
         inputs = [self._inputs([*r.prompt_ids, *r.response_prefix], r.visual) for r in requests]
         embeds, positions, mask, types = self._pad(inputs, left=True,
@@ -384,11 +389,11 @@ class TransformersBackend(ProcessorBackend):
             kept = [self._reusable_row(r) for r in requests]
             continued = [k for k, row in enumerate(kept) if row is not None]
             fresh = [r for r, row in zip(requests, kept, strict=True) if row is None]
-            left = self._chain([requests[k] for k in continued], [kept[k] for k in continued], follow,
-                               successor)[1] if continued else []
-            if fresh:
-                left += [new for r, ids in zip(fresh, self.generate(fresh), strict=True) for new in follow(r, ids)]
-            requests = left
+            if continued:  # their follow-ups decode in the same chain: the kept answers may become its rows
+                self._chain([requests[k] for k in continued], [kept[k] for k in continued], follow, successor,
+                            adopt=True)
+            requests = [new for r, ids in zip(fresh, self.generate(fresh), strict=True) for new in follow(r, ids)] \
+                if fresh else []
 
     @property
     def streams_chained(self) -> bool:
@@ -457,12 +462,34 @@ class TransformersBackend(ProcessorBackend):
                           last_prompt_position=slot.last_prompt_position, next_position=slot.next_position,
                           n_positions=n_positions)
 
+    def _adopted(self, requests: Sequence[GenerateRequest], kept: Sequence[_CachedRow | None], cap: int,
+                 ) -> tuple[DynamicCache, torch.Tensor, list[_Slot | None], list[int]] | None:
+        """Where each of ``requests`` continues its own row of one kept own-answer batch of at most ``cap`` rows:
+        that batch's cache as a chained batch (its mask and its rows as slots, holding the own answers) and each
+        request's row; else None. Its kept rows are dropped, since the chain writes over them: without this the
+        chain's rows were a copy beside them, the largest part of HSCR's peak memory above plain's."""
+        if not kept or any(row is None for row in kept):
+            return None
+        cache, rows = kept[0].cache, [row.row for row in kept]
+        n_rows, columns = cache.layers[0].keys.shape[0], cache.layers[0].keys.shape[-2]
+        if any(row.cache is not cache for row in kept) or len(set(rows)) < len(rows) or n_rows > cap:
+            return None
+        mask = torch.zeros(n_rows, columns, device=self.device, dtype=torch.long)
+        slots: list[_Slot | None] = [None] * n_rows
+        for request, row in zip(requests, kept, strict=True):
+            end = row.prompt_end + len(row.tokens)  # a row that stopped early holds pad keys after its answer
+            mask[row.row, row.first:end] = 1
+            slots[row.row] = _Slot(tuple(request.prompt_ids), row.visual, [row.last_prompt_token, *row.tokens],
+                                   list(range(row.prompt_end - 1, end)), row.last_prompt_position, row.next_position)
+        self._reusable = {key: row for key, row in self._reusable.items() if row.cache is not cache}
+        return cache, mask, slots, rows
+
     def _chain(self, requests: Sequence[GenerateRequest], kept: Sequence[_CachedRow],
                follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]] | None = None,
-               successor: Callable[[GenerateRequest], DecodeWatch | None] | None = None,
-               ) -> tuple[list[list[int]], list[GenerateRequest]]:
+               successor: Callable[[GenerateRequest], DecodeWatch | None] | None = None, *, adopt: bool = False,
+               ) -> list[list[int]]:
         """``_chain_steps`` run to its end."""
-        steps = self._chain_steps(requests, kept, follow, successor)
+        steps = self._chain_steps(requests, kept, follow, successor, adopt=adopt)
         while True:
             try:
                 next(steps)
@@ -473,23 +500,27 @@ class TransformersBackend(ProcessorBackend):
                      follow: Callable[[GenerateRequest, list[int]], Sequence[GenerateRequest]] | None = None,
                      successor: Callable[[GenerateRequest], DecodeWatch | None] | None = None, *,
                      more: Callable[[], Sequence[GenerateRequest]] | None = None, max_rows: int | None = None,
-                     ) -> Generator[None, None, tuple[list[list[int]], list[GenerateRequest]]]:
+                     adopt: bool = False) -> Generator[None, None, list[list[int]]]:
         """Decode ``requests`` from kept caches in one decode batch of up to ``batch_size`` rows (slots), a row
         taking the next request as soon as its own finishes (``requests`` beyond the slots, and what ``follow``
-        returns for each finished request). Returns the responses of ``requests`` and the follow-ups that no
-        kept cache continues (the caller decodes them).
+        returns for each finished request). Returns the responses of ``requests``.
 
         A request's row holds the keys of the prompt and of the stretch of its response prefix that its source
         holds; the rest of the prefix is fed one token per step, the last one giving its first logits. The
-        source is a kept own answer (its rows copied in) or, for a follow-up of the same prompt and image, the
-        row it takes over: that row's keys past the shared stretch are masked, not copied (a level mostly
-        repeats the decode of the level before it, so its prefix is that decode's but for the last token).
+        source is whichever holds the most of it: the row it takes over, for a follow-up of the same prompt and
+        image (that row's keys past the shared stretch are masked, not copied: a level mostly repeats the decode
+        of the level before it, so its prefix is that decode's but for the last token); another row of the same
+        prompt and image (copied); a kept own answer (its rows copied in); else its prompt, prefilled alone.
         A row's columns are its own: positions are explicit, and masked columns (left padding, a gap) count for
         nothing, so rows of any length and start share the steps.
 
         ``successor`` (``Backend.generate_chained``): a request handed out mid-decode continues a copy of the
         row it leaves, in an idle row or a new one up to ``batch_size`` rows, so an item's next level decodes
         beside the level it leaves instead of after it.
+
+        ``adopt``: where every request continues its own row of one kept own-answer batch, that batch's cache
+        becomes the chain's, each request decoding in its own answer's row, instead of a copy of it beside it
+        (``_adopted``; its kept rows are gone then, as the caller's follow-ups all decode in the chain).
 
         ``more`` (``stream_chained``): where rows are free and nothing waits, the next requests of a stream; a
         request no kept row holds is prefilled alone when a row takes it, a finished own answer's row is copied
@@ -500,6 +531,7 @@ class TransformersBackend(ProcessorBackend):
             kept = [kept[0] or self._prefilled(requests[0]), *kept[1:]]
         n_pos = kept[0].n_positions
         cap = max_rows or self.batch_size
+        adopted = self._adopted(requests, kept, cap) if adopt and not stream else None
         queue = deque(zip(requests, kept, strict=True))
         fresh: deque[tuple[GenerateRequest, None]] = deque()  # a stream's new requests: after the queued ones
 
@@ -511,19 +543,29 @@ class TransformersBackend(ProcessorBackend):
         slots: list[_Slot | None] = [None] * min(len(requests), cap)
         mask = torch.zeros(len(slots), 0, device=self.device, dtype=torch.long)
         out: dict[int, list[int]] = {}
-        left: list[GenerateRequest] = []
         logits_of: dict[int, list[torch.Tensor]] = {}  # id(request) -> its score rows (``return_logits``)
         kept_here: set[tuple] = set()  # the kept answers this stream made that are still kept
 
         def place(s: int, request: GenerateRequest, source: _CachedRow | None) -> None:
-            """Put ``request`` into row ``s``: continuing the row's own keys, or those of ``source`` (a kept own
-            answer, its rows copied in) where that holds more of the request's prefix."""
+            """Put ``request`` into row ``s``, continuing whichever holds the most of its prefix: the row's own keys,
+            a copy of another row of its prompt and image, or ``source`` (a kept own answer, its rows copied in);
+            where none holds its prompt, the prompt prefilled alone."""
             nonlocal cache, mask
             want, slot = _want(request), slots[s]
-            if stream and source is None and (slot is None or not slot.continues(request)):
-                source = self._prefilled(request)  # a stream's new request (``wait``)
             own = slot.shared(want) if slot is not None and slot.continues(request) else -1
             kept_shared = source.shared(want) if source is not None else -1
+            peers = [(other.shared(want), t) for t, other in enumerate(slots)
+                     if t != s and other is not None and other.continues(request)]
+            peer_shared, peer = max(peers, default=(-1, None))
+            if peer_shared > max(own, kept_shared):  # another row holds more of it: a copy of that row
+                for layer in cache.layers:
+                    layer.keys[s] = layer.keys[peer]
+                    layer.values[s] = layer.values[peer]
+                mask[s] = mask[peer]
+                slot, own = slots[peer].copy(), peer_shared
+            elif max(own, kept_shared) < 0:  # nothing holds its prompt: prefilled alone (a stream's new request)
+                source = self._prefilled(request)
+                kept_shared = source.shared(want)
             if kept_shared > own:
                 n = source.width(kept_shared)
                 if n > mask.shape[1]:  # every row gets masked columns on its left
@@ -552,34 +594,19 @@ class TransformersBackend(ProcessorBackend):
             slots[s] = slot
             slot.watch = successor(request) if successor is not None else None
             if slot.watch is not None and slot.watch.request is not None:  # it leaves inside the prefix
-                forks.append((s, slot.watch.request))
+                forks.append(slot.watch.request)
 
-        def fork(s: int, request: GenerateRequest) -> None:
-            """Place ``request``, handed out by row ``s``'s decode, in a copy of row ``s``."""
+        def fork(request: GenerateRequest) -> None:
+            """Place ``request``, handed out by a row's decode, in an idle row or a new one (``place`` copies the
+            row it leaves into it); where every row is busy, it waits like a follow-up."""
             source = self._reusable_row(request)
             free = next((t for t, slot in enumerate(slots) if slot is None or slot.request is None), None)
             if free is None and len(slots) < cap:
                 free = add_rows(1)[0]
-            if free is None:  # every row is busy: it waits like a follow-up
-                wait(request, source)
-                return
-            for layer in cache.layers:
-                layer.keys[free] = layer.keys[s]
-                layer.values[free] = layer.values[s]
-            mask[free] = mask[s]
-            row = slots[s]
-            slots[free] = _Slot(row.prompt_ids, row.visual, list(row.held), list(row.columns),
-                                row.last_prompt_position, row.next_position)
-            place(free, request, source)
-
-        def wait(request: GenerateRequest, source: _CachedRow | None) -> None:
-            """No row takes ``request`` now: it waits for a free row, or for the caller where no kept own
-            answer holds its prompt (a free row of another prompt could not continue it; in a stream it is
-            prefilled when a row takes it)."""
-            if source is not None or stream:
+            if free is None:
                 queue.append((request, source))
             else:
-                left.append(request)
+                place(free, request, source)
 
         def add_rows(n: int) -> list[int]:
             """``n`` empty rows at the end of the batch (one copy of the cache for all of them)."""
@@ -603,8 +630,15 @@ class TransformersBackend(ProcessorBackend):
 
         def fill() -> None:
             """Idle rows (in a stream, and new rows up to ``cap``) take the waiting requests: the continuations, then
-            a stream's new own answers that are admissible."""
+            a stream's new own answers that are admissible. A continuation takes an idle row of its own prompt and
+            image first: the row it continues, before another request writes over it."""
             free = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
+            for s in [s for s in free if slots[s] is not None]:
+                match = next((k for k, (request, _) in enumerate(queue) if slots[s].continues(request)), None)
+                if match is not None:
+                    free.remove(s)
+                    place(s, *queue[match])
+                    del queue[match]
             waiting = len(queue) + min(len(fresh), admissible())
             if stream and waiting > len(free) and len(slots) < cap:
                 free += add_rows(min(waiting - len(free), cap - len(slots)))
@@ -624,7 +658,7 @@ class TransformersBackend(ProcessorBackend):
 
         def fork_all() -> None:
             while forks:
-                fork(*forks.pop(0))
+                fork(forks.pop(0))
 
         def finished(s: int) -> list[GenerateRequest]:
             slot = slots[s]
@@ -642,13 +676,19 @@ class TransformersBackend(ProcessorBackend):
             return list(follow(request, response)) if follow is not None else []
 
         ids_of = {id(r): k for k, r in enumerate(requests)}
-        forks: list[tuple[int, GenerateRequest]] = []  # (row, request it handed out), placed between steps
-        width = max(source.width(source.shared(_want(r))) for r, source in list(queue)[:len(slots)]
-                    if source is not None)
-        cache, mask = self._widen(None, mask, width, kept[0].cache)
-        for s in range(len(slots)):
-            place(s, *queue.popleft())
-        del kept  # a stream's prompt prefilled for the shapes is in its row now: not held besides
+        forks: list[GenerateRequest] = []  # requests a row's decode handed out, placed between steps
+        if adopted is not None:  # each request in its own answer's row
+            cache, mask, slots, rows = adopted
+            for s, (request, _) in zip(rows, queue, strict=True):
+                place(s, request, None)
+            queue.clear()
+        else:
+            width = max(source.width(source.shared(_want(r))) for r, source in list(queue)[:len(slots)]
+                        if source is not None)
+            cache, mask = self._widen(None, mask, width, kept[0].cache)
+            for s in range(len(slots)):
+                place(s, *queue.popleft())
+        del kept, adopted  # a stream's prompt prefilled for the shapes is in its row now: not held besides
         fork_all()
         while True:
             active = [s for s, slot in enumerate(slots) if slot is not None and slot.request is not None]
@@ -658,6 +698,9 @@ class TransformersBackend(ProcessorBackend):
                 elif not refill():
                     break
                 active = [s for s, slot in enumerate(slots) if slot is not None and slot.request is not None]
+            widest = int(mask.sum(1).max())  # an adopted batch starts with its own answers past the levels masked
+            if mask.shape[1] - widest > max(COMPACT_SLACK, COMPACT_SHARE * widest):
+                cache, mask = self._compact(cache, mask, slots)
             column = mask.shape[1]
             inputs = [self.pad_token_id] * len(slots)
             positions = [0] * len(slots)
@@ -682,7 +725,7 @@ class TransformersBackend(ProcessorBackend):
                 slot.generated.append(token)
                 self.stats.decoded_tokens += 1
                 if slot.watch is not None and (new := slot.watch.step(token, choice)) is not None:
-                    forks.append((s, new))
+                    forks.append(new)
                 if (token in self.stop_token_ids and not self.ignore_eos) or \
                         len(slot.generated) >= slot.request.max_new_tokens:
                     done.append(s)
@@ -700,7 +743,7 @@ class TransformersBackend(ProcessorBackend):
                     if slots[s].request is None and (source is not None or slot.continues(new)):
                         place(s, new, source)
                     else:
-                        wait(new, source)
+                        queue.append((new, source))
             if stream:  # an item whose level left nothing to decode after it is done: its kept answer goes
                 pending = {id(r.visual.embeds) for r in [*(slot.request for slot in slots if slot is not None),
                                                           *(r for r, _ in queue), *(r for r, _ in fresh)]
@@ -722,12 +765,9 @@ class TransformersBackend(ProcessorBackend):
                     index = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(index)
                     mask, slots = mask[index], [slots[s] for s in keep]
-            widest = int(mask.sum(1).max())
-            if mask.shape[1] - widest > max(COMPACT_SLACK, COMPACT_SHARE * widest):
-                cache, mask = self._compact(cache, mask, slots)
             if done:
                 yield
-        return [out[k] for k in range(len(requests))], left
+        return [out[k] for k in range(len(requests))]
 
     def _compact(self, cache: DynamicCache, mask: torch.Tensor,
                  slots: Sequence[_Slot | None]) -> tuple[DynamicCache, torch.Tensor]:
