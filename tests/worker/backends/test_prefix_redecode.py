@@ -311,6 +311,34 @@ def test_transformers_levels_decode_in_the_own_answers_rows(hf_backend, heldout_
     assert {id(cache) for cache in levels_steps} <= {id(cache) for cache in kept}
 
 
+def test_transformers_chain_prefills_a_follow_up_that_no_row_holds(hf_backend, heldout_items):
+    """A follow-up whose prompt and image no row of the chain holds, and no kept answer, is prefilled alone into a
+    free row of the chain: it gets the answer it gets decoded on its own."""
+    item = heldout_items[3]
+    prompt, visual = hf_backend.prompt_ids(item.question), hf_backend.encode_images([item.image])[0]
+    alone = hf_backend.generate([GenerateRequest(prompt, visual, 64)])[0]
+    prompts, visuals, answers = _own_answers(hf_backend, heldout_items[:3])  # kept: items 0-2, not item 3
+    first = GenerateRequest(prompts[0], visuals[0], 64, response_prefix=answers[0][:2])
+    other = GenerateRequest(prompt, visual, 64, response_prefix=alone[:2])
+    got, prefill, prefilled = {}, hf_backend._prefilled, []
+
+    def follow(request, ids):
+        got[id(request)] = ids
+        return [other] if request is first else []
+
+    def counted(request):
+        prefilled.append(request)
+        return prefill(request)
+
+    hf_backend._prefilled = counted  # instance attribute: this test only
+    try:
+        hf_backend.generate_chained([first], follow)
+    finally:
+        del hf_backend._prefilled
+    assert prefilled == [other]
+    assert got == {id(first): answers[0], id(other): alone}
+
+
 def test_preferred_answer_prefix_stops_where_greedy_leaves_it(hf_backend, heldout_items):
     """A teacher-forced preferred answer is only followed while greedy agrees with it."""
     from hscr_worker.backends.base import ScoreRequest
@@ -555,11 +583,11 @@ def test_transformers_chained_stream_gives_the_batch_results(hf_backend, heldout
     assert first_answer[2] < last_redecode[0] and first_answer[3] < last_redecode[2], order
 
 
-def test_transformers_chained_stream_holds_a_batch_of_answers_and_no_prompt_past_its_row(hf_backend, heldout_items):
-    """A chained stream's memory: a prompt prefilled for a row is dropped once copied into it (the first batch's
-    were all held to the end before), and the kept own answers (the caches the levels continue) are those of at
-    most ``batch_size`` items at once, as batch by batch: the next batch's own answers come in as the items before
-    them finish. The stream still overlaps its batches, and its results are those of batch by batch."""
+def test_transformers_chained_stream_keeps_no_answer_and_no_prompt_past_its_row(hf_backend, heldout_items):
+    """A chained stream's memory is its rows': a prompt prefilled for a row is dropped once copied into it (the
+    first batch's were all held to the end before), and no copy of a finished own answer is kept beside its row
+    (one was, for up to ``batch_size`` items: a second batch of caches); the levels continue the rows of their
+    items. The stream still overlaps its batches, and its results are those of batch by batch."""
     params = HSCRParams()
     similarity = get_similarity(params.similarity)
     batches = [(k, heldout_items[4 * k:4 * k + 4]) for k in range(4)]
@@ -606,7 +634,7 @@ def test_transformers_chained_stream_holds_a_batch_of_answers_and_no_prompt_past
         hf_backend.batch_size = rows
     # by the first re-decode's end every prompt prefilled so far is in its row: none is held besides
     assert len(prompts) >= 4 and alive_at_first_redecode == 0
-    assert 1 <= most_kept <= 4
+    assert most_kept == 0
     last_redecode = {k: max(n for n, event in enumerate(finished) if event == ("re-decode", k)) for k in range(3)}
     first_answer = {k: min(n for n, event in enumerate(finished) if event == ("answer", k)) for k in range(1, 4)}
     assert any(first_answer[k + 1] < last_redecode[k] for k in range(3)), finished  # the batches overlap

@@ -176,7 +176,7 @@ class TransformersBackend(ProcessorBackend):
         # call per round (``Backend.generate_chained``), kept to measure the chain against.
         self.chain_redecodes = chain_redecodes
         # A stream decodes in one chained batch (``stream_chained``): the next batch's own answers fill the rows a
-        # batch's tail leaves, within one batch's worth of kept answers; False runs it batch by batch (``run_hscr``
+        # batch's tail leaves; False runs it batch by batch (``run_hscr``
         # per batch); None (the default): ``chains_stream`` decides by the rows and the stream's batch size.
         self.stream_chain = stream_chain
         self._reusable: dict[tuple[tuple[int, ...], int], _CachedRow] = {}
@@ -449,19 +449,6 @@ class TransformersBackend(ProcessorBackend):
                           last_prompt_position=int(positions[:, -1].max()), next_position=int(positions.max()) + 1,
                           n_positions=positions.shape[0])
 
-    def _kept_from(self, cache: DynamicCache, mask: torch.Tensor, s: int, slot: _Slot, n_positions: int) -> _CachedRow:
-        """Row ``s`` of a chained batch (an own answer that just finished) as a kept row of its own: its attended
-        columns (the prompt, then ``slot.held``) copied out, since the row takes other requests next."""
-        columns = mask[s].nonzero().squeeze(-1)
-        copy = DynamicCache(config=self.model.config)  # a kept row is only read: no spare columns
-        for index, layer in enumerate(cache.layers):
-            copy.update(layer.keys[s:s + 1, :, columns], layer.values[s:s + 1, :, columns], index)  # (a copy)
-        prompt_end = len(columns) - len(slot.held) + 1  # the held stretch starts with the last prompt token
-        return _CachedRow(visual=slot.visual, cache=copy, row=0, first=0, prompt_end=prompt_end,
-                          tokens=list(slot.held[1:]), last_prompt_token=slot.held[0],
-                          last_prompt_position=slot.last_prompt_position, next_position=slot.next_position,
-                          n_positions=n_positions)
-
     def _adopted(self, requests: Sequence[GenerateRequest], kept: Sequence[_CachedRow | None], cap: int,
                  ) -> tuple[DynamicCache, torch.Tensor, list[_Slot | None], list[int]] | None:
         """Where each of ``requests`` continues its own row of one kept own-answer batch of at most ``cap`` rows:
@@ -523,9 +510,10 @@ class TransformersBackend(ProcessorBackend):
         (``_adopted``; its kept rows are gone then, as the caller's follow-ups all decode in the chain).
 
         ``more`` (``stream_chained``): where rows are free and nothing waits, the next requests of a stream; a
-        request no kept row holds is prefilled alone when a row takes it, a finished own answer's row is copied
-        out as the kept row its levels continue, and the steps yield. ``max_rows`` caps the rows (default
-        ``batch_size``)."""
+        request no kept row holds is prefilled alone when a row takes it, and the steps yield. No copy of a finished
+        own answer is kept: its levels continue its row (or a copy of a row of its item), which held the same
+        prefix in every measured run, and a copy of each was a second batch of caches. ``max_rows`` caps the rows
+        (default ``batch_size``)."""
         stream = more is not None
         if stream:  # what no kept row holds is prefilled as a row takes it (``place``); the first here, for the shapes
             kept = [kept[0] or self._prefilled(requests[0]), *kept[1:]]
@@ -536,15 +524,14 @@ class TransformersBackend(ProcessorBackend):
         fresh: deque[tuple[GenerateRequest, None]] = deque()  # a stream's new requests: after the queued ones
 
         def take() -> tuple[GenerateRequest, _CachedRow | None]:
-            """The next waiting request: continuations of earlier work first, so a batch's levels finish (and
-            free its kept answers) before the next batch's own answers fill every row."""
+            """The next waiting request: continuations of earlier work first, so a batch's levels finish (while rows
+            of their items still hold their prompts) before the next batch's own answers fill every row."""
             return queue.popleft() if queue else fresh.popleft()
 
         slots: list[_Slot | None] = [None] * min(len(requests), cap)
         mask = torch.zeros(len(slots), 0, device=self.device, dtype=torch.long)
         out: dict[int, list[int]] = {}
         logits_of: dict[int, list[torch.Tensor]] = {}  # id(request) -> its score rows (``return_logits``)
-        kept_here: set[tuple] = set()  # the kept answers this stream made that are still kept
 
         def place(s: int, request: GenerateRequest, source: _CachedRow | None) -> None:
             """Put ``request`` into row ``s``, continuing whichever holds the most of its prefix: the row's own keys,
@@ -618,19 +605,9 @@ class TransformersBackend(ProcessorBackend):
             slots.extend([None] * n)
             return list(range(len(slots) - n, len(slots)))
 
-        def admissible() -> int:
-            """How many of a stream's new own answers may take rows now. Each keeps its answer's cache for its
-            levels until its item is done, so the kept answers and the own answers decoding stay within ``cap``,
-            one batch's worth, as batch by batch (any number while no row decodes)."""
-            busy = [slot.request for slot in slots if slot is not None and slot.request is not None]
-            if not busy:
-                return len(fresh)
-            held = len(kept_here & self._reusable.keys()) + sum(self._keeps(r) for r in busy)
-            return max(0, cap - held)
-
         def fill() -> None:
             """Idle rows (in a stream, and new rows up to ``cap``) take the waiting requests: the continuations, then
-            a stream's new own answers that are admissible. A continuation takes an idle row of its own prompt and
+            a stream's new own answers. A continuation takes an idle row of its own prompt and
             image first: the row it continues, before another request writes over it."""
             free = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
             for s in [s for s in free if slots[s] is not None]:
@@ -639,7 +616,7 @@ class TransformersBackend(ProcessorBackend):
                     free.remove(s)
                     place(s, *queue[match])
                     del queue[match]
-            waiting = len(queue) + min(len(fresh), admissible())
+            waiting = len(queue) + len(fresh)
             if stream and waiting > len(free) and len(slots) < cap:
                 free += add_rows(min(waiting - len(free), cap - len(slots)))
             for s in free[:waiting]:
@@ -667,10 +644,6 @@ class TransformersBackend(ProcessorBackend):
             if request.return_logits:  # step t's row predicts response token t, as a score row does
                 rows = logits_of.pop(id(request))[:len(response)]
                 request.logits = torch.stack(rows) if rows else torch.empty(0, logits.shape[-1])
-            if stream and self._keeps(request):  # a stream's own answer: its re-decodes continue it
-                key = (tuple(request.prompt_ids), id(request.visual.embeds))
-                self._reusable[key] = self._kept_from(cache, mask, s, slot, n_pos)
-                kept_here.add(key)
             if id(request) in ids_of:
                 out[ids_of[id(request)]] = response
             return list(follow(request, response)) if follow is not None else []
@@ -732,11 +705,9 @@ class TransformersBackend(ProcessorBackend):
                 else:
                     slot.feed.append(token)
             fork_all()  # before a finished row takes a follow-up: a fork copies the row's keys
-            ended = []
             for s in done:
                 slot = slots[s]
                 follow_ups = finished(s)
-                ended.append(slot.request)
                 slot.request = None
                 for new in follow_ups:  # the finished row takes the first follow-up it can continue
                     source = self._reusable_row(new)
@@ -744,22 +715,14 @@ class TransformersBackend(ProcessorBackend):
                         place(s, new, source)
                     else:
                         queue.append((new, source))
-            if stream:  # an item whose level left nothing to decode after it is done: its kept answer goes
-                pending = {id(r.visual.embeds) for r in [*(slot.request for slot in slots if slot is not None),
-                                                          *(r for r, _ in queue), *(r for r, _ in fresh)]
-                           if r is not None}
-                self.release([r for r in ended if id(r.visual.embeds) not in pending])
-                kept_here &= self._reusable.keys()
             fill()
             fork_all()
             idle = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
-            # the next batch comes in as soon as rows are free and its own answers admissible: it fills the rows the
-            # tail of this one leaves, with at most one batch's worth of kept answers in all (``admissible``)
-            if more is not None and not queue and not fresh and (idle or len(slots) < cap) and admissible() \
-                    and refill():
+            # the next batch comes in as soon as rows are free: it fills the rows the tail of this one leaves
+            if more is not None and not queue and not fresh and (idle or len(slots) < cap) and refill():
                 idle = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
             # a smaller batch is cheaper per step
-            if not queue and not (fresh and admissible()) and len(slots) > 1 and 2 * len(idle) >= len(slots):
+            if not queue and not fresh and len(slots) > 1 and 2 * len(idle) >= len(slots):
                 keep = [s for s in range(len(slots)) if s not in idle]
                 if keep:
                     index = torch.tensor(keep, device=self.device)
