@@ -37,8 +37,8 @@ from .base import (  # noqa: E402
 COMPACT_SLACK, COMPACT_SHARE = 32, 0.25
 # By default a stream decodes in one chained batch up to this many rows (``batch_size``), and above it where a batch
 # of the stream fills at most half the rows. Measured on a CPU against batch by batch (docs/bench.md): 0.89x the
-# time with 8-item batches in 8 rows, 0.62x with 8-item batches in 32 rows (the worker's), and with 32-item batches
-# in 32 rows the same time (1.03x) with more memory (1.66x plain's peak against 1.37x).
+# time with 8-item batches in 8 rows, 0.62-0.64x with 8-item batches in 32 rows (the worker's), and with 32-item
+# batches in 32 rows 0.93-1.17x the time with more memory (1.33x plain's peak against 1.02x).
 STREAM_CHAIN_MAX_ROWS = 16
 
 
