@@ -243,16 +243,11 @@ def _stream_chained(backend: Backend, batches: Iterable[tuple[K, Sequence[Prepar
                 return requests
         return []
 
-    def release(entries: list[_Streamed]) -> None:
-        for entry in entries:
-            backend.release(entry.batch.answer_requests)
-            for r in entry.batch.answer_requests:
-                of_image.pop(id(r.visual.embeds), None)
-
     def ready() -> Iterator[tuple[K, list[ItemResult]]]:
         while live and all(entry.ready for entry in live[0][1]):
             key, entries = live.popleft()
-            release(entries)
+            for r in [r for entry in entries for r in entry.batch.answer_requests]:
+                of_image.pop(id(r.visual.embeds), None)
             yield key, [result for entry in entries for result in entry.batch.finish()]
 
     def follow(request: GenerateRequest, ids: list[int]) -> list[GenerateRequest]:
@@ -261,15 +256,11 @@ def _stream_chained(backend: Backend, batches: Iterable[tuple[K, Sequence[Prepar
     def successor(request: GenerateRequest) -> Successor | None:
         return of_image[id(request.visual.embeds)].batch.successor(request)
 
-    try:
-        for _ in backend.stream_chained(more, follow, successor):
-            yield from ready()
+    for _ in backend.stream_chained(more, follow, successor):
         yield from ready()
-        if live:
-            raise RuntimeError(f"the chained stream ended with {len(live)} batches unfinished")
-    finally:
-        for _, entries in live:
-            release(entries)
+    yield from ready()
+    if live:
+        raise RuntimeError(f"the chained stream ended with {len(live)} batches unfinished")
 
 
 class HSCRBatch:

@@ -195,6 +195,15 @@ def test_transformers_shared_decodes_give_the_unshared_results(hf_backend, heldo
     _shared_same_as_unshared(hf_backend, heldout_items[:N_ITEMS], SHARING[setting])
 
 
+def _levels_in_rounds(backend, items, params):
+    """``run_hscr`` with the levels in rounds (``chain_redecodes=False``): what a chained run must give."""
+    backend.chain_redecodes = False
+    try:
+        return run_hscr(backend, items, params, get_similarity(params.similarity))
+    finally:
+        backend.chain_redecodes = True
+
+
 def test_transformers_chain_drops_the_columns_no_row_attends_to(hf_backend, heldout_items, monkeypatch):
     """A chained decode batch's cache stays near its widest row (followed-up rows mask the keys they do not
     continue, and those columns are dropped), and the results are those of the rounds, which never compact."""
@@ -205,11 +214,7 @@ def test_transformers_chain_drops_the_columns_no_row_attends_to(hf_backend, held
     params = HSCRParams(candidates_per_round=1)
     similarity = get_similarity(params.similarity)
     items = heldout_items[:N_ITEMS]
-    hf_backend.chain_redecodes = False
-    try:
-        rounds = run_hscr(hf_backend, items, params, similarity)
-    finally:
-        hf_backend.chain_redecodes = True
+    rounds = _levels_in_rounds(hf_backend, items, params)
     waste, compactions = [], [0]
     forward, compact = hf_backend._forward, hf_backend._compact
 
@@ -281,11 +286,7 @@ def test_transformers_levels_decode_in_the_own_answers_rows(hf_backend, heldout_
     params = HSCRParams(candidates_per_round=1)
     similarity = get_similarity(params.similarity)
     items = heldout_items[:N_ITEMS]
-    hf_backend.chain_redecodes = False
-    try:
-        rounds = run_hscr(hf_backend, items, params, similarity)
-    finally:
-        hf_backend.chain_redecodes = True
+    rounds = _levels_in_rounds(hf_backend, items, params)
     forward, keep = hf_backend._forward, hf_backend._keep_for_reuse
     stepped, kept, own_steps = [], [], []
 
@@ -643,7 +644,8 @@ def test_transformers_chained_stream_keeps_no_answer_and_no_prompt_past_its_row(
 
 
 def test_transformers_chained_stream_closed_early_keeps_no_cache(hf_backend, heldout_items):
-    """A consumer that stops reading (a cancelled job) closes the stream: the kept caches of its batches go."""
+    """A consumer that stops reading (a cancelled job) closes the stream: it leaves no kept cache behind (a stream
+    keeps none: its levels continue its rows)."""
     params = HSCRParams()
     items = heldout_items[:12]
     kept_before = set(hf_backend._reusable)

@@ -137,7 +137,7 @@ class Backend(ABC):
     # True when requests of any length share engine steps without padding (vLLM's scheduler):
     # then ``run_hscr_stream`` overlaps one batch's re-decode with the next batch's own answers.
     continuous_batching: bool = False
-    # True when one chained decode batch can take a whole stream (``stream_chained``, ``release``): then
+    # True when one chained decode batch can take a whole stream (``stream_chained``): then
     # ``run_hscr_stream`` hands it each batch's own answers as rows free up where ``chains_stream`` says so (the
     # transformers backend).
     streams_chained: bool = False

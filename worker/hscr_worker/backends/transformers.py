@@ -429,12 +429,6 @@ class TransformersBackend(ProcessorBackend):
             yield from self._chain_steps(requests, [self._reusable_row(r) for r in requests], follow, successor,
                                          more=more, max_rows=max_rows)
 
-    def release(self, requests: Sequence[GenerateRequest]) -> None:
-        """Drop the kept own-answer caches of ``requests``' prompts and images (``stream_chained``: a finished
-        batch's, which no later request continues)."""
-        for r in requests:
-            self._reusable.pop((tuple(r.prompt_ids), id(r.visual.embeds)), None)
-
     def _prefilled(self, request: GenerateRequest) -> _CachedRow:
         """``request``'s prompt prefilled alone, as a kept row a chained row continues (as a kept own answer's, the
         chain feeds the last prompt token again: its logits are the first response token's)."""
