@@ -111,8 +111,8 @@ def measure_batch_size(backend: Backend, items: list[PreparedItem], batch_size: 
     ``stream``: each mode takes every chunk in turn, and HSCR runs as the worker and ``hscr generate`` do
     (``run_hscr_stream``: a chunk's re-decode rounds ride the engine calls of the chunks after it on vLLM; on
     transformers, where the backend chains it (``chains_stream``, or ``--stream-chain``), the whole stream is one
-    chained decode batch of the backend's rows), and
-    once more batch by batch (``overlap=False``, mode ``hscr_by_batch``), side by side.
+    chained decode batch of the backend's rows), and once more batch by batch (``overlap=False``, mode
+    ``hscr_by_batch``), side by side.
 
     ``row_budget``: the transformers backend's rows (default ``batch_size``): the worker and ``hscr generate`` keep
     32 rows whatever the items per chunk."""

@@ -176,8 +176,8 @@ class TransformersBackend(ProcessorBackend):
         # call per round (``Backend.generate_chained``), kept to measure the chain against.
         self.chain_redecodes = chain_redecodes
         # A stream decodes in one chained batch (``stream_chained``): the next batch's own answers fill the rows a
-        # batch's tail leaves; False runs it batch by batch (``run_hscr``
-        # per batch); None (the default): ``chains_stream`` decides by the rows and the stream's batch size.
+        # batch's tail leaves; False runs it batch by batch (``run_hscr`` per batch); None (the default):
+        # ``chains_stream`` decides by the rows and the stream's batch size.
         self.stream_chain = stream_chain
         self._reusable: dict[tuple[tuple[int, ...], int], _CachedRow] = {}
         self.stats = BackendStats()
