@@ -5,6 +5,7 @@ that fed or decided a token (active) against the idle ones, and the tokens HSCR 
 
 python bench/chain_profile.py --batch-size 8            # 4 batches one by one (run_hscr each), about 3 min
 python bench/chain_profile.py --batch-size 8 --stream   # the same 4 batches as one chained stream (stream_chain)
+python bench/chain_profile.py --batch-size 32 --chunks 1 --no-speculative-levels   # levels past n_levels wait
 """
 
 from __future__ import annotations  # noqa: I001  (the torchvision shim must import first)
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--chunks", type=int, default=4, help="batches (run one by one, or as one stream)")
+    parser.add_argument("--no-speculative-levels", action="store_true",
+                        help="levels past n_levels wait for the reranker (speculative_levels=False)")
     args = parser.parse_args(argv)
     config = compute_bound_config()
     processor = build_processor(config)
@@ -74,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         write_random_checkpoint(config, processor, model_dir, device=torch.device("cpu"), dtype=torch.float32,
                                 portable=False)
         backend = TransformersBackend(str(model_dir), device="cpu", batch_size=args.batch_size, ignore_eos=True,
-                                      profile=ARCHS["llava-1.5-7b"].profile, stream_chain=args.stream)
+                                      profile=ARCHS["llava-1.5-7b"].profile, stream_chain=args.stream,
+                                      speculative_levels=not args.no_speculative_levels)
         params = backend.params(HSCRParams(max_new_tokens=48, min_shift=0.0).model_dump(exclude_unset=True))
         plain_greedy(backend, items[:1], 2)  # warm-up, untimed
         run_hscr(backend, items[:1], params.model_copy(update={"max_new_tokens": 4}), similarity)
         chunks = [(k, items[k:k + args.batch_size]) for k in range(0, n, args.batch_size)]
         report = {
             "batch_size": args.batch_size, "rows": n, "stream": args.stream,
+            "speculative_levels": not args.no_speculative_levels,
             "plain": profile(backend, lambda: [plain_greedy(backend, chunk, 48) for _, chunk in chunks]),
             "hscr": profile(backend, lambda: list(run_hscr_stream(backend, iter(chunks), params, similarity))
                             if args.stream else [run_hscr(backend, chunk, params, similarity) for _, chunk in chunks]),

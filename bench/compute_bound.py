@@ -77,7 +77,9 @@ def _spent(backend: Backend, before: BackendStats) -> dict:
     now = backend.stats
     return {"prefill_tokens": now.prefill_tokens - before.prefill_tokens + now.scored_tokens - before.scored_tokens,
             "cached_tokens": now.reused_prefill_tokens - before.reused_prefill_tokens,
-            "decoded_tokens": now.decoded_tokens - before.decoded_tokens}
+            "decoded_tokens": now.decoded_tokens - before.decoded_tokens,
+            # of those, decoded for speculative levels the reranker did not need (TransformersBackend)
+            "withdrawn_tokens": now.withdrawn_tokens - before.withdrawn_tokens}
 
 
 def _phase(backend: Backend, device: torch.device, run) -> dict:
@@ -97,7 +99,7 @@ def _phase(backend: Backend, device: torch.device, run) -> dict:
 
 
 def _add(total: dict, phase: dict) -> None:
-    for key in ("seconds", "prefill_tokens", "cached_tokens", "decoded_tokens"):
+    for key in ("seconds", "prefill_tokens", "cached_tokens", "decoded_tokens", "withdrawn_tokens"):
         total[key] = total.get(key, 0) + phase[key]
     total["peak_memory_bytes"] = max(total.get("peak_memory_bytes", 0), phase["peak_memory_bytes"])
 
@@ -218,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chain", action="store_true",
                         help="transformers: re-decodes in rounds, a decode call per round, instead of one chained "
                              "decode batch (TransformersBackend(chain_redecodes=False))")
+    parser.add_argument("--no-speculative-levels", action="store_true",
+                        help="transformers: an item's level past n_levels waits for the reranker instead of decoding "
+                             "ahead in a spare row (TransformersBackend(speculative_levels=False))")
     parser.add_argument("--candidates-per-round", type=int, default=None,
                         help="HSCRParams.candidates_per_round (default: the shipped value)")
     parser.add_argument("--stream-chain", action=argparse.BooleanOptionalAction, default=None,
@@ -245,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                     "max_new_tokens": args.max_new_tokens, "question_words": args.question_words,
                     "visual_tokens": config.image_seq_length, "params": params.model_dump(),
                     "no_savings": args.no_savings, "no_chain": args.no_chain, "stream": args.stream,
+                    "speculative_levels": not args.no_speculative_levels,
                     "stream_chain": args.stream_chain, "row_budget": args.rows,
                     "block_size": args.block_size,
                     "backends": {}}
@@ -268,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        ignore_eos=True, profile=ARCHS["llava-1.5-7b"].profile,
                                                        reuse_prompt_cache=not args.no_savings,
                                                        chain_redecodes=not args.no_chain,
-                                                       stream_chain=args.stream_chain), ""
+                                                       stream_chain=args.stream_chain,
+                                                       speculative_levels=not args.no_speculative_levels), ""
             else:
                 backend, why_not = vllm_backend(model_dir, max(args.batch_sizes), device,
                                                 **({} if args.block_size is None else {"block_size": args.block_size}))

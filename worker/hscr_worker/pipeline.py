@@ -523,8 +523,15 @@ class HSCRBatch:
         while i in self._requests and all(out is not None for out in self._outputs[i]):
             del self._requests[i]
             self._take(i, self._jobs.pop(i), self._outputs.pop(i))
-            if self._ahead.get(i):  # the next round was requested ahead (``successor``): it is in flight
+            if self._ahead.get(i) and self._more(i):  # the next round was requested ahead (``successor``)
                 self._jobs[i], self._requests[i], self._outputs[i] = self._ahead[i].pop(0)
+                for wanted in self._requests[i]:
+                    wanted.speculative = False
+            elif self._ahead.get(i):  # the item is done: what was requested speculatively is not wanted
+                for _, requests, _ in self._ahead.pop(i):
+                    for unwanted in requests:
+                        unwanted.withdrawn = True
+                        self._pending.pop(id(unwanted), None)  # (in already where it finished first)
             elif self._more(i):
                 self._round(i)
                 return self._requests.get(i, [])
@@ -534,10 +541,13 @@ class HSCRBatch:
         """What watches ``request``'s decode for the point where its item's next level leaves it, so that the
         next level can be requested then instead of when ``request`` finishes (``Backend.generate_chained``).
 
-        Only where the next level is certain to be requested whatever ``request`` decodes: one level per round
-        (``candidates_per_round`` 1, shared decodes), ``request`` the item's newest, and fewer than ``n_levels``
-        candidates once it is in (so the reranker is still short). Exact: greedy decoding is deterministic, so
-        the next level decodes what it would from ``request``'s finished decode (``_resume``)."""
+        Where one level decodes per round (``candidates_per_round`` 1, shared decodes), ``request`` is the item's
+        newest and a plan is left. The next level is certain to be requested whatever ``request`` decodes where
+        fewer than ``n_levels`` candidates are in once it is (the reranker is still short); else it is requested
+        speculatively where the backend takes such requests (``Backend.speculative_levels``): wanted once the
+        reranker is still short with ``request``'s decode in (``follow``), withdrawn where it is not. Exact either
+        way: greedy decoding is deterministic, so the next level decodes what it would from ``request``'s finished
+        decode (``_resume``), and a withdrawn level never reaches the reranker."""
         params = self.params
         if params.candidates_per_round != 1 or not (self.share_decodes and self.prefix_redecode) \
                 or id(request) not in self._pending:
@@ -547,13 +557,16 @@ class HSCRBatch:
         if outputs is not (ahead[-1][2] if ahead else self._outputs.get(i)):
             return None  # not the item's newest request
         issued = len(self._candidates[i]) + 1 + len(ahead)
-        if issued >= len(self._plans[i]) or issued + self._own_is_rejected(self.results[i]) >= params.n_levels:
+        speculative = issued + self._own_is_rejected(self.results[i]) >= params.n_levels
+        if issued >= len(self._plans[i]) or speculative and not self.backend.speculative_levels:
             return None
-        return Successor(self, i, self._plans[i][issued], request)
+        return Successor(self, i, self._plans[i][issued], request, speculative=speculative)
 
-    def _request_ahead(self, i: int, plan: list[Replacement], job: ForcedDecoder) -> GenerateRequest:
+    def _request_ahead(self, i: int, plan: list[Replacement], job: ForcedDecoder,
+                       speculative: bool = False) -> GenerateRequest:
         """Item ``i``'s next level, requested while the level before it still decodes (``Successor``)."""
         request = self._request(i, job)
+        request.speculative = speculative
         outputs: list[list[int] | None] = [None]
         self._ahead.setdefault(i, []).append(([(plan, job)], [request], outputs))
         self._pending[id(request)] = (i, outputs, 0)
@@ -633,8 +646,9 @@ class Successor:
     by step, as ``core.replace.divergence`` checks a finished decode: at the first step where the next level's
     decoder decides otherwise, the next level is requested with the tokens before that step as its prefix."""
 
-    def __init__(self, batch: HSCRBatch, i: int, plan: list[Replacement], request: GenerateRequest):
-        self.batch, self.i, self.plan = batch, i, plan
+    def __init__(self, batch: HSCRBatch, i: int, plan: list[Replacement], request: GenerateRequest,
+                 speculative: bool = False):
+        self.batch, self.i, self.plan, self.speculative = batch, i, plan, speculative
         self.tokens: list[int] = []
         self.decoder = batch._decoder(i, plan)
         self.request: GenerateRequest | None = None  # the next level's, once requested
@@ -655,7 +669,7 @@ class Successor:
             self.tokens.append(token)
             return None
         job = self.batch._decoder(self.i, self.plan, self.tokens, before)
-        self.request = self.batch._request_ahead(self.i, self.plan, job)
+        self.request = self.batch._request_ahead(self.i, self.plan, job, self.speculative)
         return self.request
 
 

@@ -279,6 +279,61 @@ def test_transformers_next_level_decodes_beside_the_level_it_leaves(hf_backend, 
     assert steps_mid < steps_after_end
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["batch", "stream"])
+def test_transformers_speculative_levels_fill_spare_rows_and_keep_the_results(hf_backend, heldout_items, monkeypatch,
+                                                                                stream):
+    """An item's level past ``n_levels`` is requested mid-decode too, speculatively (the reranker may not need it):
+    it decodes in a row nothing else wants, is withdrawn where the item turns out done and wanted where it does not,
+    and the results are those of waiting for each level, in no more decode steps. (Fewer where a batch's tail waits
+    on such levels: ``bench/chain_profile.py``; the fixture's last levels decode alone either way.)"""
+    from hscr_worker.pipeline import HSCRBatch
+
+    # two levels: the fixture's items mostly have no more than three plans, so past two is where they are left
+    params = HSCRParams(candidates_per_round=1, n_levels=2)
+    similarity = get_similarity(params.similarity)
+    forward, request_ahead = hf_backend._forward, HSCRBatch._request_ahead
+    steps, speculative = [0], []
+
+    def counted_steps(embeds, *args, **kwargs):
+        steps[0] += embeds.shape[1] == 1
+        return forward(embeds, *args, **kwargs)
+
+    def recorded_ahead(self, *args):
+        request = request_ahead(self, *args)
+        if request.speculative:
+            speculative.append(request)
+        return request
+
+    def run(items):
+        if not stream:
+            return run_hscr(hf_backend, items, params, similarity)
+        batches = [(k, items[k:k + 2]) for k in range(0, len(items), 2)]
+        return [r for _, results in run_hscr_stream(hf_backend, iter(batches), params, similarity) for r in results]
+
+    monkeypatch.setattr(hf_backend, "speculative_levels", False)
+    monkeypatch.setattr(hf_backend, "stream_chain", True)
+    # the items whose reranker wanted more candidates than levels: the last of them waited for the one before
+    items = [it for it, r in zip(heldout_items, run(heldout_items), strict=True) if r.n_candidates > params.n_levels]
+    assert len(items) >= 3
+    monkeypatch.setattr(HSCRBatch, "_request_ahead", recorded_ahead)
+    runs = {}
+    for speculate in (False, True):
+        steps[0], withdrawn = 0, hf_backend.stats.withdrawn_tokens
+        monkeypatch.setattr(hf_backend, "speculative_levels", speculate)
+        hf_backend._forward = counted_steps  # instance attribute: shadows the method for this test only
+        try:
+            runs[speculate] = run(items), steps[0], hf_backend.stats.withdrawn_tokens - withdrawn
+        finally:
+            del hf_backend._forward
+    (waited, steps_waited, _), (ahead, steps_ahead, wasted) = runs[False], runs[True]
+    _same_decisions(ahead, waited, "decoding levels speculatively", 1e-4)
+    assert len(speculative) >= len(items)
+    # some were not needed: withdrawn after decoding ahead of the level that decided it, and stopped
+    assert any(r.withdrawn for r in speculative) and wasted > 0
+    assert any(not r.withdrawn and not r.speculative for r in speculative)  # some were: kept
+    assert steps_ahead <= steps_waited
+
+
 def test_transformers_levels_decode_in_the_own_answers_rows(hf_backend, heldout_items):
     """Batch by batch, a batch's levels decode in its own answers' KV cache (``_adopted``), each level in its item's
     own answer's row: every decode step runs on a cache that own answers were decoded into, none on a copy beside it

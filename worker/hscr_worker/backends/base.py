@@ -81,6 +81,11 @@ class GenerateRequest:
     # the response under the same image, without a second pass.
     return_logits: bool = False
     logits: torch.Tensor | None = None
+    # A request a ``DecodeWatch`` hands out before its caller knows it will want it: decoded only in a row no other
+    # request waits for. Its caller clears the flag once it wants it, or sets ``withdrawn`` once it does not: the
+    # backend stops decoding it then and does not ``follow`` it.
+    speculative: bool = False
+    withdrawn: bool = False
 
     def __post_init__(self) -> None:
         self.visual = as_visual(self.visual)
@@ -107,6 +112,7 @@ class BackendStats:
     prefill_tokens: int = 0  # prompt, image and response-prefix tokens run through the model (not from a cache)
     reused_prefill_tokens: int = 0  # such tokens taken from a cache instead (a prefix cache hit)
     decoded_tokens: int = 0  # decode steps, one token each
+    withdrawn_tokens: int = 0  # of those, decoded for speculative requests later withdrawn (work nothing used)
     scored_tokens: int = 0  # tokens run through the model by ``score`` (teacher forcing)
 
     @property
@@ -141,6 +147,9 @@ class Backend(ABC):
     # ``run_hscr_stream`` hands it each batch's own answers as rows free up where ``chains_stream`` says so (the
     # transformers backend).
     streams_chained: bool = False
+    # True when ``generate_chained`` decodes the speculative requests a ``successor`` hands out (an item's next level
+    # before its last one is in, which the reranker may not need): in rows nothing else wants, stopped once withdrawn.
+    speculative_levels: bool = False
     # HSCR parameters this engine runs fastest with where nobody set them (below a model family's defaults):
     # speed only, never what the data is.
     param_defaults: Mapping[str, object] = MappingProxyType({})
@@ -179,7 +188,8 @@ class Backend(ABC):
 
         ``successor(request)``, where given, may return what watches a request's decode (``step(token,
         greedy)`` per decoded token) and hands out a new request mid-decode, which such a backend decodes too
-        (its output goes to ``follow`` like any other's). A backend may ignore it: nothing is requested then."""
+        (its output goes to ``follow`` like any other's). A backend may ignore it: nothing is requested then.
+        Where ``speculative_levels`` is set, a watch may also hand out ``GenerateRequest.speculative`` requests."""
         while requests:
             requests = [new for request, ids in zip(requests, self.generate(requests), strict=True)
                         for new in follow(request, ids)]

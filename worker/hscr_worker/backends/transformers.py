@@ -168,7 +168,7 @@ class TransformersBackend(ProcessorBackend):
     def __init__(self, model_path: str, *, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 32, ignore_eos: bool = False, profile: str | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None, reuse_prompt_cache: bool = True,
-                 chain_redecodes: bool = True, stream_chain: bool | None = None):
+                 chain_redecodes: bool = True, stream_chain: bool | None = None, speculative_levels: bool = True):
         # Re-decodes continue the own answer's KV cache (``_continue``) instead of prefilling prompt and image
         # again; False prefills every request (kept to check and measure exactly that).
         self.reuse_prompt_cache = reuse_prompt_cache
@@ -179,6 +179,10 @@ class TransformersBackend(ProcessorBackend):
         # batch's tail leaves; False runs it batch by batch (``run_hscr`` per batch); None (the default):
         # ``chains_stream`` decides by the rows and the stream's batch size.
         self.stream_chain = stream_chain
+        # A chain decodes an item's next level in a row nothing else wants before the reranker knows it needs it
+        # (``Backend.speculative_levels``): a batch's tail, where a few items' levels would decode one after the
+        # other in near-empty steps, runs them side by side; False waits for each (kept to measure against).
+        self.speculative_levels = speculative_levels
         self._reusable: dict[tuple[tuple[int, ...], int], _CachedRow] = {}
         self.stats = BackendStats()
         # Benchmarks only: random weights would stop at a random EOS; this decodes every response
@@ -516,6 +520,7 @@ class TransformersBackend(ProcessorBackend):
         adopted = self._adopted(requests, kept, cap) if adopt and not stream else None
         queue = deque(zip(requests, kept, strict=True))
         fresh: deque[tuple[GenerateRequest, None]] = deque()  # a stream's new requests: after the queued ones
+        spare: list[tuple[GenerateRequest, _CachedRow | None]] = []  # speculative requests: in rows left over
 
         def take() -> tuple[GenerateRequest, _CachedRow | None]:
             """The next waiting request: continuations of earlier work first, so a batch's levels finish (while rows
@@ -585,7 +590,7 @@ class TransformersBackend(ProcessorBackend):
             if free is None and len(slots) < cap:
                 free = add_rows(1)[0]
             if free is None:
-                queue.append((request, source))
+                (spare if request.speculative else queue).append((request, source))
             else:
                 place(free, request, source)
 
@@ -615,6 +620,13 @@ class TransformersBackend(ProcessorBackend):
                 free += add_rows(min(waiting - len(free), cap - len(slots)))
             for s in free[:waiting]:
                 place(s, *take())
+            # then speculative requests, while a row of their prompt and image holds keys to copy (else a prefill)
+            held = [k for k, (request, _) in enumerate(spare)
+                    if any(other is not None and other.continues(request) for other in slots)]
+            taken = dict(zip(held, free[waiting:], strict=False))
+            for k, s in taken.items():
+                place(s, *spare[k])
+            spare[:] = [entry for k, entry in enumerate(spare) if k not in taken]
 
         def refill() -> bool:
             """A stream: ``more()``'s requests wait for rows (``fill``); whether there were any."""
@@ -627,6 +639,16 @@ class TransformersBackend(ProcessorBackend):
             fill()
             return True
 
+        def settle() -> None:
+            """After ``follow`` ran: withdrawn requests leave their rows and ``spare``, and the speculative requests
+            their caller now wants wait like any other (``GenerateRequest.speculative``)."""
+            for slot in slots:
+                if slot is not None and slot.request is not None and slot.request.withdrawn:
+                    self.stats.withdrawn_tokens += len(slot.generated)
+                    slot.request = None
+            queue.extend(entry for entry in spare if not entry[0].speculative and not entry[0].withdrawn)
+            spare[:] = [entry for entry in spare if entry[0].speculative and not entry[0].withdrawn]
+
         def fork_all() -> None:
             while forks:
                 fork(forks.pop(0))
@@ -634,6 +656,9 @@ class TransformersBackend(ProcessorBackend):
         def finished(s: int) -> list[GenerateRequest]:
             slot = slots[s]
             request, ids = slot.request, slot.generated
+            if request.withdrawn:  # withdrawn as it finished: its caller does not want it
+                self.stats.withdrawn_tokens += len(ids)
+                return []
             response = [*request.response_prefix, *(ids if self.ignore_eos else self._cut_at_stop(ids))]
             if request.return_logits:  # step t's row predicts response token t, as a score row does
                 rows = logits_of.pop(id(request))[:len(response)]
@@ -709,6 +734,7 @@ class TransformersBackend(ProcessorBackend):
                         place(s, new, source)
                     else:
                         queue.append((new, source))
+            settle()
             fill()
             fork_all()
             idle = [s for s, slot in enumerate(slots) if slot is None or slot.request is None]
