@@ -523,15 +523,18 @@ class HSCRBatch:
         while i in self._requests and all(out is not None for out in self._outputs[i]):
             del self._requests[i]
             self._take(i, self._jobs.pop(i), self._outputs.pop(i))
-            if self._ahead.get(i) and self._more(i):  # the next round was requested ahead (``successor``)
-                self._jobs[i], self._requests[i], self._outputs[i] = self._ahead[i].pop(0)
+            ahead = self._ahead.get(i)
+            # the next round was requested ahead (``successor``): wanted where it was certain to be, else where the
+            # reranker is still short
+            if ahead and (not any(r.speculative for r in ahead[0][1]) or self._more(i)):
+                self._jobs[i], self._requests[i], self._outputs[i] = ahead.pop(0)
                 for wanted in self._requests[i]:
                     wanted.speculative = False
-            elif self._ahead.get(i):  # the item is done: what was requested speculatively is not wanted
+            elif ahead:  # the item is done: what was requested speculatively is not wanted
                 for _, requests, _ in self._ahead.pop(i):
                     for unwanted in requests:
                         unwanted.withdrawn = True
-                        self._pending.pop(id(unwanted), None)  # (in already where it finished first)
+                        self._pending.pop(id(unwanted), None)  # (gone already where it finished first)
             elif self._more(i):
                 self._round(i)
                 return self._requests.get(i, [])

@@ -112,7 +112,7 @@ class BackendStats:
     prefill_tokens: int = 0  # prompt, image and response-prefix tokens run through the model (not from a cache)
     reused_prefill_tokens: int = 0  # such tokens taken from a cache instead (a prefix cache hit)
     decoded_tokens: int = 0  # decode steps, one token each
-    withdrawn_tokens: int = 0  # of those, decoded for speculative requests later withdrawn (work nothing used)
+    withdrawn_tokens: int = 0  # of those, decoded for speculative requests withdrawn before they finished
     scored_tokens: int = 0  # tokens run through the model by ``score`` (teacher forcing)
 
     @property
